@@ -1,0 +1,98 @@
+//! The service: wires configuration, store, producer and consumer together and runs until
+//! shutdown or a fatal error.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::config::Config;
+use crate::kafka::intake::{Intake, Shared};
+use crate::kafka::producer::OutputProducer;
+use crate::store::{PgStore, Store, StoreError};
+use crate::telemetry::Progress;
+use crate::worker::Fatal;
+
+/// Why the service stopped unsuccessfully; each says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// Fix the configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigErrors),
+    /// The Kafka client could not be created (check brokers and client properties).
+    #[error("Kafka client: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The store could not be opened or rejected data.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A worker hit a condition retrying cannot fix.
+    #[error("stopped: {0}")]
+    Fatal(String),
+}
+
+/// Connects to PostgreSQL and applies migrations (when configured to), retrying while the
+/// database is not reachable yet for up to `wait`.
+///
+/// # Errors
+/// [`AppError::Store`] when the URL is unusable, migrations fail, or the database stays away.
+pub async fn open_postgres(config: &Config, url: &str, wait: Duration) -> Result<PgStore, AppError> {
+    let store = PgStore::connect_lazy(url, config.postgres.pool_max)?;
+    if config.postgres.migrate_on_start {
+        let started = std::time::Instant::now();
+        loop {
+            match store.migrate().await {
+                Ok(()) => break,
+                Err(StoreError::Migrate(sqlx::migrate::MigrateError::Execute(
+                    err @ (sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut),
+                ))) if started.elapsed() < wait => {
+                    info!(error = %err, "PostgreSQL not reachable yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+    Ok(store)
+}
+
+/// Runs the pipeline until `shutdown` is cancelled (clean drain) or a fatal error occurs.
+///
+/// # Errors
+/// [`AppError`] when the Kafka clients cannot be created or a worker raised a fatal error.
+pub async fn run(
+    config: Arc<Config>,
+    store: Store,
+    progress: Arc<Progress>,
+    shutdown: CancellationToken,
+) -> Result<(), AppError> {
+    let producer = OutputProducer::new(&config)?;
+    let fatal = Fatal::default();
+    let stop = CancellationToken::new();
+    let shared = Shared {
+        config: config.clone(),
+        store,
+        producer: producer.clone(),
+        progress,
+        fatal: fatal.clone(),
+    };
+    let intake = Intake::start(shared, stop.clone())?;
+    info!(topics = ?config.kafka.input_topics, group = %config.kafka.group_id, "consuming");
+    tokio::select! {
+        _ = shutdown.cancelled() => info!("shutdown requested; draining"),
+        _ = fatal.raised() => {}
+    }
+    stop.cancel();
+    intake.join().await;
+    producer.flush(Duration::from_secs(10));
+    match fatal.reason() {
+        Some(reason) => {
+            error!(%reason, "stopped on a fatal error");
+            Err(AppError::Fatal(reason))
+        }
+        None => {
+            info!("stopped cleanly");
+            Ok(())
+        }
+    }
+}

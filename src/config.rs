@@ -1,0 +1,1082 @@
+//! Typed configuration: compiled-in defaults → `--config FILE` → `NEUROSTREAM__SECTION__KEY`.
+//!
+//! Every struct denies unknown fields; [`load`] reports every unknown key, every type error it can
+//! see and every failed [`Config::validate`] check at once, before anything connects.
+//! Profiles (`throughput`, `balanced`, `latency`) fill in librdkafka and sink settings that the
+//! user did not set explicitly; an explicit typed field or raw pass-through entry always wins.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Prefix of environment overrides; `__` separates nesting levels.
+pub const ENV_PREFIX: &str = "NEUROSTREAM__";
+
+/// The whole service configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Brokers, consumer group, topics and raw librdkafka settings.
+    pub kafka: KafkaConfig,
+    /// Latency/throughput trade-off for the Kafka clients and the sink.
+    pub profile: Profile,
+    /// What the per-partition processor computes.
+    pub processing: ProcessingConfig,
+    /// The PostgreSQL sink and checkpoint store.
+    pub postgres: PostgresConfig,
+    /// Metrics and health endpoints.
+    pub http: HttpConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+/// Kafka connection, topics and client tuning.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma separated (`host:port,host:port`).
+    pub brokers: String,
+    /// Consumer group every instance of one deployment shares.
+    pub group_id: String,
+    /// Topics to consume; a comma-separated string is accepted too.
+    #[serde(deserialize_with = "string_or_list")]
+    pub input_topics: Vec<String>,
+    /// Names of the output topics.
+    pub topics: OutputTopics,
+    /// Security settings (SASL/SSL).
+    pub security: SecurityConfig,
+    /// Where a partition without a checkpoint or committed offset starts: `earliest` or `latest`.
+    pub auto_offset_reset: String,
+    /// Consumer group session timeout; a revoked partition must be drained well within it.
+    pub session_timeout_ms: u64,
+    /// Deadline for a revoked partition's worker to stop, flush and checkpoint.
+    /// Must be below `session_timeout_ms`.
+    pub revoke_deadline_ms: u64,
+    /// Messages buffered per partition between the consumer and its worker; when full, the
+    /// partition is paused (backpressure) instead of buffering more.
+    pub partition_queue_capacity: usize,
+    /// Larger input messages go to the dead-letter topic with reason `oversized`.
+    pub max_event_bytes: usize,
+    /// Producer linger; unset: from the profile.
+    pub linger_ms: Option<u64>,
+    /// Producer batch size in bytes; unset: from the profile.
+    pub batch_size_bytes: Option<u64>,
+    /// Producer compression (`none`, `gzip`, `snappy`, `lz4`, `zstd`); unset: from the profile.
+    pub compression: Option<String>,
+    /// Consumer fetch wait; unset: from the profile.
+    pub fetch_wait_max_ms: Option<u64>,
+    /// Consumer minimum fetch size; unset: from the profile.
+    pub fetch_min_bytes: Option<u64>,
+    /// Raw librdkafka consumer properties; they win over everything else.
+    pub consumer: BTreeMap<String, String>,
+    /// Raw librdkafka producer properties; they win over everything else, except that
+    /// `acks` and `enable.idempotence` cannot weaken durability.
+    pub producer: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "localhost:9092".into(),
+            group_id: "neurostream".into(),
+            input_topics: vec!["events".into()],
+            topics: OutputTopics::default(),
+            security: SecurityConfig::default(),
+            auto_offset_reset: "earliest".into(),
+            session_timeout_ms: 45_000,
+            revoke_deadline_ms: 15_000,
+            partition_queue_capacity: 2_048,
+            max_event_bytes: 1 << 20,
+            linger_ms: None,
+            batch_size_bytes: None,
+            compression: None,
+            fetch_wait_max_ms: None,
+            fetch_min_bytes: None,
+            consumer: BTreeMap::new(),
+            producer: BTreeMap::new(),
+        }
+    }
+}
+
+/// Output topic names (DESIGN.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputTopics {
+    /// `cluster_update` messages.
+    pub clusters: String,
+    /// `drift_detection` messages.
+    pub drift: String,
+    /// `outlier` messages.
+    pub outliers: String,
+    /// `window_aggregate` messages.
+    pub windows: String,
+    /// `algorithm_status` messages.
+    pub status: String,
+    /// Undecodable or rejected input, original bytes plus reason headers.
+    pub dlq: String,
+}
+
+impl Default for OutputTopics {
+    fn default() -> Self {
+        Self {
+            clusters: "neurostream.clusters".into(),
+            drift: "neurostream.drift".into(),
+            outliers: "neurostream.outliers".into(),
+            windows: "neurostream.windows".into(),
+            status: "neurostream.status".into(),
+            dlq: "neurostream.dlq".into(),
+        }
+    }
+}
+
+impl OutputTopics {
+    /// Every output topic name, for validation and topic creation.
+    pub fn all(&self) -> [&str; 6] {
+        [
+            &self.clusters,
+            &self.drift,
+            &self.outliers,
+            &self.windows,
+            &self.status,
+            &self.dlq,
+        ]
+    }
+}
+
+/// Kafka security settings; passwords are masked when printed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`; unset: librdkafka's default.
+    pub protocol: Option<String>,
+    /// `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`.
+    pub sasl_mechanism: Option<String>,
+    /// SASL user.
+    pub sasl_username: Option<String>,
+    /// SASL password (secret).
+    pub sasl_password: Option<String>,
+}
+
+/// A named trade-off between latency and throughput. It never trades durability.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Profile {
+    /// Large fetches, long linger, big sink batches.
+    Throughput,
+    /// The default.
+    #[default]
+    Balanced,
+    /// Small fetches, no linger, small sink batches.
+    Latency,
+}
+
+impl fmt::Display for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Profile::Throughput => "throughput",
+            Profile::Balanced => "balanced",
+            Profile::Latency => "latency",
+        })
+    }
+}
+
+/// What a profile sets when the user did not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProfileSettings {
+    /// librdkafka `fetch.wait.max.ms`.
+    pub fetch_wait_max_ms: u64,
+    /// librdkafka `fetch.min.bytes`.
+    pub fetch_min_bytes: u64,
+    /// librdkafka `linger.ms`.
+    pub linger_ms: u64,
+    /// librdkafka `batch.size`.
+    pub batch_size_bytes: u64,
+    /// librdkafka `compression.type`.
+    pub compression: &'static str,
+    /// Sink: output rows that trigger a flush.
+    pub sink_batch_rows: usize,
+    /// Sink: the longest a processed event waits for its flush.
+    pub sink_linger_ms: u64,
+}
+
+impl Profile {
+    /// The settings this profile stands for.
+    pub fn settings(self) -> ProfileSettings {
+        match self {
+            Profile::Throughput => ProfileSettings {
+                fetch_wait_max_ms: 500,
+                fetch_min_bytes: 1 << 20,
+                linger_ms: 100,
+                batch_size_bytes: 1_000_000,
+                compression: "lz4",
+                sink_batch_rows: 20_000,
+                sink_linger_ms: 1_000,
+            },
+            Profile::Balanced => ProfileSettings {
+                fetch_wait_max_ms: 100,
+                fetch_min_bytes: 1,
+                linger_ms: 10,
+                batch_size_bytes: 262_144,
+                compression: "lz4",
+                sink_batch_rows: 5_000,
+                sink_linger_ms: 200,
+            },
+            Profile::Latency => ProfileSettings {
+                fetch_wait_max_ms: 10,
+                fetch_min_bytes: 1,
+                linger_ms: 0,
+                batch_size_bytes: 16_384,
+                compression: "none",
+                sink_batch_rows: 500,
+                sink_linger_ms: 10,
+            },
+        }
+    }
+}
+
+/// The per-partition processor.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessingConfig {
+    /// Feature dimension; unset: fixed by the first event of each partition.
+    pub dimension: Option<usize>,
+    /// Event-time windows, each a `[[processing.windows]]` table.
+    pub windows: Vec<WindowConfig>,
+}
+
+impl Default for ProcessingConfig {
+    fn default() -> Self {
+        Self {
+            dimension: None,
+            windows: vec![WindowConfig::default()],
+        }
+    }
+}
+
+/// One event-time window definition.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WindowConfig {
+    /// `tumbling`, `hopping` or `sliding`.
+    pub kind: WindowKind,
+    /// Window length.
+    pub size_ms: u64,
+    /// Hop between window starts (hopping only).
+    pub slide_ms: Option<u64>,
+    /// How long after its end a window still accepts out-of-order events.
+    pub grace_ms: u64,
+    /// When aggregates are emitted: `final`, `update` or `both`.
+    pub emit: EmitMode,
+    /// What happens to an event whose window already closed: `drop`, `dlq` or `update`.
+    pub late: LatePolicy,
+    /// With `late = "update"`: how long after close a window still takes late events.
+    pub allowed_lateness_ms: u64,
+    /// Advance stream time with the wall clock after this much idleness; unset: off.
+    pub idle_close_ms: Option<u64>,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        Self {
+            kind: WindowKind::Tumbling,
+            size_ms: 60_000,
+            slide_ms: None,
+            grace_ms: 0,
+            emit: EmitMode::Final,
+            late: LatePolicy::Drop,
+            allowed_lateness_ms: 0,
+            idle_close_ms: None,
+        }
+    }
+}
+
+/// Window shapes.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowKind {
+    /// Fixed, non-overlapping, epoch-aligned.
+    #[default]
+    Tumbling,
+    /// Fixed size, overlapping, starting every `slide_ms`.
+    Hopping,
+    /// Defined by the records (Kafka Streams `SlidingWindows`).
+    Sliding,
+}
+
+impl WindowKind {
+    /// The name used in messages and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WindowKind::Tumbling => "tumbling",
+            WindowKind::Hopping => "hopping",
+            WindowKind::Sliding => "sliding",
+        }
+    }
+}
+
+/// Window emit modes.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EmitMode {
+    /// Once, when the window closes.
+    #[default]
+    Final,
+    /// On change, then the final.
+    Update,
+    /// Both updates and the final.
+    Both,
+}
+
+/// Late-event policies.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LatePolicy {
+    /// Count in a metric and drop.
+    #[default]
+    Drop,
+    /// Send to the dead-letter topic with reason `late`.
+    Dlq,
+    /// Re-emit the corrected final.
+    Update,
+}
+
+/// PostgreSQL sink.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/db` (secret: the password is masked when printed).
+    pub url: Option<String>,
+    /// Connection pool size.
+    pub pool_max: u32,
+    /// Output rows that trigger a flush; unset: from the profile.
+    pub batch_rows: Option<usize>,
+    /// The longest a processed event waits for its flush; unset: from the profile.
+    pub linger_ms: Option<u64>,
+    /// Apply migrations at start-up.
+    pub migrate_on_start: bool,
+    /// Ceiling of the exponential retry backoff while PostgreSQL is unavailable.
+    pub retry_max_backoff_ms: u64,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            pool_max: 8,
+            batch_rows: None,
+            linger_ms: None,
+            migrate_on_start: true,
+            retry_max_backoff_ms: 5_000,
+        }
+    }
+}
+
+/// HTTP endpoints (`/metrics`, `/health`, `/ready`, `/status`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Listen address; unset: no HTTP server.
+    pub address: Option<SocketAddr>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            address: Some(SocketAddr::from(([0, 0, 0, 0], 9100))),
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter, e.g. `info` or `neurostream=debug,rdkafka=warn`.
+    pub level: String,
+    /// `text` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log line formats.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Every problem found in a configuration, reported together.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problem(s)):", self.0.len())?;
+        for problem in &self.0 {
+            writeln!(f, "  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A loaded configuration together with the layers it came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The typed, validated configuration.
+    pub config: Config,
+    /// The layers, for `neurostream config`'s provenance column.
+    pub figment: Figment,
+}
+
+/// The layered figment: defaults → optional file → environment.
+pub fn figment(file: Option<&Path>) -> Figment {
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    if let Some(path) = file {
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    figment.merge(Env::prefixed(ENV_PREFIX).split("__"))
+}
+
+/// Loads and validates the configuration.
+///
+/// # Errors
+/// [`ConfigErrors`] listing every unknown key, the first type error and every failed check.
+pub fn load(file: Option<&Path>) -> Result<Loaded, ConfigErrors> {
+    if let Some(path) = file {
+        if !path.exists() {
+            return Err(ConfigErrors(vec![format!(
+                "config file {} does not exist",
+                path.display()
+            )]));
+        }
+    }
+    load_figment(figment(file))
+}
+
+/// Loads and validates a configuration from any figment (tests build their own).
+///
+/// # Errors
+/// See [`load`].
+pub fn load_figment(figment: Figment) -> Result<Loaded, ConfigErrors> {
+    let mut problems = Vec::new();
+    match figment.extract::<serde_json::Value>() {
+        Ok(raw) => {
+            let schema = serde_json::to_value(Config::schema_example())
+                .expect("the default configuration serialises");
+            unknown_keys(&raw, &schema, "", &mut problems);
+        }
+        Err(err) => problems.extend(err.into_iter().map(|e| e.to_string())),
+    }
+    let config = match figment.extract::<Config>() {
+        Ok(config) => Some(config),
+        Err(err) => {
+            for e in err {
+                let text = e.to_string();
+                // Unknown keys were already listed, with their full path, above.
+                if !text.contains("unknown field") {
+                    problems.push(text);
+                }
+            }
+            None
+        }
+    };
+    if let Some(config) = &config {
+        if let Err(ConfigErrors(more)) = config.validate() {
+            problems.extend(more);
+        }
+    }
+    match config {
+        Some(config) if problems.is_empty() => Ok(Loaded { config, figment }),
+        _ => Err(ConfigErrors(problems)),
+    }
+}
+
+/// Paths whose tables accept any key (raw librdkafka pass-through).
+const FREE_FORM: [&str; 2] = ["kafka.consumer", "kafka.producer"];
+
+fn unknown_keys(
+    value: &serde_json::Value,
+    schema: &serde_json::Value,
+    path: &str,
+    problems: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    if FREE_FORM.contains(&path) {
+        return;
+    }
+    match (value, schema) {
+        (Value::Object(fields), Value::Object(known)) => {
+            for (key, inner) in fields {
+                let child = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                match known.get(key) {
+                    Some(inner_schema) => unknown_keys(inner, inner_schema, &child, problems),
+                    None => problems.push(format!(
+                        "unknown key `{child}` (known here: {})",
+                        known.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )),
+                }
+            }
+        }
+        (Value::Array(items), Value::Array(example)) => {
+            if let Some(item_schema) = example.first() {
+                for (i, item) in items.iter().enumerate() {
+                    unknown_keys(item, item_schema, &format!("{path}[{i}]"), problems);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+impl Config {
+    /// A configuration whose serialised form names every accepted key.
+    fn schema_example() -> Config {
+        let mut config = Config::default();
+        config.processing.windows = vec![WindowConfig::default()];
+        config
+    }
+
+    /// Checks everything that can be checked without connecting, and reports it all.
+    ///
+    /// # Errors
+    /// [`ConfigErrors`] with one line per problem.
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut p = Vec::new();
+        let k = &self.kafka;
+        if k.brokers.trim().is_empty() {
+            p.push("kafka.brokers must name at least one broker".into());
+        }
+        if k.group_id.trim().is_empty() {
+            p.push("kafka.group_id must not be empty".into());
+        }
+        if k.input_topics.is_empty() || k.input_topics.iter().any(|t| t.trim().is_empty()) {
+            p.push("kafka.input_topics must list at least one non-empty topic".into());
+        }
+        for name in k.topics.all() {
+            if name.trim().is_empty() {
+                p.push("kafka.topics: output topic names must not be empty".into());
+            } else if k.input_topics.iter().any(|t| t == name) {
+                p.push(format!(
+                    "kafka.topics: `{name}` is both an input and an output topic"
+                ));
+            }
+        }
+        if !matches!(k.auto_offset_reset.as_str(), "earliest" | "latest") {
+            p.push(format!(
+                "kafka.auto_offset_reset must be `earliest` or `latest`, not `{}`",
+                k.auto_offset_reset
+            ));
+        }
+        if k.revoke_deadline_ms == 0 || k.revoke_deadline_ms >= k.session_timeout_ms {
+            p.push(format!(
+                "kafka.revoke_deadline_ms ({}) must be positive and below kafka.session_timeout_ms ({})",
+                k.revoke_deadline_ms, k.session_timeout_ms
+            ));
+        }
+        if k.partition_queue_capacity == 0 {
+            p.push("kafka.partition_queue_capacity must be at least 1".into());
+        }
+        if k.max_event_bytes == 0 || k.max_event_bytes > 64 << 20 {
+            p.push("kafka.max_event_bytes must be between 1 and 67108864".into());
+        }
+        if let Some(c) = &k.compression {
+            if !matches!(c.as_str(), "none" | "gzip" | "snappy" | "lz4" | "zstd") {
+                p.push(format!(
+                    "kafka.compression must be none, gzip, snappy, lz4 or zstd, not `{c}`"
+                ));
+            }
+        }
+        for (key, value) in &k.producer {
+            let weakens = match key.as_str() {
+                "acks" | "request.required.acks" => !matches!(value.as_str(), "all" | "-1"),
+                "enable.idempotence" => value != "true",
+                _ => false,
+            };
+            if weakens {
+                p.push(format!(
+                    "kafka.producer.{key} = {value:?} would weaken durability; acks=all and idempotence stay on"
+                ));
+            }
+        }
+        for (key, _) in &k.consumer {
+            if matches!(
+                key.as_str(),
+                "enable.auto.offset.store" | "group.id" | "bootstrap.servers"
+            ) {
+                p.push(format!(
+                    "kafka.consumer.{key} is managed by neurostream; use the typed setting instead"
+                ));
+            }
+        }
+        if let Some(d) = self.processing.dimension {
+            if !(1..=1024).contains(&d) {
+                p.push(format!(
+                    "processing.dimension must be within 1..=1024, not {d}"
+                ));
+            }
+        }
+        for (i, w) in self.processing.windows.iter().enumerate() {
+            let at = format!("processing.windows[{i}]");
+            if w.size_ms == 0 {
+                p.push(format!("{at}.size_ms must be positive"));
+            }
+            match (w.kind, w.slide_ms) {
+                (WindowKind::Hopping, None) => p.push(format!("{at}: hopping windows need slide_ms")),
+                (WindowKind::Hopping, Some(s)) if s == 0 || s > w.size_ms => p.push(format!(
+                    "{at}.slide_ms ({s}) must be positive and at most size_ms ({})",
+                    w.size_ms
+                )),
+                (WindowKind::Tumbling | WindowKind::Sliding, Some(_)) => p.push(format!(
+                    "{at}.slide_ms only applies to hopping windows"
+                )),
+                _ => {}
+            }
+            if w.kind != WindowKind::Tumbling {
+                p.push(format!(
+                    "{at}: `{}` windows are not available yet (only `tumbling`)",
+                    w.kind.as_str()
+                ));
+            }
+            if w.emit != EmitMode::Final {
+                p.push(format!(
+                    "{at}.emit: only `final` is available yet"
+                ));
+            }
+            if w.late != LatePolicy::Drop {
+                p.push(format!("{at}.late: only `drop` is available yet"));
+            }
+            if w.idle_close_ms.is_some() {
+                p.push(format!("{at}.idle_close_ms is not available yet"));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for w in &self.processing.windows {
+            if !seen.insert((w.kind, w.size_ms, w.slide_ms)) {
+                p.push(format!(
+                    "processing.windows: {} window of size_ms {} is configured twice",
+                    w.kind.as_str(),
+                    w.size_ms
+                ));
+            }
+        }
+        let pg = &self.postgres;
+        if let Some(url) = &pg.url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                p.push("postgres.url must start with postgres:// or postgresql://".into());
+            }
+        }
+        if pg.pool_max == 0 {
+            p.push("postgres.pool_max must be at least 1".into());
+        }
+        if pg.batch_rows == Some(0) {
+            p.push("postgres.batch_rows must be at least 1".into());
+        }
+        if pg.retry_max_backoff_ms == 0 {
+            p.push("postgres.retry_max_backoff_ms must be positive".into());
+        }
+        if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            p.push(format!("log.level `{}` is not a valid filter: {err}", self.log.level));
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(p))
+        }
+    }
+
+    /// Output rows that trigger a sink flush.
+    pub fn sink_batch_rows(&self) -> usize {
+        self.postgres
+            .batch_rows
+            .unwrap_or(self.profile.settings().sink_batch_rows)
+    }
+
+    /// The longest a processed event waits for its flush.
+    pub fn sink_linger_ms(&self) -> u64 {
+        self.postgres
+            .linger_ms
+            .unwrap_or(self.profile.settings().sink_linger_ms)
+    }
+
+    /// Effective librdkafka consumer properties with where each came from.
+    pub fn consumer_settings(&self) -> Vec<ClientSetting> {
+        let k = &self.kafka;
+        let s = self.profile.settings();
+        let mut out = Settings::default();
+        out.set("bootstrap.servers", &k.brokers, "kafka.brokers");
+        out.set("group.id", &k.group_id, "kafka.group_id");
+        out.set("enable.auto.commit", "true", "neurostream");
+        out.set("enable.auto.offset.store", "false", "neurostream");
+        out.set("auto.offset.reset", &k.auto_offset_reset, "kafka.auto_offset_reset");
+        out.set(
+            "session.timeout.ms",
+            &k.session_timeout_ms.to_string(),
+            "kafka.session_timeout_ms",
+        );
+        self.profiled(
+            &mut out,
+            "fetch.wait.max.ms",
+            k.fetch_wait_max_ms,
+            s.fetch_wait_max_ms,
+            "kafka.fetch_wait_max_ms",
+        );
+        self.profiled(
+            &mut out,
+            "fetch.min.bytes",
+            k.fetch_min_bytes,
+            s.fetch_min_bytes,
+            "kafka.fetch_min_bytes",
+        );
+        self.security(&mut out);
+        for (key, value) in &k.consumer {
+            out.set(key, value, "kafka.consumer (raw)");
+        }
+        out.0
+    }
+
+    /// Effective librdkafka producer properties with where each came from.
+    pub fn producer_settings(&self) -> Vec<ClientSetting> {
+        let k = &self.kafka;
+        let s = self.profile.settings();
+        let mut out = Settings::default();
+        out.set("bootstrap.servers", &k.brokers, "kafka.brokers");
+        self.profiled(&mut out, "linger.ms", k.linger_ms, s.linger_ms, "kafka.linger_ms");
+        self.profiled(
+            &mut out,
+            "batch.size",
+            k.batch_size_bytes,
+            s.batch_size_bytes,
+            "kafka.batch_size_bytes",
+        );
+        match &k.compression {
+            Some(c) => out.set("compression.type", c, "kafka.compression"),
+            None => out.set(
+                "compression.type",
+                s.compression,
+                &format!("profile {}", self.profile),
+            ),
+        }
+        self.security(&mut out);
+        for (key, value) in &k.producer {
+            out.set(key, value, "kafka.producer (raw)");
+        }
+        // Durability is not negotiable, whatever the profile or the raw map says.
+        out.set("enable.idempotence", "true", "neurostream");
+        out.set("acks", "all", "neurostream");
+        out.0
+    }
+
+    fn profiled(
+        &self,
+        out: &mut Settings,
+        key: &str,
+        explicit: Option<u64>,
+        profile: u64,
+        field: &str,
+    ) {
+        match explicit {
+            Some(v) => out.set(key, &v.to_string(), field),
+            None => out.set(key, &profile.to_string(), &format!("profile {}", self.profile)),
+        }
+    }
+
+    fn security(&self, out: &mut Settings) {
+        let sec = &self.kafka.security;
+        let pairs = [
+            ("security.protocol", &sec.protocol),
+            ("sasl.mechanism", &sec.sasl_mechanism),
+            ("sasl.username", &sec.sasl_username),
+            ("sasl.password", &sec.sasl_password),
+        ];
+        for (key, value) in pairs {
+            if let Some(v) = value {
+                out.set(key, v, "kafka.security");
+            }
+        }
+    }
+
+    /// Prints the effective configuration, secrets masked, each value with its source.
+    pub fn describe(&self, figment: &Figment) -> String {
+        let mut out = String::new();
+        let value = serde_json::to_value(self).expect("the configuration serialises");
+        let mut leaves = Vec::new();
+        flatten(&value, "", &mut leaves);
+        out.push_str("# effective configuration (value  # source)\n");
+        for (path, value) in leaves {
+            let shown = if is_secret(&path) {
+                mask(&value)
+            } else {
+                value
+            };
+            out.push_str(&format!("{path} = {shown}  # {}\n", source_of(figment, &path)));
+        }
+        out.push_str(&format!(
+            "\n# sink batching (profile {})\npostgres.batch_rows (effective) = {}\npostgres.linger_ms (effective) = {}\n",
+            self.profile,
+            self.sink_batch_rows(),
+            self.sink_linger_ms()
+        ));
+        for (title, settings) in [
+            ("librdkafka consumer", self.consumer_settings()),
+            ("librdkafka producer", self.producer_settings()),
+        ] {
+            out.push_str(&format!("\n# effective {title} properties\n"));
+            for s in settings {
+                let shown = if is_secret(&s.key) {
+                    mask(&format!("{:?}", s.value))
+                } else {
+                    format!("{:?}", s.value)
+                };
+                out.push_str(&format!("{} = {}  # {}\n", s.key, shown, s.source));
+            }
+        }
+        out
+    }
+}
+
+/// One librdkafka property and where its value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientSetting {
+    /// librdkafka property name.
+    pub key: String,
+    /// Its value.
+    pub value: String,
+    /// The config field, profile or rule that set it.
+    pub source: String,
+}
+
+#[derive(Default)]
+struct Settings(Vec<ClientSetting>);
+
+impl Settings {
+    fn set(&mut self, key: &str, value: &str, source: &str) {
+        let setting = ClientSetting {
+            key: key.into(),
+            value: value.into(),
+            source: source.into(),
+        };
+        match self.0.iter_mut().find(|s| s.key == key) {
+            Some(existing) => *existing = setting,
+            None => self.0.push(setting),
+        }
+    }
+}
+
+impl ClientSetting {
+    /// Builds an rdkafka client config from effective settings.
+    pub fn to_client_config(settings: &[ClientSetting]) -> rdkafka::ClientConfig {
+        let mut config = rdkafka::ClientConfig::new();
+        for s in settings {
+            config.set(&s.key, &s.value);
+        }
+        config
+    }
+}
+
+fn flatten(value: &serde_json::Value, path: &str, out: &mut Vec<(String, String)>) {
+    match value {
+        serde_json::Value::Object(map) if !map.is_empty() => {
+            for (k, v) in map {
+                let child = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                flatten(v, &child, out);
+            }
+        }
+        other => out.push((path.to_string(), other.to_string())),
+    }
+}
+
+fn is_secret(path: &str) -> bool {
+    let p = path.to_ascii_lowercase();
+    p.contains("password") || p.contains("secret") || p.ends_with("postgres.url") || p.contains("sasl.jaas")
+}
+
+fn mask(value: &str) -> String {
+    // A URL keeps its shape with the password replaced; anything else is hidden entirely.
+    if let Some(at) = value.find('@') {
+        if let Some(scheme) = value.find("://") {
+            let creds = &value[scheme + 3..at];
+            if let Some(colon) = creds.find(':') {
+                return format!(
+                    "{}{}:****{}",
+                    &value[..scheme + 3],
+                    &creds[..colon],
+                    &value[at..]
+                );
+            }
+        }
+        return value.to_string();
+    }
+    if value == "null" {
+        value.to_string()
+    } else {
+        "\"****\"".into()
+    }
+}
+
+fn source_of(figment: &Figment, path: &str) -> String {
+    match figment.find_metadata(path) {
+        Some(meta) if meta.name.contains("TOML") => match &meta.source {
+            Some(source) => format!("file {source}"),
+            None => "file".into(),
+        },
+        Some(meta) if meta.name.contains("environment") || meta.name.contains("env") => {
+            format!("env {ENV_PREFIX}{}", path.to_ascii_uppercase().replace('.', "__"))
+        }
+        _ => "default".into(),
+    }
+}
+
+fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+        Either::Many(v) => v,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_toml(text: &str) -> Result<Loaded, ConfigErrors> {
+        load_figment(
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text)),
+        )
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().expect("defaults validate");
+    }
+
+    #[test]
+    fn every_unknown_key_and_problem_is_reported_at_once() {
+        let err = from_toml(
+            r#"
+            [kafka]
+            brokerz = "x"
+            group_id = ""
+            revoke_deadline_ms = 60000
+            [postgres]
+            colour = "blue"
+            [[processing.windows]]
+            kind = "tumbling"
+            size_ms = 0
+            sise_ms = 5
+            "#,
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("unknown key `kafka.brokerz`"), "{text}");
+        assert!(text.contains("unknown key `postgres.colour`"), "{text}");
+        assert!(text.contains("unknown key `processing.windows[0].sise_ms`"), "{text}");
+    }
+
+    #[test]
+    fn validate_lists_every_problem() {
+        let mut c = Config::default();
+        c.kafka.group_id.clear();
+        c.kafka.revoke_deadline_ms = 50_000;
+        c.processing.windows[0].size_ms = 0;
+        c.postgres.pool_max = 0;
+        c.kafka.producer.insert("acks".into(), "1".into());
+        let err = c.validate().unwrap_err();
+        assert_eq!(err.0.len(), 5, "{err}");
+    }
+
+    #[test]
+    fn explicit_settings_win_over_the_profile() {
+        let loaded = from_toml(
+            r#"
+            profile = "throughput"
+            [kafka]
+            linger_ms = 7
+            [kafka.producer]
+            "batch.size" = "12345"
+            [postgres]
+            linger_ms = 3
+            "#,
+        )
+        .unwrap();
+        let c = loaded.config;
+        let producer = c.producer_settings();
+        let get = |k: &str| producer.iter().find(|s| s.key == k).unwrap().clone();
+        assert_eq!(get("linger.ms").value, "7");
+        assert_eq!(get("batch.size").value, "12345");
+        assert_eq!(get("batch.size").source, "kafka.producer (raw)");
+        assert_eq!(get("compression.type").source, "profile throughput");
+        assert_eq!(get("acks").value, "all");
+        assert_eq!(c.sink_linger_ms(), 3);
+        assert_eq!(c.sink_batch_rows(), 20_000);
+    }
+
+    #[test]
+    fn secrets_are_masked_and_sources_named() {
+        let figment = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(
+            r#"
+            [postgres]
+            url = "postgres://app:hunter2@db:5432/ns"
+            [kafka.security]
+            sasl_password = "s3cret"
+            "#,
+        ));
+        let loaded = load_figment(figment).unwrap();
+        let text = loaded.config.describe(&loaded.figment);
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("postgres://app:****@db:5432/ns"), "{text}");
+        assert!(text.contains("kafka.brokers = \"localhost:9092\"  # default"), "{text}");
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("ns.toml", "[kafka]\ngroup_id = \"from-file\"\nbrokers = \"f:1\"")?;
+            jail.set_env("NEUROSTREAM__KAFKA__GROUP_ID", "from-env");
+            jail.set_env("NEUROSTREAM__KAFKA__INPUT_TOPICS", "a, b");
+            let loaded = load(Some(Path::new("ns.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(loaded.config.kafka.group_id, "from-env");
+            assert_eq!(loaded.config.kafka.brokers, "f:1");
+            assert_eq!(loaded.config.kafka.input_topics, vec!["a", "b"]);
+            let text = loaded.config.describe(&loaded.figment);
+            assert!(text.contains("# env NEUROSTREAM__KAFKA__GROUP_ID"), "{text}");
+            assert!(text.contains("kafka.brokers = \"f:1\"  # file"), "{text}");
+            Ok(())
+        });
+    }
+}

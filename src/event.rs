@@ -1,0 +1,296 @@
+//! Input events: the JSON shape of DESIGN.md and its decoding, with a reason for every rejection.
+//!
+//! Decoding is pure: bytes and the Kafka message's key and timestamp in, an [`Event`] or a
+//! [`DecodeError`] out. A rejected event goes to the dead-letter topic with the error's
+//! [`DecodeError::kind`] and message; it never stops the partition.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// The most features an event may carry.
+pub const MAX_FEATURES: usize = 1024;
+
+/// A decoded, validated input event.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    /// Grouping key: the event's `key`, else the Kafka message key, else `""`.
+    pub key: String,
+    /// Event time in epoch milliseconds: `ts`, else the Kafka message timestamp.
+    pub ts_ms: i64,
+    /// Feature vector (finite numbers); empty when the event has none.
+    pub features: Vec<f64>,
+    /// The measure windows aggregate.
+    pub value: Option<f64>,
+    /// Caller's event id, echoed in outlier records.
+    pub id: Option<String>,
+    /// Caller's metadata, echoed in outlier records (raw JSON).
+    pub metadata: Option<Box<RawValue>>,
+}
+
+/// Why an input message was rejected. Each variant is bad input: it goes to the dead-letter topic.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    /// Larger than `kafka.max_event_bytes`.
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    Oversized {
+        /// Payload size.
+        size: usize,
+        /// Configured limit.
+        limit: usize,
+    },
+    /// No payload at all (a tombstone).
+    #[error("message has no payload")]
+    Empty,
+    /// Not parseable as a JSON event object.
+    #[error("not a valid JSON event: {0}")]
+    NotJson(String),
+    /// A field has the wrong type or an unusable value.
+    #[error("field `{field}`: {problem}")]
+    InvalidField {
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// Neither `ts` nor a Kafka timestamp.
+    #[error("event has no `ts` and the message has no timestamp")]
+    MissingTimestamp,
+    /// The feature dimension differs from the partition's.
+    #[error("features have dimension {got}, expected {expected}")]
+    DimensionMismatch {
+        /// The fixed dimension.
+        expected: usize,
+        /// This event's dimension.
+        got: usize,
+    },
+}
+
+impl DecodeError {
+    /// A short, stable machine-readable reason (the `neurostream.error.kind` header, metric label).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DecodeError::Oversized { .. } => "oversized",
+            DecodeError::Empty => "empty",
+            DecodeError::NotJson(_) => "not_json",
+            DecodeError::InvalidField { .. } => "invalid_field",
+            DecodeError::MissingTimestamp => "missing_timestamp",
+            DecodeError::DimensionMismatch { .. } => "dimension_mismatch",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawEvent<'a> {
+    #[serde(default, borrow)]
+    key: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    ts: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    features: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    value: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    metadata: Option<&'a RawValue>,
+}
+
+fn invalid(field: &'static str, problem: impl Into<String>) -> DecodeError {
+    DecodeError::InvalidField {
+        field,
+        problem: problem.into(),
+    }
+}
+
+/// Decodes one Kafka message payload into an [`Event`].
+///
+/// `message_key` and `message_ts_ms` are the Kafka message's key and timestamp, used when the
+/// event lacks `key` or `ts`.
+///
+/// # Errors
+/// A [`DecodeError`] naming what is wrong; the caller routes the message to the dead-letter topic.
+pub fn decode(
+    payload: Option<&[u8]>,
+    message_key: Option<&[u8]>,
+    message_ts_ms: Option<i64>,
+    max_bytes: usize,
+) -> Result<Event, DecodeError> {
+    let bytes = payload.ok_or(DecodeError::Empty)?;
+    if bytes.len() > max_bytes {
+        return Err(DecodeError::Oversized {
+            size: bytes.len(),
+            limit: max_bytes,
+        });
+    }
+    let raw: RawEvent<'_> =
+        serde_json::from_slice(bytes).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+
+    let key = match raw.key.filter(|v| v.get() != "null") {
+        Some(v) => match serde_json::from_str::<String>(v.get()) {
+            Ok(s) => s,
+            Err(_) => scalar_text(v).ok_or_else(|| invalid("key", "must be a string or number"))?,
+        },
+        None => message_key
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+            .unwrap_or_default(),
+    };
+
+    let ts_ms = match raw.ts.filter(|v| v.get() != "null") {
+        Some(v) => parse_ts(v)?,
+        None => message_ts_ms.ok_or(DecodeError::MissingTimestamp)?,
+    };
+
+    let features = match raw.features.filter(|v| v.get() != "null") {
+        Some(v) => parse_features(v)?,
+        None => Vec::new(),
+    };
+
+    let value = match raw.value.filter(|v| v.get() != "null") {
+        Some(v) => {
+            let x: f64 = serde_json::from_str(v.get())
+                .map_err(|_| invalid("value", format!("must be a number, got {}", v.get())))?;
+            if !x.is_finite() {
+                return Err(invalid("value", "must be finite"));
+            }
+            Some(x)
+        }
+        None => None,
+    };
+
+    let id = match raw.id.filter(|v| v.get() != "null") {
+        Some(v) => Some(match serde_json::from_str::<String>(v.get()) {
+            Ok(s) => s,
+            Err(_) => scalar_text(v).ok_or_else(|| invalid("id", "must be a string or number"))?,
+        }),
+        None => None,
+    };
+
+    let metadata = raw
+        .metadata
+        .filter(|v| v.get() != "null")
+        .map(|v| v.to_owned());
+
+    Ok(Event {
+        key,
+        ts_ms,
+        features,
+        value,
+        id,
+        metadata,
+    })
+}
+
+/// A JSON number's text, used as a key or id.
+fn scalar_text(v: &RawValue) -> Option<String> {
+    serde_json::from_str::<serde_json::Number>(v.get())
+        .ok()
+        .map(|n| n.to_string())
+}
+
+fn parse_ts(v: &RawValue) -> Result<i64, DecodeError> {
+    if let Ok(ms) = serde_json::from_str::<i64>(v.get()) {
+        return Ok(ms);
+    }
+    if let Ok(ms) = serde_json::from_str::<f64>(v.get()) {
+        if ms.is_finite() && ms.abs() < 9.0e15 {
+            return Ok(ms.floor() as i64);
+        }
+        return Err(invalid("ts", "epoch milliseconds out of range"));
+    }
+    if let Ok(text) = serde_json::from_str::<&str>(v.get()) {
+        return chrono::DateTime::parse_from_rfc3339(text)
+            .map(|t| t.timestamp_millis())
+            .map_err(|e| invalid("ts", format!("`{text}` is not RFC 3339: {e}")));
+    }
+    Err(invalid(
+        "ts",
+        "must be epoch milliseconds or an RFC 3339 string",
+    ))
+}
+
+fn parse_features(v: &RawValue) -> Result<Vec<f64>, DecodeError> {
+    let items: Vec<&RawValue> = serde_json::from_str(v.get())
+        .map_err(|_| invalid("features", "must be an array of numbers"))?;
+    if items.is_empty() {
+        return Err(invalid("features", "must not be empty"));
+    }
+    if items.len() > MAX_FEATURES {
+        return Err(invalid(
+            "features",
+            format!("has {} entries, at most {MAX_FEATURES} allowed", items.len()),
+        ));
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let x: f64 = serde_json::from_str(item.get()).map_err(|_| {
+            invalid(
+                "features",
+                format!("entry {i} is not a number: {}", item.get()),
+            )
+        })?;
+        if !x.is_finite() {
+            return Err(invalid("features", format!("entry {i} is not finite")));
+        }
+        out.push(x);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok(json: &str) -> Event {
+        decode(Some(json.as_bytes()), Some(b"mk"), Some(7), 1 << 20).unwrap()
+    }
+
+    fn err(json: &str) -> DecodeError {
+        decode(Some(json.as_bytes()), None, Some(7), 1 << 20).unwrap_err()
+    }
+
+    #[test]
+    fn full_event_decodes() {
+        let e = ok(r#"{"key":"sensor-17","ts":1763866800123,"features":[0.12,3.4,5.6],"value":42.0,"id":"evt-123","metadata":{"site":"A"}}"#);
+        assert_eq!(e.key, "sensor-17");
+        assert_eq!(e.ts_ms, 1763866800123);
+        assert_eq!(e.features, vec![0.12, 3.4, 5.6]);
+        assert_eq!(e.value, Some(42.0));
+        assert_eq!(e.id.as_deref(), Some("evt-123"));
+        assert_eq!(e.metadata.unwrap().get(), r#"{"site":"A"}"#);
+    }
+
+    #[test]
+    fn fallbacks_use_the_kafka_message() {
+        let e = ok(r#"{"features":[1]}"#);
+        assert_eq!(e.key, "mk");
+        assert_eq!(e.ts_ms, 7);
+        let e = decode(Some(b"{}"), None, Some(1), 100).unwrap();
+        assert_eq!(e.key, "");
+    }
+
+    #[test]
+    fn rfc3339_timestamps() {
+        let e = ok(r#"{"ts":"2025-11-23T03:00:00.123Z"}"#);
+        assert_eq!(e.ts_ms, 1763866800123);
+    }
+
+    #[test]
+    fn rejections_have_reasons() {
+        assert_eq!(err("not json").kind(), "not_json");
+        assert_eq!(err(r#"{"features":"abc"}"#).kind(), "invalid_field");
+        assert_eq!(err(r#"{"features":[1,"x"]}"#).kind(), "invalid_field");
+        assert_eq!(err(r#"{"features":[1, NaN]}"#).kind(), "not_json");
+        assert_eq!(err(r#"{"features":[1e999]}"#).kind(), "invalid_field");
+        assert_eq!(err(r#"{"value":"high"}"#).kind(), "invalid_field");
+        assert_eq!(err(r#"{"ts":"yesterday"}"#).kind(), "invalid_field");
+        assert_eq!(err(r#"{"features":[]}"#).kind(), "invalid_field");
+        let big = format!("{{\"key\":\"{}\"}}", "x".repeat(200));
+        let e = decode(Some(big.as_bytes()), None, Some(1), 100).unwrap_err();
+        assert_eq!(e.kind(), "oversized");
+        assert_eq!(decode(None, None, Some(1), 100).unwrap_err().kind(), "empty");
+        assert_eq!(
+            decode(Some(b"{}"), None, None, 100).unwrap_err().kind(),
+            "missing_timestamp"
+        );
+    }
+}

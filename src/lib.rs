@@ -1,0 +1,38 @@
+//! neurostream: Kafka-native stream processing with online clustering and event-time windows.
+//!
+//! # Layout
+//! - [`config`]: typed configuration (figment layers, profiles, validation, provenance).
+//! - [`event`]: the input event shape and its decoding, with a reason for every rejection.
+//! - [`output`]: output message shapes, their topics and keys.
+//! - [`windows`]: event-time windows (pure, checkpointable).
+//! - [`processor`]: the pure per-partition processor every entry point drives.
+//! - [`offline`]: `neurostream process`, the processor over JSON lines.
+//! - [`kafka`]: the Kafka edge: consumer group and rebalances ([`kafka::intake`]), the
+//!   idempotent output producer ([`kafka::producer`]), topic administration.
+//! - [`worker`]: one task per assigned partition: batches, flushes, checkpoints.
+//! - [`offsets`]: all offset handling (start at checkpoints, store only after durable).
+//! - [`store`]: PostgreSQL sink (COPY → upsert + checkpoint in one transaction) and the
+//!   in-memory fallback.
+//! - [`pgserver`]: a private PostgreSQL server for the demo and tests.
+//! - [`app`]: the service: wires everything and runs until shutdown.
+//! - [`http`]: `/metrics`, `/health`, `/ready`, `/status`.
+//! - [`telemetry`]: metric names, shared progress counters, logging.
+//! - [`generator`]: synthetic clustered events (demo, `produce`, benches).
+//! - [`demo`]: `neurostream demo`, the whole pipeline on one machine.
+
+pub mod app;
+pub mod config;
+pub mod demo;
+pub mod event;
+pub mod generator;
+pub mod http;
+pub mod kafka;
+pub mod offline;
+pub mod offsets;
+pub mod output;
+pub mod pgserver;
+pub mod processor;
+pub mod store;
+pub mod telemetry;
+pub mod windows;
+pub mod worker;

@@ -1,0 +1,200 @@
+//! The `neurostream` binary: a thin command-line layer over the library.
+
+use std::io::{BufReader, BufWriter};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use neurostream::config::{self, Profile};
+use neurostream::store::Store;
+use neurostream::telemetry::{self, Progress};
+use neurostream::{app, demo, http, offline};
+
+#[derive(Parser)]
+#[command(name = "neurostream", version, about = "Kafka-native online clustering and event-time windows")]
+struct Cli {
+    /// Configuration file (TOML); environment variables NEUROSTREAM__SECTION__KEY override it.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service against the configured broker and database.
+    Run,
+    /// Run the whole pipeline on this machine: embedded broker, private PostgreSQL, generator.
+    Demo {
+        /// Events to generate.
+        #[arg(long, default_value_t = 200_000)]
+        events: u64,
+        /// Input partitions.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+        /// Kafka client and sink profile.
+        #[arg(long, value_enum, default_value = "balanced")]
+        profile: ProfileArg,
+        /// Use this database instead of starting a private server.
+        #[arg(long, env = "DATABASE_URL")]
+        database_url: Option<String>,
+    },
+    /// The per-partition processor offline: JSON-lines events in, JSON-lines outputs out.
+    Process {
+        /// Input file (default: stdin).
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// Output file (default: stdout).
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Print the effective configuration, secrets masked, with the source of every value.
+    Config,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ProfileArg {
+    Throughput,
+    Balanced,
+    Latency,
+}
+
+impl From<ProfileArg> for Profile {
+    fn from(p: ProfileArg) -> Self {
+        match p {
+            ProfileArg::Throughput => Profile::Throughput,
+            ProfileArg::Balanced => Profile::Balanced,
+            ProfileArg::Latency => Profile::Latency,
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let loaded = match config::load(cli.config.as_deref()) {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init_logging(&loaded.config.log);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime builds on any supported OS");
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Run => run(loaded.config).await,
+            Command::Demo {
+                events,
+                partitions,
+                profile,
+                database_url,
+            } => demo::run(demo::DemoOptions {
+                events,
+                partitions,
+                profile: profile.into(),
+                database_url,
+                progress_line: true,
+            })
+            .await
+            .map(|_| ()),
+            Command::Process { input, output } => process(&loaded.config, input, output),
+            Command::Migrate => migrate(&loaded.config).await,
+            Command::Config => {
+                print!("{}", loaded.config.describe(&loaded.figment));
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn database_url(config: &config::Config) -> anyhow::Result<&str> {
+    config.postgres.url.as_deref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "postgres.url is not set (config file [postgres] url = … or NEUROSTREAM__POSTGRES__URL)"
+        )
+    })
+}
+
+async fn run(config: config::Config) -> anyhow::Result<()> {
+    let url = database_url(&config)?;
+    let store = Store::Postgres(app::open_postgres(&config, url, Duration::from_secs(60)).await?);
+    let progress = Arc::new(Progress::default());
+    let shutdown = CancellationToken::new();
+    if let Some(addr) = config.http.address {
+        let handle = http::install_recorder()?;
+        let (progress, shutdown) = (progress.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(err) = http::serve(addr, handle, progress, shutdown).await {
+                tracing::error!(%addr, error = %err, "HTTP endpoints unavailable");
+            }
+        });
+    }
+    {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            shutdown.cancel();
+        });
+    }
+    app::run(Arc::new(config), store, progress, shutdown).await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler works on unix");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn migrate(config: &config::Config) -> anyhow::Result<()> {
+    let url = database_url(config)?;
+    let mut config = config.clone();
+    config.postgres.migrate_on_start = true;
+    app::open_postgres(&config, url, Duration::from_secs(30)).await?;
+    println!("migrations applied");
+    Ok(())
+}
+
+fn process(
+    config: &config::Config,
+    input: Option<PathBuf>,
+    output: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let reader: Box<dyn std::io::BufRead> = match input {
+        Some(path) => Box::new(BufReader::new(std::fs::File::open(&path).map_err(|e| {
+            anyhow::anyhow!("cannot open input {}: {e}", path.display())
+        })?)),
+        None => Box::new(BufReader::new(std::io::stdin().lock())),
+    };
+    let writer: Box<dyn std::io::Write> = match output {
+        Some(path) => Box::new(BufWriter::new(std::fs::File::create(&path).map_err(|e| {
+            anyhow::anyhow!("cannot create output {}: {e}", path.display())
+        })?)),
+        None => Box::new(BufWriter::new(std::io::stdout().lock())),
+    };
+    let stats = offline::process_lines(config, reader, writer, std::io::stderr().lock())?;
+    eprintln!(
+        "processed {} lines: {} rejected, {} outputs",
+        stats.lines, stats.rejected, stats.outputs
+    );
+    Ok(())
+}

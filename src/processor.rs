@@ -1,0 +1,271 @@
+//! The per-partition processor: the pure seam between Kafka and the engines.
+//!
+//! Synchronous and deterministic: records in, outputs out, no clock, no I/O. The service's
+//! partition workers, the offline `neurostream process` command and the benches all drive this
+//! same type. Its whole state serialises to a snapshot that is checkpointed with the partition's
+//! next offset, so a restored processor continues exactly where the checkpoint left off.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ProcessingConfig;
+use crate::event::{self, DecodeError, Event};
+use crate::output::Emitted;
+use crate::windows::{Windower, WindowerState};
+
+/// One input message as the processor sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    /// Message payload.
+    pub payload: Option<&'a [u8]>,
+    /// Message key.
+    pub key: Option<&'a [u8]>,
+    /// Message timestamp (epoch ms), when the broker or producer set one.
+    pub timestamp_ms: Option<i64>,
+    /// Offset within the partition.
+    pub offset: i64,
+}
+
+/// Counters a processor keeps (part of its state).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcessorCounters {
+    /// Events accepted.
+    pub events: u64,
+    /// Messages rejected as bad input.
+    pub rejected: u64,
+}
+
+/// Serialised processor state.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Snapshot {
+    version: u32,
+    dimension: Option<usize>,
+    counters: ProcessorCounters,
+    windows: Vec<WindowerState>,
+}
+
+const SNAPSHOT_VERSION: u32 = 1;
+
+/// A snapshot that cannot be restored.
+#[derive(Debug, thiserror::Error)]
+#[error("processor snapshot cannot be restored: {0}")]
+pub struct SnapshotError(String);
+
+/// The processor of one partition.
+#[derive(Debug, Clone)]
+pub struct Processor {
+    partition: i32,
+    max_event_bytes: usize,
+    /// Feature dimension of this partition: configured, or fixed by its first event with features.
+    dimension: Option<usize>,
+    windows: Vec<Windower>,
+    counters: ProcessorCounters,
+}
+
+impl Processor {
+    /// A fresh processor for `partition`.
+    pub fn new(config: &ProcessingConfig, max_event_bytes: usize, partition: i32) -> Self {
+        Self {
+            partition,
+            max_event_bytes,
+            dimension: config.dimension,
+            windows: config.windows.iter().cloned().map(Windower::new).collect(),
+            counters: ProcessorCounters::default(),
+        }
+    }
+
+    /// A processor restored from a snapshot taken by [`Processor::snapshot`]. Windows that are no
+    /// longer configured are dropped; newly configured ones start empty.
+    ///
+    /// # Errors
+    /// [`SnapshotError`] when the bytes are not a snapshot of a compatible version.
+    pub fn restore(
+        config: &ProcessingConfig,
+        max_event_bytes: usize,
+        partition: i32,
+        bytes: &[u8],
+    ) -> Result<Self, SnapshotError> {
+        let snap: Snapshot =
+            serde_json::from_slice(bytes).map_err(|e| SnapshotError(e.to_string()))?;
+        if snap.version != SNAPSHOT_VERSION {
+            return Err(SnapshotError(format!(
+                "version {} (this build reads {SNAPSHOT_VERSION})",
+                snap.version
+            )));
+        }
+        let mut p = Self::new(config, max_event_bytes, partition);
+        p.dimension = config.dimension.or(snap.dimension);
+        p.counters = snap.counters;
+        for state in snap.windows {
+            if let Some(w) = p.windows.iter_mut().find(|w| w.matches(&state)) {
+                w.restore(state);
+            }
+        }
+        Ok(p)
+    }
+
+    /// The state to checkpoint.
+    pub fn snapshot(&self) -> Vec<u8> {
+        serde_json::to_vec(&Snapshot {
+            version: SNAPSHOT_VERSION,
+            dimension: self.dimension,
+            counters: self.counters.clone(),
+            windows: self.windows.iter().map(Windower::snapshot).collect(),
+        })
+        .expect("processor state holds only finite numbers and strings")
+    }
+
+    /// Decodes and processes one message; its outputs are appended to `out`.
+    ///
+    /// # Errors
+    /// A [`DecodeError`] when the message is bad input; state is unchanged and the caller sends
+    /// the message to the dead-letter topic.
+    pub fn process(&mut self, record: Record<'_>, out: &mut Vec<Emitted>) -> Result<(), DecodeError> {
+        let decoded = event::decode(
+            record.payload,
+            record.key,
+            record.timestamp_ms,
+            self.max_event_bytes,
+        );
+        match decoded {
+            Ok(event) => self.apply(&event, record.offset, out),
+            Err(err) => {
+                self.counters.rejected += 1;
+                Err(err)
+            }
+        }
+    }
+
+    /// Processes one decoded event.
+    ///
+    /// # Errors
+    /// [`DecodeError::DimensionMismatch`] when its features do not match the partition's dimension.
+    pub fn apply(&mut self, event: &Event, offset: i64, out: &mut Vec<Emitted>) -> Result<(), DecodeError> {
+        if !event.features.is_empty() {
+            match self.dimension {
+                Some(d) if d != event.features.len() => {
+                    self.counters.rejected += 1;
+                    return Err(DecodeError::DimensionMismatch {
+                        expected: d,
+                        got: event.features.len(),
+                    });
+                }
+                Some(_) => {}
+                None => self.dimension = Some(event.features.len()),
+            }
+        }
+        self.counters.events += 1;
+        for w in &mut self.windows {
+            w.apply(event, offset, self.partition, out);
+        }
+        Ok(())
+    }
+
+    /// End of input: closes every open window and emits its final.
+    pub fn close_all(&mut self, last_offset: i64, out: &mut Vec<Emitted>) {
+        for w in &mut self.windows {
+            w.close_all(last_offset, self.partition, out);
+        }
+    }
+
+    /// Counters so far.
+    pub fn counters(&self) -> &ProcessorCounters {
+        &self.counters
+    }
+
+    /// Late events dropped so far, over all windows.
+    pub fn late_dropped(&self) -> u64 {
+        self.windows.iter().map(Windower::late_dropped).sum()
+    }
+
+    /// The partition this processor serves.
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::WindowConfig;
+
+    fn config() -> ProcessingConfig {
+        ProcessingConfig {
+            dimension: None,
+            windows: vec![
+                WindowConfig {
+                    size_ms: 10,
+                    ..WindowConfig::default()
+                },
+                WindowConfig {
+                    size_ms: 25,
+                    grace_ms: 5,
+                    ..WindowConfig::default()
+                },
+            ],
+        }
+    }
+
+    fn lines(n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                format!(
+                    r#"{{"key":"k{}","ts":{},"value":{},"features":[1,2]}}"#,
+                    i % 3,
+                    i * 3 + (i % 4),
+                    i as f64 * 0.5
+                )
+            })
+            .collect()
+    }
+
+    fn run(p: &mut Processor, input: &[String], from: usize) -> Vec<Emitted> {
+        let mut out = Vec::new();
+        for (i, line) in input.iter().enumerate().skip(from) {
+            let rec = Record {
+                payload: Some(line.as_bytes()),
+                key: None,
+                timestamp_ms: None,
+                offset: i as i64,
+            };
+            p.process(rec, &mut out).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn snapshot_restore_continues_exactly() {
+        let input = lines(400);
+        let mut straight = Processor::new(&config(), 1 << 20, 3);
+        let all = run(&mut straight, &input, 0);
+
+        let mut first = Processor::new(&config(), 1 << 20, 3);
+        let mut out = run(&mut first, &input[..137], 0);
+        let snap = first.snapshot();
+        let mut second = Processor::restore(&config(), 1 << 20, 3, &snap).unwrap();
+        out.extend(run(&mut second, &input, 137));
+        assert_eq!(out, all);
+        assert_eq!(second.snapshot(), straight.snapshot());
+    }
+
+    #[test]
+    fn dimension_is_fixed_by_the_first_event() {
+        let mut p = Processor::new(&config(), 1 << 20, 0);
+        let mut out = Vec::new();
+        let rec = |s: &'static str, o| Record {
+            payload: Some(s.as_bytes()),
+            key: None,
+            timestamp_ms: Some(1),
+            offset: o,
+        };
+        p.process(rec(r#"{"features":[1,2,3]}"#, 0), &mut out).unwrap();
+        let err = p.process(rec(r#"{"features":[1,2]}"#, 1), &mut out).unwrap_err();
+        assert_eq!(err.kind(), "dimension_mismatch");
+        assert_eq!(p.counters().rejected, 1);
+        assert_eq!(p.counters().events, 1);
+    }
+
+    #[test]
+    fn bad_snapshots_are_errors() {
+        assert!(Processor::restore(&config(), 1, 0, b"garbage").is_err());
+    }
+}

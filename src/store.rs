@@ -1,0 +1,353 @@
+//! Durable outputs and checkpoints.
+//!
+//! [`Store::commit`] writes one partition batch in one transaction: the outputs (COPY into a
+//! staging table, then one `INSERT … SELECT … ON CONFLICT`) and the partition's checkpoint (state
+//! snapshot + next offset). A replayed batch hits primary keys and changes nothing; a checkpoint
+//! never moves backwards. Without PostgreSQL (the demo's fallback) a [`MemoryStore`] keeps the
+//! checkpoints in process and counts the rows it would have written.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::Connection as _;
+
+use crate::output::{Emitted, Output, WindowAggregate};
+
+/// A partition's checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The first offset not yet reflected in `state`.
+    pub next_offset: i64,
+    /// The processor's snapshot.
+    pub state: Vec<u8>,
+}
+
+/// Identity of a partition's checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PartitionId {
+    /// Consumer group.
+    pub group_id: String,
+    /// Input topic.
+    pub topic: String,
+    /// Partition number.
+    pub partition: i32,
+}
+
+/// One batch of a partition: outputs plus the checkpoint that accounts for them.
+#[derive(Debug)]
+pub struct Batch<'a> {
+    /// Whose batch.
+    pub id: &'a PartitionId,
+    /// Outputs to store.
+    pub outputs: &'a [Emitted],
+    /// Checkpoint after this batch.
+    pub checkpoint: &'a Checkpoint,
+}
+
+/// Store failures, classified by what the caller should do.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database is unreachable or the transaction was interrupted: retry with backoff.
+    #[error("PostgreSQL unavailable (will retry): {0}")]
+    Retryable(#[source] sqlx::Error),
+    /// Schema or data problem that retrying cannot fix: stop with this message.
+    #[error("PostgreSQL rejected the batch: {0}")]
+    Fatal(#[source] sqlx::Error),
+    /// Migrations failed.
+    #[error("migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl StoreError {
+    /// Whether a retry may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Retryable(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(err: sqlx::Error) -> Self {
+        let retryable = match &err {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::Tls(_) => true,
+            sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                // 08: connection exception, 40: transaction rollback (serialization, deadlock),
+                // 53: insufficient resources, 57: operator intervention (shutdown).
+                ["08", "40", "53", "57"].iter().any(|c| code.starts_with(c))
+            }),
+            _ => false,
+        };
+        if retryable {
+            StoreError::Retryable(err)
+        } else {
+            StoreError::Fatal(err)
+        }
+    }
+}
+
+/// Where batches and checkpoints go.
+#[derive(Debug, Clone)]
+pub enum Store {
+    /// The real thing.
+    Postgres(PgStore),
+    /// In-process checkpoints only (demo without PostgreSQL, tests of the Kafka side).
+    Memory(MemoryStore),
+}
+
+impl Store {
+    /// The partition's checkpoint, if it has one.
+    ///
+    /// # Errors
+    /// [`StoreError`] when PostgreSQL cannot be read.
+    pub async fn load(&self, id: &PartitionId) -> Result<Option<Checkpoint>, StoreError> {
+        match self {
+            Store::Postgres(pg) => pg.load(id).await,
+            Store::Memory(m) => Ok(m.load(id)),
+        }
+    }
+
+    /// Writes one batch and its checkpoint atomically; returns the output rows written.
+    ///
+    /// # Errors
+    /// [`StoreError`]; nothing of the batch is stored then.
+    pub async fn commit(&self, batch: &Batch<'_>) -> Result<u64, StoreError> {
+        match self {
+            Store::Postgres(pg) => pg.commit(batch).await,
+            Store::Memory(m) => Ok(m.commit(batch)),
+        }
+    }
+}
+
+/// Checkpoints kept in process.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStore {
+    checkpoints: Arc<Mutex<HashMap<PartitionId, Checkpoint>>>,
+    rows: Arc<AtomicU64>,
+}
+
+impl MemoryStore {
+    fn load(&self, id: &PartitionId) -> Option<Checkpoint> {
+        self.checkpoints
+            .lock()
+            .expect("checkpoint map lock is never poisoned: no code panics while holding it")
+            .get(id)
+            .cloned()
+    }
+
+    fn commit(&self, batch: &Batch<'_>) -> u64 {
+        let mut map = self
+            .checkpoints
+            .lock()
+            .expect("checkpoint map lock is never poisoned: no code panics while holding it");
+        let current = map.get(batch.id).map(|c| c.next_offset);
+        if current.is_none_or(|n| n <= batch.checkpoint.next_offset) {
+            map.insert(batch.id.clone(), batch.checkpoint.clone());
+        }
+        let rows = batch.outputs.len() as u64;
+        self.rows.fetch_add(rows, Ordering::Relaxed);
+        rows
+    }
+
+    /// Output rows "written" so far.
+    pub fn rows(&self) -> u64 {
+        self.rows.load(Ordering::Relaxed)
+    }
+}
+
+/// The PostgreSQL sink and checkpoint store.
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+const WINDOW_COLUMNS: &str = "source_topic, partition, window_kind, size_ms, slide_ms, key, \
+     window_start, window_end, count, sum, mean, std, min, max, is_final, revision, source_offset";
+
+impl PgStore {
+    /// Connects a pool (lazily: the first batch waits for the database, with retries).
+    ///
+    /// # Errors
+    /// [`StoreError::Fatal`] when the URL cannot be parsed.
+    pub fn connect_lazy(url: &str, pool_max: u32) -> Result<Self, StoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(pool_max)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy(url)
+            .map_err(StoreError::Fatal)?;
+        Ok(Self { pool })
+    }
+
+    /// The pool, for queries of the caller's own (demo report, tests).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies the migrations under `migrations/` (compiled in).
+    ///
+    /// # Errors
+    /// [`StoreError::Migrate`] when a migration fails or the database is unreachable.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("./migrations").run(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn load(&self, id: &PartitionId) -> Result<Option<Checkpoint>, StoreError> {
+        let row: Option<(i64, Vec<u8>)> = sqlx::query_as(
+            "-- load the partition's checkpoint
+             SELECT next_offset, state FROM partition_checkpoints
+             WHERE group_id = $1 AND source_topic = $2 AND partition = $3",
+        )
+        .bind(&id.group_id)
+        .bind(&id.topic)
+        .bind(id.partition)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|(next_offset, state)| Checkpoint { next_offset, state }))
+    }
+
+    async fn commit(&self, batch: &Batch<'_>) -> Result<u64, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        let mut tx = conn.begin().await?;
+        let windows: Vec<(&WindowAggregate, i64)> = batch
+            .outputs
+            .iter()
+            .map(|e| match &e.output {
+                Output::WindowAggregate(w) => (w, e.source_offset),
+            })
+            .collect();
+        let mut rows = 0;
+        if !windows.is_empty() {
+            sqlx::query(
+                "-- per-connection staging table, emptied at every commit
+                 CREATE TEMP TABLE IF NOT EXISTS window_aggregates_staging
+                 (LIKE window_aggregates INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
+            )
+            .execute(&mut *tx)
+            .await?;
+            let mut text = String::with_capacity(windows.len() * 160);
+            for (w, offset) in &windows {
+                copy_window_row(&mut text, &batch.id.topic, w, *offset);
+            }
+            let mut copy = tx
+                .copy_in_raw(&format!(
+                    "COPY window_aggregates_staging ({WINDOW_COLUMNS}) FROM STDIN"
+                ))
+                .await?;
+            copy.send(text.into_bytes()).await?;
+            copy.finish().await?;
+            let upserted = sqlx::query(&format!(
+                "-- upsert: a higher revision, or the final of the same revision, replaces the row;
+                 -- a replay (same revision and finality) changes nothing
+                 INSERT INTO window_aggregates ({WINDOW_COLUMNS})
+                 SELECT DISTINCT ON (source_topic, partition, window_kind, size_ms, slide_ms, key, window_start)
+                        {WINDOW_COLUMNS}
+                 FROM window_aggregates_staging
+                 ORDER BY source_topic, partition, window_kind, size_ms, slide_ms, key, window_start,
+                          revision DESC, is_final DESC
+                 ON CONFLICT (source_topic, partition, window_kind, size_ms, slide_ms, key, window_start)
+                 DO UPDATE SET window_end = excluded.window_end, count = excluded.count,
+                     sum = excluded.sum, mean = excluded.mean, std = excluded.std,
+                     min = excluded.min, max = excluded.max, is_final = excluded.is_final,
+                     revision = excluded.revision, source_offset = excluded.source_offset,
+                     updated_at = now()
+                 WHERE (window_aggregates.revision, window_aggregates.is_final)
+                     < (excluded.revision, excluded.is_final)"
+            ))
+            .execute(&mut *tx)
+            .await?;
+            rows = upserted.rows_affected();
+        }
+        sqlx::query(
+            "-- the partition's checkpoint, in the same transaction; never moves backwards
+             INSERT INTO partition_checkpoints (group_id, source_topic, partition, next_offset, state)
+             VALUES ($1, $2, $3, $4, $5)
+             ON CONFLICT (group_id, source_topic, partition) DO UPDATE
+             SET next_offset = excluded.next_offset, state = excluded.state, updated_at = now()
+             WHERE partition_checkpoints.next_offset <= excluded.next_offset",
+        )
+        .bind(&batch.id.group_id)
+        .bind(&batch.id.topic)
+        .bind(batch.id.partition)
+        .bind(batch.checkpoint.next_offset)
+        .bind(&batch.checkpoint.state)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+}
+
+fn copy_window_row(out: &mut String, topic: &str, w: &WindowAggregate, offset: i64) {
+    copy_text(out, topic);
+    let _ = write!(
+        out,
+        "\t{}\t{}\t{}\t{}\t",
+        w.partition,
+        w.window.as_str(),
+        w.size_ms,
+        w.slide_ms
+    );
+    copy_text(out, &w.key);
+    let _ = write!(
+        out,
+        "\t{}\t{}\t{}\t{}\t",
+        timestamp(w.window_start),
+        timestamp(w.window_end),
+        w.count,
+        w.sum
+    );
+    for x in [w.mean, w.std, w.min, w.max] {
+        match x {
+            Some(x) => {
+                let _ = write!(out, "{x}\t");
+            }
+            None => out.push_str("\\N\t"),
+        }
+    }
+    let _ = writeln!(out, "{}\t{}\t{}", w.is_final, w.revision, offset);
+}
+
+/// Epoch milliseconds as a timestamptz literal.
+fn timestamp(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f+00").to_string())
+        .unwrap_or_else(|| if ms < 0 { "-infinity".into() } else { "infinity".into() })
+}
+
+/// Appends `s` escaped for COPY's text format.
+fn copy_text(out: &mut String, s: &str) {
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_text_escapes_separators() {
+        let mut s = String::new();
+        copy_text(&mut s, "a\tb\nc\\d");
+        assert_eq!(s, "a\\tb\\nc\\\\d");
+    }
+
+    #[test]
+    fn timestamps_are_utc_literals() {
+        assert_eq!(timestamp(1_763_866_800_123), "2025-11-23 03:00:00.123+00");
+    }
+}

@@ -1,0 +1,186 @@
+//! Telemetry: every metric name in one list, the shared progress counters, and logging set-up.
+//!
+//! Metric names follow `neurostream_<noun>_<unit>[_total]`; labels come from a small fixed set
+//! (topic, partition, stage, reason), never keys or ids; hot loops count per batch.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Input messages accepted by the processor. Labels: topic, partition.
+pub const EVENTS_TOTAL: &str = "neurostream_events_total";
+/// Input messages sent to the dead-letter topic. Labels: topic, reason.
+pub const DEAD_LETTERS_TOTAL: &str = "neurostream_dead_letters_total";
+/// Events dropped because their window had closed. Labels: topic, partition.
+pub const LATE_EVENTS_TOTAL: &str = "neurostream_late_events_dropped_total";
+/// Messages produced to output topics. Labels: topic.
+pub const OUTPUT_MESSAGES_TOTAL: &str = "neurostream_output_messages_total";
+/// Rows upserted into PostgreSQL. Labels: topic.
+pub const SINK_ROWS_TOTAL: &str = "neurostream_sink_rows_total";
+/// Seconds per sink transaction (outputs + checkpoint).
+pub const SINK_COMMIT_SECONDS: &str = "neurostream_sink_commit_seconds";
+/// Retries of a failed stage. Labels: stage (`produce`, `sink`, `checkpoint_load`).
+pub const RETRIES_TOTAL: &str = "neurostream_retries_total";
+/// Partition pauses because a worker's queue was full (backpressure).
+pub const PARTITION_PAUSES_TOTAL: &str = "neurostream_partition_pauses_total";
+/// Partitions currently assigned to this instance.
+pub const ASSIGNED_PARTITIONS: &str = "neurostream_assigned_partitions";
+/// Rebalance callbacks served. Labels: stage (`assign`, `revoke`).
+pub const REBALANCES_TOTAL: &str = "neurostream_rebalances_total";
+
+/// Registers descriptions for every metric (call once after installing a recorder).
+pub fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(EVENTS_TOTAL, Unit::Count, "Input events processed");
+    describe_counter!(DEAD_LETTERS_TOTAL, Unit::Count, "Input messages sent to the dead-letter topic");
+    describe_counter!(LATE_EVENTS_TOTAL, Unit::Count, "Events dropped because their window had closed");
+    describe_counter!(OUTPUT_MESSAGES_TOTAL, Unit::Count, "Messages produced to output topics");
+    describe_counter!(SINK_ROWS_TOTAL, Unit::Count, "Rows upserted into PostgreSQL");
+    describe_histogram!(SINK_COMMIT_SECONDS, Unit::Seconds, "Sink transaction duration");
+    describe_counter!(RETRIES_TOTAL, Unit::Count, "Retries of a failed stage");
+    describe_counter!(PARTITION_PAUSES_TOTAL, Unit::Count, "Partitions paused by backpressure");
+    describe_gauge!(ASSIGNED_PARTITIONS, Unit::Count, "Partitions assigned to this instance");
+    describe_counter!(REBALANCES_TOTAL, Unit::Count, "Rebalance callbacks served");
+}
+
+/// One partition's status, for `/status`, `/ready` and the demo's progress line.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PartitionStatus {
+    /// Whether this instance owns the partition now.
+    pub assigned: bool,
+    /// Next offset whose effects are not yet durable.
+    pub next_offset: i64,
+    /// Events processed by this instance.
+    pub events: u64,
+    /// Messages sent to the dead-letter topic by this instance.
+    pub dead_letters: u64,
+}
+
+/// Counters shared by the pipeline and whoever watches it (HTTP, demo, tests).
+#[derive(Debug, Default)]
+pub struct Progress {
+    events: AtomicU64,
+    dead_letters: AtomicU64,
+    rows: AtomicU64,
+    outputs: AtomicU64,
+    sink_micros: AtomicU64,
+    running: AtomicBool,
+    partitions: Mutex<BTreeMap<(String, i32), PartitionStatus>>,
+}
+
+/// A copy of [`Progress`] at one moment.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ProgressSnapshot {
+    /// Events processed (durable or not).
+    pub events: u64,
+    /// Dead letters produced.
+    pub dead_letters: u64,
+    /// Rows written to PostgreSQL.
+    pub rows: u64,
+    /// Messages produced to output topics.
+    pub outputs: u64,
+    /// Seconds spent in sink transactions, summed over workers.
+    pub sink_seconds: f64,
+    /// Per `topic/partition`.
+    pub partitions: BTreeMap<String, PartitionStatus>,
+}
+
+impl Progress {
+    fn with_partition(&self, topic: &str, partition: i32, f: impl FnOnce(&mut PartitionStatus)) {
+        let mut map = self
+            .partitions
+            .lock()
+            .expect("progress lock is never poisoned: no code panics while holding it");
+        f(map.entry((topic.to_string(), partition)).or_default());
+    }
+
+    /// A partition was assigned (`true`) or revoked.
+    pub fn set_assigned(&self, topic: &str, partition: i32, assigned: bool) {
+        self.with_partition(topic, partition, |p| p.assigned = assigned);
+    }
+
+    /// A batch became durable.
+    pub fn record_batch(
+        &self,
+        topic: &str,
+        partition: i32,
+        next_offset: i64,
+        events: u64,
+        dead_letters: u64,
+        outputs: u64,
+        rows: u64,
+    ) {
+        self.events.fetch_add(events, Ordering::Relaxed);
+        self.dead_letters.fetch_add(dead_letters, Ordering::Relaxed);
+        self.outputs.fetch_add(outputs, Ordering::Relaxed);
+        self.rows.fetch_add(rows, Ordering::Relaxed);
+        self.with_partition(topic, partition, |p| {
+            p.next_offset = p.next_offset.max(next_offset);
+            p.events += events;
+            p.dead_letters += dead_letters;
+        });
+    }
+
+    /// Time spent in sink transactions.
+    pub fn record_sink_time(&self, elapsed: std::time::Duration) {
+        self.sink_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// The pipeline is consuming (`/ready`).
+    pub fn set_running(&self, running: bool) {
+        self.running.store(running, Ordering::Relaxed);
+    }
+
+    /// Whether the pipeline is consuming.
+    pub fn running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> ProgressSnapshot {
+        let partitions = self
+            .partitions
+            .lock()
+            .expect("progress lock is never poisoned: no code panics while holding it")
+            .iter()
+            .map(|((t, p), s)| (format!("{t}/{p}"), s.clone()))
+            .collect();
+        ProgressSnapshot {
+            events: self.events.load(Ordering::Relaxed),
+            dead_letters: self.dead_letters.load(Ordering::Relaxed),
+            rows: self.rows.load(Ordering::Relaxed),
+            outputs: self.outputs.load(Ordering::Relaxed),
+            sink_seconds: self.sink_micros.load(Ordering::Relaxed) as f64 / 1e6,
+            partitions,
+        }
+    }
+
+    /// Sum over partitions of the durable next offsets (events + dead letters made durable).
+    pub fn durable_offsets(&self) -> i64 {
+        self.partitions
+            .lock()
+            .expect("progress lock is never poisoned: no code panics while holding it")
+            .values()
+            .map(|p| p.next_offset)
+            .sum()
+    }
+}
+
+/// Installs the global `tracing` subscriber.
+pub fn init_logging(config: &LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match config.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
