@@ -172,7 +172,29 @@ impl PgServer {
         as_user(&mut cmd, self.user);
         let child = cmd.spawn().map_err(|e| step("starting postgres", e))?;
         self.child = Some(child);
+        self.spawn_watchdog();
         self.wait_ready(Duration::from_secs(30))
+    }
+
+    /// A server outlives a process that exits without dropping it (a static in a test binary,
+    /// a killed demo). This shell stops it and removes its files once our process is gone.
+    fn spawn_watchdog(&self) {
+        let script = format!(
+            "while [ -d /proc/{pid} ]; do sleep 1; done; \
+             '{ctl}' -D '{data}' -m immediate stop >/dev/null 2>&1; rm -rf '{dir}'",
+            pid = std::process::id(),
+            ctl = self.bin.join("pg_ctl").display(),
+            data = self.data_dir().display(),
+            dir = self.dir.path().display(),
+        );
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        as_user(&mut cmd, self.user);
+        // Best effort: without it, only a process that skips Drop leaves a server behind.
+        let _ = cmd.spawn();
     }
 
     fn wait_ready(&mut self, timeout: Duration) -> Result<(), PgServerError> {

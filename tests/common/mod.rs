@@ -1,0 +1,356 @@
+//! Test harness: a private PostgreSQL server per test binary (a fresh database per test) and
+//! Kafka-protocol brokers: librdkafka's in-process mock cluster, and a real Tansu broker process.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use neurostream::config::{Config, Profile, WindowConfig};
+use neurostream::output::Emitted;
+use neurostream::pgserver::{Durability, PgServer};
+use neurostream::processor::{Processor, Record};
+use neurostream::store::{PgStore, Store};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::ClientConfig;
+
+static PG: OnceLock<Option<PgServer>> = OnceLock::new();
+
+/// A fresh, migrated database on the binary's private server.
+pub async fn fresh_db() -> (String, PgStore) {
+    let server = PG
+        .get_or_init(|| Some(PgServer::start(Durability::Fast).expect("private PostgreSQL starts")))
+        .as_ref()
+        .expect("server started");
+    let name = format!("t_{}", unique());
+    let admin = PgStore::connect_lazy(&server.url("postgres"), 2).unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(admin.pool())
+        .await
+        .unwrap();
+    admin.pool().close().await;
+    let url = server.url(&name);
+    let store = PgStore::connect_lazy(&url, 8).unwrap();
+    store.migrate().await.unwrap();
+    (url, store)
+}
+
+/// A process-unique suffix for topic, group and database names.
+pub fn unique() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("{}_{}_{}", std::process::id(), nanos, N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// A Kafka-protocol broker for one test.
+pub enum Broker {
+    /// librdkafka's in-process mock cluster.
+    Mock(MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
+    /// A Tansu broker process on loopback.
+    Tansu { child: Child, brokers: String },
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Broker::Tansu { child, .. } = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn tansu_binary() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("NEUROSTREAM_TANSU_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let home = std::env::var_os("HOME")?;
+    let p = PathBuf::from(home).join(".cache/neurostream/tansu/bin/tansu");
+    p.exists().then_some(p)
+}
+
+impl Broker {
+    /// The in-process mock cluster.
+    pub fn mock() -> Broker {
+        Broker::Mock(MockCluster::new(1).expect("mock cluster starts"))
+    }
+
+    /// A Tansu process, or `None` (test skipped) when it is not installed and not required.
+    ///
+    /// `.ci/run` installs Tansu and sets `NEUROSTREAM_REQUIRE_TANSU=1`, so CI never skips.
+    pub fn tansu() -> Option<Broker> {
+        let Some(bin) = tansu_binary() else {
+            if std::env::var_os("NEUROSTREAM_REQUIRE_TANSU").is_some() {
+                panic!("NEUROSTREAM_REQUIRE_TANSU is set but no tansu binary was found");
+            }
+            eprintln!("SKIPPED: tansu not installed (see .ci/run); set NEUROSTREAM_TANSU_BIN");
+            return None;
+        };
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(bin)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/", "--silent"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu starts");
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(20), "tansu did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Some(Broker::Tansu {
+            child,
+            brokers: format!("127.0.0.1:{port}"),
+        })
+    }
+
+    /// Bootstrap servers.
+    pub fn brokers(&self) -> String {
+        match self {
+            Broker::Mock(m) => m.bootstrap_servers(),
+            Broker::Tansu { brokers, .. } => brokers.clone(),
+        }
+    }
+
+    /// Creates a topic.
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        match self {
+            Broker::Mock(m) => m.create_topic(name, partitions, 1).unwrap(),
+            Broker::Tansu { brokers, .. } => {
+                neurostream::kafka::ensure_topics(brokers, &[name], partitions)
+                    .await
+                    .unwrap()
+            }
+        }
+    }
+}
+
+/// A service configuration for `broker` with unique topic and group names, its topics created.
+pub async fn config_for(broker: &Broker, partitions: i32, db_url: &str) -> Config {
+    neurostream::telemetry::init_logging(&neurostream::config::LogConfig {
+        level: "warn".into(),
+        ..Default::default()
+    });
+    let id = unique();
+    let mut c = Config::default();
+    c.kafka.brokers = broker.brokers();
+    c.kafka.group_id = format!("g_{id}");
+    c.kafka.input_topics = vec![format!("in_{id}")];
+    let t = &mut c.kafka.topics;
+    t.clusters = format!("clusters_{id}");
+    t.drift = format!("drift_{id}");
+    t.outliers = format!("outliers_{id}");
+    t.windows = format!("windows_{id}");
+    t.status = format!("status_{id}");
+    t.dlq = format!("dlq_{id}");
+    c.kafka.session_timeout_ms = 6_000;
+    c.kafka.revoke_deadline_ms = 5_000;
+    c.kafka.partition_queue_capacity = 64;
+    c.profile = Profile::Latency;
+    c.postgres.url = Some(db_url.to_string());
+    c.postgres.batch_rows = Some(50);
+    c.postgres.linger_ms = Some(20);
+    c.http.address = None;
+    if let Ok(d) = std::env::var("NS_TEST_RDKAFKA_DEBUG") {
+        c.kafka.consumer.insert("debug".into(), d);
+    }
+    c.processing.windows = vec![
+        WindowConfig {
+            size_ms: 100,
+            grace_ms: 20,
+            ..WindowConfig::default()
+        },
+        WindowConfig {
+            size_ms: 1_000,
+            ..WindowConfig::default()
+        },
+    ];
+    broker.create_topic(&c.kafka.input_topics[0], partitions).await;
+    for topic in c.kafka.topics.all() {
+        broker.create_topic(topic, 1).await;
+    }
+    c.validate().unwrap();
+    c
+}
+
+/// A deterministic stream per partition: `n` events, keys cycling, slightly out of order.
+pub fn stream(partition: i32, n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let ts = 1_000_000 + (i as i64) * 7 - ((i as i64 * 13) % 40);
+            format!(
+                r#"{{"key":"k{}","ts":{ts},"value":{}.5,"features":[{}.0,1.0]}}"#,
+                (i * 7 + partition as usize) % 5,
+                i % 17,
+                partition
+            )
+            .into_bytes()
+        })
+        .collect()
+}
+
+/// Produces `messages[p]` to partition `p` of `topic`, in order, acked.
+///
+/// NB: one message per record batch. Tansu 0.6 answers a fetch at an offset inside a
+/// multi-message batch with nothing (real Kafka returns the containing batch), and the service
+/// fetches mid-batch whenever it resumes a paused partition or restarts at a checkpoint.
+pub async fn produce(brokers: &str, topic: &str, messages: &[Vec<Vec<u8>>]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("batch.num.messages", "1")
+        .set("linger.ms", "0")
+        .create()
+        .unwrap();
+    let mut pending = Vec::new();
+    for (p, msgs) in messages.iter().enumerate() {
+        for m in msgs {
+            let record = FutureRecord::<str, [u8]>::to(topic)
+                .partition(p as i32)
+                .payload(m.as_slice())
+                .timestamp(1);
+            pending.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+        }
+    }
+    for d in pending {
+        d.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+}
+
+/// What a clean run stores: the processor over each partition's messages, offset by offset.
+pub fn expected_rows(config: &Config, messages: &[Vec<Vec<u8>>]) -> Vec<WindowRow> {
+    let topic = &config.kafka.input_topics[0];
+    let mut rows = Vec::new();
+    for (p, msgs) in messages.iter().enumerate() {
+        let mut processor = Processor::new(&config.processing, config.kafka.max_event_bytes, p as i32);
+        let mut out: Vec<Emitted> = Vec::new();
+        for (offset, m) in msgs.iter().enumerate() {
+            let record = Record {
+                payload: Some(m),
+                key: None,
+                timestamp_ms: Some(1),
+                offset: offset as i64,
+            };
+            let _ = processor.process(record, &mut out);
+        }
+        for e in out {
+            let neurostream::output::Output::WindowAggregate(w) = e.output;
+            rows.push(WindowRow {
+                source_topic: topic.clone(),
+                partition: w.partition,
+                window_kind: w.window.as_str().to_string(),
+                size_ms: w.size_ms as i64,
+                key: w.key,
+                window_start_ms: w.window_start,
+                count: w.count as i64,
+                sum: w.sum,
+                min: w.min,
+                max: w.max,
+                is_final: w.is_final,
+                source_offset: e.source_offset,
+            });
+        }
+    }
+    rows.sort_by(WindowRow::order);
+    rows
+}
+
+/// One `window_aggregates` row, as compared by the tests.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct WindowRow {
+    pub source_topic: String,
+    pub partition: i32,
+    pub window_kind: String,
+    pub size_ms: i64,
+    pub key: String,
+    pub window_start_ms: i64,
+    pub count: i64,
+    pub sum: f64,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    pub is_final: bool,
+    pub source_offset: i64,
+}
+
+impl WindowRow {
+    fn order(a: &WindowRow, b: &WindowRow) -> std::cmp::Ordering {
+        (a.partition, &a.window_kind, a.size_ms, a.window_start_ms, &a.key).cmp(&(
+            b.partition,
+            &b.window_kind,
+            b.size_ms,
+            b.window_start_ms,
+            &b.key,
+        ))
+    }
+}
+
+/// Every stored window row, sorted like [`expected_rows`].
+pub async fn stored_rows(store: &PgStore) -> Vec<WindowRow> {
+    let mut rows: Vec<WindowRow> = sqlx::query_as(
+        "SELECT source_topic, partition, window_kind, size_ms, key,
+                (extract(epoch FROM window_start) * 1000)::bigint AS window_start_ms,
+                count, sum, min, max, is_final, source_offset
+         FROM window_aggregates",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    rows.sort_by(WindowRow::order);
+    rows
+}
+
+/// Waits until every partition's checkpoint reached `ends[p]`.
+pub async fn wait_for_checkpoints(store: &PgStore, group: &str, ends: &[i64], timeout: Duration) {
+    let started = Instant::now();
+    loop {
+        let rows: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT partition, next_offset FROM partition_checkpoints WHERE group_id = $1",
+        )
+        .bind(group)
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+        let done = ends.iter().enumerate().all(|(p, end)| {
+            rows.iter().any(|(rp, off)| *rp == p as i32 && off >= end)
+        });
+        if done {
+            return;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "checkpoints did not reach {ends:?} within {timeout:?}: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sum of checkpointed offsets of `group`.
+pub async fn checkpointed(store: &PgStore, group: &str) -> i64 {
+    let (sum,): (Option<i64>,) = sqlx::query_as(
+        "SELECT sum(next_offset)::bigint FROM partition_checkpoints WHERE group_id = $1",
+    )
+    .bind(group)
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    sum.unwrap_or(0)
+}
+
+/// The store as the service uses it.
+pub fn service_store(store: &PgStore) -> Store {
+    Store::Postgres(store.clone())
+}
+
+/// Shorthand for an `Arc`'d config.
+pub fn arc(config: &Config) -> Arc<Config> {
+    Arc::new(config.clone())
+}

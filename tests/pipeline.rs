@@ -1,0 +1,286 @@
+//! The pipeline end to end against real brokers (the in-process mock cluster and a Tansu
+//! process) and a real PostgreSQL server: exactness, dead letters, crash recovery, rebalancing.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use neurostream::app;
+use neurostream::config::Config;
+use neurostream::telemetry::Progress;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// Runs the service in-process until the returned token is cancelled.
+fn spawn_service(
+    config: &Config,
+    store: &neurostream::store::PgStore,
+) -> (
+    CancellationToken,
+    Arc<Progress>,
+    tokio::task::JoinHandle<Result<(), app::AppError>>,
+) {
+    let shutdown = CancellationToken::new();
+    let progress = Arc::new(Progress::default());
+    let handle = tokio::spawn(app::run(
+        arc(config),
+        service_store(store),
+        progress.clone(),
+        shutdown.clone(),
+    ));
+    (shutdown, progress, handle)
+}
+
+fn with_malformed(mut msgs: Vec<Vec<Vec<u8>>>, max_bytes: usize) -> Vec<Vec<Vec<u8>>> {
+    let bad: Vec<Vec<u8>> = vec![
+        b"this is not json".to_vec(),
+        br#"{"key":"k1","ts":1000100,"features":[1.0,"x"]}"#.to_vec(),
+        br#"{"key":"k1","ts":1000100,"value":NaN}"#.to_vec(),
+        format!(r#"{{"key":"{}","ts":1000100}}"#, "x".repeat(max_bytes)).into_bytes(),
+        br#"{"key":"k1","ts":1000100,"features":[1.0,2.0,3.0]}"#.to_vec(),
+    ];
+    let p = &mut msgs[1];
+    for (i, b) in bad.into_iter().enumerate() {
+        p.insert(10 + i * 37, b);
+    }
+    msgs
+}
+
+/// Reads `n` messages of partition 0 of `topic` from the beginning.
+fn read_topic(brokers: &str, topic: &str, n: usize) -> Vec<rdkafka::message::OwnedMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader_{}", unique()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let started = Instant::now();
+    while out.len() < n && started.elapsed() < Duration::from_secs(30) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            out.push(m.detach());
+        }
+    }
+    out
+}
+
+fn header<'a>(m: &'a rdkafka::message::OwnedMessage, key: &str) -> Option<&'a str> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+async fn end_to_end(broker: Broker) {
+    let (url, store) = fresh_db().await;
+    let mut config = config_for(&broker, 3, &url).await;
+    config.kafka.max_event_bytes = 4_096;
+    let messages = with_malformed((0..3).map(|p| stream(p, 400)).collect(), 4_096);
+    produce(&config.kafka.brokers, &config.kafka.input_topics[0], &messages).await;
+
+    let (shutdown, progress, handle) = spawn_service(&config, &store);
+    let ends: Vec<i64> = messages.iter().map(|m| m.len() as i64).collect();
+    wait_for_checkpoints(&store, &config.kafka.group_id, &ends, WAIT).await;
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+
+    let expected = expected_rows(&config, &messages);
+    assert!(expected.len() > 100, "the stream closes many windows");
+    assert_eq!(stored_rows(&store).await, expected);
+    let snap = progress.snapshot();
+    assert_eq!(snap.dead_letters, 5);
+    assert_eq!(snap.events, 3 * 400);
+
+    // Dead letters: original bytes, reason and source coordinates in headers.
+    let dlq = read_topic(&config.kafka.brokers, &config.kafka.topics.dlq, 5);
+    let mut kinds: Vec<&str> = dlq
+        .iter()
+        .map(|m| header(m, "neurostream.error.kind").unwrap())
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        ["dimension_mismatch", "invalid_field", "not_json", "not_json", "oversized"]
+    );
+    for m in &dlq {
+        assert_eq!(header(m, "neurostream.source.partition"), Some("1"));
+        assert_eq!(
+            header(m, "neurostream.source.topic"),
+            Some(config.kafka.input_topics[0].as_str())
+        );
+        let offset: usize = header(m, "neurostream.source.offset").unwrap().parse().unwrap();
+        assert_eq!(m.payload().unwrap(), messages[1][offset].as_slice());
+        assert!(!header(m, "neurostream.error").unwrap().is_empty());
+    }
+
+    // Window outputs reached Kafka too, each with its source offset.
+    let windows = read_topic(&config.kafka.brokers, &config.kafka.topics.windows, expected.len());
+    assert_eq!(windows.len(), expected.len());
+    for m in &windows {
+        assert!(header(m, "neurostream.source.offset").is_some());
+        let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        assert_eq!(v["type"], "window_aggregate");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_to_end_exact_with_dead_letters_mock() {
+    end_to_end(Broker::mock()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_to_end_exact_with_dead_letters_tansu() {
+    if let Some(broker) = Broker::tansu() {
+        end_to_end(broker).await;
+    }
+}
+
+/// SIGKILLs a `neurostream run` process mid-stream, restarts it, and compares row by row.
+async fn crash_and_restart(broker: Broker) {
+    let (url, store) = fresh_db().await;
+    let config = config_for(&broker, 2, &url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("neurostream.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_neurostream"))
+            .args(["--config", path.to_str().unwrap(), "run"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap()
+    };
+    let first: Vec<Vec<Vec<u8>>> = (0..2).map(|p| stream(p, 3_000)).collect();
+    produce(&config.kafka.brokers, &config.kafka.input_topics[0], &first).await;
+
+    let mut child = spawn();
+    let started = Instant::now();
+    loop {
+        let done = checkpointed(&store, &config.kafka.group_id).await;
+        if done > 200 {
+            assert!(done < 6_000, "the crash must come mid-stream, got {done} of 6000 done");
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "no progress before the crash");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap(); // SIGKILL: no drain, no flush, no commit
+    child.wait().unwrap();
+
+    // More data arrives while the service is down.
+    let more: Vec<Vec<Vec<u8>>> = (0..2)
+        .map(|p| stream(p, 4_000).split_off(3_000))
+        .collect();
+    produce(&config.kafka.brokers, &config.kafka.input_topics[0], &more).await;
+    let all: Vec<Vec<Vec<u8>>> = (0..2).map(|p| stream(p, 4_000)).collect();
+
+    let mut child = spawn();
+    wait_for_checkpoints(&store, &config.kafka.group_id, &[4_000, 4_000], WAIT).await;
+    // SIGTERM-free stop is fine here: everything is durable already.
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let expected = expected_rows(&config, &all);
+    assert_eq!(stored_rows(&store).await, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_mid_stream_then_restart_is_exact_mock() {
+    crash_and_restart(Broker::mock()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_mid_stream_then_restart_is_exact_tansu() {
+    if let Some(broker) = Broker::tansu() {
+        crash_and_restart(broker).await;
+    }
+}
+
+/// Two instances share the partitions; one leaves; the other takes over from the checkpoints.
+async fn rebalance(broker: Broker) {
+    let (url, store) = fresh_db().await;
+    let config = config_for(&broker, 4, &url).await;
+    let first: Vec<Vec<Vec<u8>>> = (0..4).map(|p| stream(p, 1_500)).collect();
+
+    let (stop_a, progress_a, a) = spawn_service(&config, &store);
+    wait_assigned(&progress_a, 4).await;
+    // Stagger the second join (a Tansu limitation with simultaneous joins).
+    let (stop_b, progress_b, b) = spawn_service(&config, &store);
+    let started = Instant::now();
+    while assigned(&progress_a) + assigned(&progress_b) != 4
+        || assigned(&progress_b) == 0
+        || assigned(&progress_a) == 0
+    {
+        assert!(started.elapsed() < WAIT, "the two instances never shared the partitions");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    produce(&config.kafka.brokers, &config.kafka.input_topics[0], &first).await;
+    let started = Instant::now();
+    while checkpointed(&store, &config.kafka.group_id).await < 1_000 {
+        assert!(started.elapsed() < WAIT, "no progress with two instances");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let a_had: Vec<String> = owned(&progress_a);
+    // A leaves cleanly mid-stream; B must take A's partitions from their checkpoints.
+    stop_a.cancel();
+    a.await.unwrap().unwrap();
+    let more: Vec<Vec<Vec<u8>>> = (0..4).map(|p| stream(p, 2_500).split_off(1_500)).collect();
+    produce(&config.kafka.brokers, &config.kafka.input_topics[0], &more).await;
+    wait_for_checkpoints(&store, &config.kafka.group_id, &[2_500; 4], WAIT).await;
+    let b_has = owned(&progress_b);
+    for tp in &a_had {
+        assert!(b_has.contains(tp), "B did not take over {tp}: {b_has:?}");
+    }
+    stop_b.cancel();
+    b.await.unwrap().unwrap();
+
+    let all: Vec<Vec<Vec<u8>>> = (0..4).map(|p| stream(p, 2_500)).collect();
+    let expected = expected_rows(&config, &all);
+    assert_eq!(stored_rows(&store).await, expected);
+}
+
+fn assigned(progress: &Progress) -> usize {
+    owned(progress).len()
+}
+
+fn owned(progress: &Progress) -> Vec<String> {
+    progress
+        .snapshot()
+        .partitions
+        .into_iter()
+        .filter(|(_, s)| s.assigned)
+        .map(|(tp, _)| tp)
+        .collect()
+}
+
+async fn wait_assigned(progress: &Progress, n: usize) {
+    let started = Instant::now();
+    while assigned(progress) != n {
+        assert!(started.elapsed() < WAIT, "partitions never assigned");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_hands_partitions_over_exactly_mock() {
+    rebalance(Broker::mock()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_hands_partitions_over_exactly_tansu() {
+    if let Some(broker) = Broker::tansu() {
+        rebalance(broker).await;
+    }
+}
