@@ -36,7 +36,11 @@ pub enum AppError {
 ///
 /// # Errors
 /// [`AppError::Store`] when the URL is unusable, migrations fail, or the database stays away.
-pub async fn open_postgres(config: &Config, url: &str, wait: Duration) -> Result<PgStore, AppError> {
+pub async fn open_postgres(
+    config: &Config,
+    url: &str,
+    wait: Duration,
+) -> Result<PgStore, AppError> {
     let store = PgStore::connect_lazy(url, config.postgres.pool_max)?;
     if config.postgres.migrate_on_start {
         let started = std::time::Instant::now();

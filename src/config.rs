@@ -619,7 +619,7 @@ impl Config {
                 ));
             }
         }
-        for (key, _) in &k.consumer {
+        for key in k.consumer.keys() {
             if matches!(
                 key.as_str(),
                 "enable.auto.offset.store" | "group.id" | "bootstrap.servers"
@@ -642,14 +642,16 @@ impl Config {
                 p.push(format!("{at}.size_ms must be positive"));
             }
             match (w.kind, w.slide_ms) {
-                (WindowKind::Hopping, None) => p.push(format!("{at}: hopping windows need slide_ms")),
+                (WindowKind::Hopping, None) => {
+                    p.push(format!("{at}: hopping windows need slide_ms"))
+                }
                 (WindowKind::Hopping, Some(s)) if s == 0 || s > w.size_ms => p.push(format!(
                     "{at}.slide_ms ({s}) must be positive and at most size_ms ({})",
                     w.size_ms
                 )),
-                (WindowKind::Tumbling | WindowKind::Sliding, Some(_)) => p.push(format!(
-                    "{at}.slide_ms only applies to hopping windows"
-                )),
+                (WindowKind::Tumbling | WindowKind::Sliding, Some(_)) => {
+                    p.push(format!("{at}.slide_ms only applies to hopping windows"))
+                }
                 _ => {}
             }
             if w.kind != WindowKind::Tumbling {
@@ -659,9 +661,7 @@ impl Config {
                 ));
             }
             if w.emit != EmitMode::Final {
-                p.push(format!(
-                    "{at}.emit: only `final` is available yet"
-                ));
+                p.push(format!("{at}.emit: only `final` is available yet"));
             }
             if w.late != LatePolicy::Drop {
                 p.push(format!("{at}.late: only `drop` is available yet"));
@@ -696,7 +696,10 @@ impl Config {
             p.push("postgres.retry_max_backoff_ms must be positive".into());
         }
         if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            p.push(format!("log.level `{}` is not a valid filter: {err}", self.log.level));
+            p.push(format!(
+                "log.level `{}` is not a valid filter: {err}",
+                self.log.level
+            ));
         }
         if p.is_empty() {
             Ok(())
@@ -728,7 +731,11 @@ impl Config {
         out.set("group.id", &k.group_id, "kafka.group_id");
         out.set("enable.auto.commit", "true", "neurostream");
         out.set("enable.auto.offset.store", "false", "neurostream");
-        out.set("auto.offset.reset", &k.auto_offset_reset, "kafka.auto_offset_reset");
+        out.set(
+            "auto.offset.reset",
+            &k.auto_offset_reset,
+            "kafka.auto_offset_reset",
+        );
         out.set(
             "session.timeout.ms",
             &k.session_timeout_ms.to_string(),
@@ -761,7 +768,13 @@ impl Config {
         let s = self.profile.settings();
         let mut out = Settings::default();
         out.set("bootstrap.servers", &k.brokers, "kafka.brokers");
-        self.profiled(&mut out, "linger.ms", k.linger_ms, s.linger_ms, "kafka.linger_ms");
+        self.profiled(
+            &mut out,
+            "linger.ms",
+            k.linger_ms,
+            s.linger_ms,
+            "kafka.linger_ms",
+        );
         self.profiled(
             &mut out,
             "batch.size",
@@ -797,7 +810,11 @@ impl Config {
     ) {
         match explicit {
             Some(v) => out.set(key, &v.to_string(), field),
-            None => out.set(key, &profile.to_string(), &format!("profile {}", self.profile)),
+            None => out.set(
+                key,
+                &profile.to_string(),
+                &format!("profile {}", self.profile),
+            ),
         }
     }
 
@@ -829,7 +846,10 @@ impl Config {
             } else {
                 value
             };
-            out.push_str(&format!("{path} = {shown}  # {}\n", source_of(figment, &path)));
+            out.push_str(&format!(
+                "{path} = {shown}  # {}\n",
+                source_of(figment, &path)
+            ));
         }
         out.push_str(&format!(
             "\n# sink batching (profile {})\npostgres.batch_rows (effective) = {}\npostgres.linger_ms (effective) = {}\n",
@@ -912,7 +932,10 @@ fn flatten(value: &serde_json::Value, path: &str, out: &mut Vec<(String, String)
 
 fn is_secret(path: &str) -> bool {
     let p = path.to_ascii_lowercase();
-    p.contains("password") || p.contains("secret") || p.ends_with("postgres.url") || p.contains("sasl.jaas")
+    p.contains("password")
+        || p.contains("secret")
+        || p.ends_with("postgres.url")
+        || p.contains("sasl.jaas")
 }
 
 fn mask(value: &str) -> String {
@@ -945,7 +968,10 @@ fn source_of(figment: &Figment, path: &str) -> String {
             None => "file".into(),
         },
         Some(meta) if meta.name.contains("environment") || meta.name.contains("env") => {
-            format!("env {ENV_PREFIX}{}", path.to_ascii_uppercase().replace('.', "__"))
+            format!(
+                "env {ENV_PREFIX}{}",
+                path.to_ascii_uppercase().replace('.', "__")
+            )
         }
         _ => "default".into(),
     }
@@ -1004,7 +1030,10 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("unknown key `kafka.brokerz`"), "{text}");
         assert!(text.contains("unknown key `postgres.colour`"), "{text}");
-        assert!(text.contains("unknown key `processing.windows[0].sise_ms`"), "{text}");
+        assert!(
+            text.contains("unknown key `processing.windows[0].sise_ms`"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -1060,13 +1089,20 @@ mod tests {
         assert!(!text.contains("hunter2"), "{text}");
         assert!(!text.contains("s3cret"), "{text}");
         assert!(text.contains("postgres://app:****@db:5432/ns"), "{text}");
-        assert!(text.contains("kafka.brokers = \"localhost:9092\"  # default"), "{text}");
+        assert!(
+            text.contains("kafka.brokers = \"localhost:9092\"  # default"),
+            "{text}"
+        );
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's error type, test only
     fn environment_overrides_file() {
         figment::Jail::expect_with(|jail| {
-            jail.create_file("ns.toml", "[kafka]\ngroup_id = \"from-file\"\nbrokers = \"f:1\"")?;
+            jail.create_file(
+                "ns.toml",
+                "[kafka]\ngroup_id = \"from-file\"\nbrokers = \"f:1\"",
+            )?;
             jail.set_env("NEUROSTREAM__KAFKA__GROUP_ID", "from-env");
             jail.set_env("NEUROSTREAM__KAFKA__INPUT_TOPICS", "a, b");
             let loaded = load(Some(Path::new("ns.toml"))).map_err(|e| e.to_string())?;
@@ -1074,7 +1110,10 @@ mod tests {
             assert_eq!(loaded.config.kafka.brokers, "f:1");
             assert_eq!(loaded.config.kafka.input_topics, vec!["a", "b"]);
             let text = loaded.config.describe(&loaded.figment);
-            assert!(text.contains("# env NEUROSTREAM__KAFKA__GROUP_ID"), "{text}");
+            assert!(
+                text.contains("# env NEUROSTREAM__KAFKA__GROUP_ID"),
+                "{text}"
+            );
             assert!(text.contains("kafka.brokers = \"f:1\"  # file"), "{text}");
             Ok(())
         });

@@ -87,7 +87,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         .create_topic(INPUT_TOPIC, opts.partitions, 1)
         .context("creating the input topic")?;
     for topic in config.kafka.topics.all() {
-        cluster.create_topic(topic, 1, 1).context("creating an output topic")?;
+        cluster
+            .create_topic(topic, 1, 1)
+            .context("creating an output topic")?;
     }
 
     // PostgreSQL: DATABASE_URL, else a private server, else the Kafka side only.
@@ -120,9 +122,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     config.postgres.url = url.clone();
     config.validate()?;
     let store = match &url {
-        Some(url) => Store::Postgres(
-            crate::app::open_postgres(&config, url, Duration::from_secs(30)).await?,
-        ),
+        Some(url) => {
+            Store::Postgres(crate::app::open_postgres(&config, url, Duration::from_secs(30)).await?)
+        }
         None => Store::Memory(MemoryStore::default()),
     };
 
@@ -245,7 +247,9 @@ async fn generate(
     let mut pending = std::collections::VecDeque::new();
     for _ in 0..total {
         let msg = generator.next_message();
-        let mut record = FutureRecord::to(INPUT_TOPIC).key(&msg.key).payload(&msg.payload);
+        let mut record = FutureRecord::to(INPUT_TOPIC)
+            .key(&msg.key)
+            .payload(&msg.payload);
         loop {
             match producer.send_result(record) {
                 Ok(delivery) => {
@@ -320,7 +324,8 @@ async fn answers(pool: &sqlx::PgPool) -> anyhow::Result<String> {
         out.push_str(&format!(
             "       {} | {count:>4} | {}\n",
             start.format("%H:%M:%S"),
-            mean.map(|m| format!("{m:.3}")).unwrap_or_else(|| "-".into())
+            mean.map(|m| format!("{m:.3}"))
+                .unwrap_or_else(|| "-".into())
         ));
     }
     let progress: Vec<(i32, i64)> = sqlx::query_as(

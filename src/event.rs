@@ -217,7 +217,10 @@ fn parse_features(v: &RawValue) -> Result<Vec<f64>, DecodeError> {
     if items.len() > MAX_FEATURES {
         return Err(invalid(
             "features",
-            format!("has {} entries, at most {MAX_FEATURES} allowed", items.len()),
+            format!(
+                "has {} entries, at most {MAX_FEATURES} allowed",
+                items.len()
+            ),
         ));
     }
     let mut out = Vec::with_capacity(items.len());
@@ -250,7 +253,9 @@ mod tests {
 
     #[test]
     fn full_event_decodes() {
-        let e = ok(r#"{"key":"sensor-17","ts":1763866800123,"features":[0.12,3.4,5.6],"value":42.0,"id":"evt-123","metadata":{"site":"A"}}"#);
+        let e = ok(
+            r#"{"key":"sensor-17","ts":1763866800123,"features":[0.12,3.4,5.6],"value":42.0,"id":"evt-123","metadata":{"site":"A"}}"#,
+        );
         assert_eq!(e.key, "sensor-17");
         assert_eq!(e.ts_ms, 1763866800123);
         assert_eq!(e.features, vec![0.12, 3.4, 5.6]);
@@ -287,7 +292,10 @@ mod tests {
         let big = format!("{{\"key\":\"{}\"}}", "x".repeat(200));
         let e = decode(Some(big.as_bytes()), None, Some(1), 100).unwrap_err();
         assert_eq!(e.kind(), "oversized");
-        assert_eq!(decode(None, None, Some(1), 100).unwrap_err().kind(), "empty");
+        assert_eq!(
+            decode(None, None, Some(1), 100).unwrap_err().kind(),
+            "empty"
+        );
         assert_eq!(
             decode(Some(b"{}"), None, None, 100).unwrap_err().kind(),
             "missing_timestamp"

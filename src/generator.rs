@@ -69,10 +69,18 @@ impl Generator {
     pub fn new(config: GeneratorConfig) -> Self {
         let mut rng = SmallRng::seed_from_u64(config.seed);
         let centres = (0..config.clusters)
-            .map(|_| (0..config.dimension).map(|_| rng.random_range(-50.0..50.0)).collect())
+            .map(|_| {
+                (0..config.dimension)
+                    .map(|_| rng.random_range(-50.0..50.0))
+                    .collect()
+            })
             .collect();
         let velocity = (0..config.clusters)
-            .map(|_| (0..config.dimension).map(|_| rng.random_range(-1e-4..1e-4)).collect())
+            .map(|_| {
+                (0..config.dimension)
+                    .map(|_| rng.random_range(-1e-4..1e-4))
+                    .collect()
+            })
             .collect();
         Self {
             config,
@@ -87,8 +95,13 @@ impl Generator {
     pub fn next_message(&mut self) -> Generated {
         let i = self.n;
         self.n += 1;
-        let key = format!("sensor-{}", self.rng.random_range(0..self.config.keys.max(1)));
-        if self.config.malformed_every > 0 && i % self.config.malformed_every == self.config.malformed_every - 1 {
+        let key = format!(
+            "sensor-{}",
+            self.rng.random_range(0..self.config.keys.max(1))
+        );
+        if self.config.malformed_every > 0
+            && i % self.config.malformed_every == self.config.malformed_every - 1
+        {
             let payload = match (i / self.config.malformed_every) % 4 {
                 0 => b"this is not json".to_vec(),
                 1 => format!(r#"{{"key":"{key}","ts":"later","value":1}}"#).into_bytes(),
@@ -155,7 +168,12 @@ mod tests {
         assert_eq!(bad, 10);
         for m in &a {
             let decoded = crate::event::decode(Some(&m.payload), None, Some(0), 1 << 20);
-            assert_eq!(decoded.is_err(), m.malformed, "{}", String::from_utf8_lossy(&m.payload));
+            assert_eq!(
+                decoded.is_err(),
+                m.malformed,
+                "{}",
+                String::from_utf8_lossy(&m.payload)
+            );
         }
     }
 }

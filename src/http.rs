@@ -39,7 +39,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let app = Router::new()
-        .route("/metrics", get(|State(s): State<AppState>| async move { s.metrics.render() }))
+        .route(
+            "/metrics",
+            get(|State(s): State<AppState>| async move { s.metrics.render() }),
+        )
         .route("/health", get(|| async { "ok" }))
         .route(
             "/ready",
@@ -49,7 +52,10 @@ pub async fn serve(
                 if s.progress.running() && assigned {
                     (StatusCode::OK, "ready")
                 } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not ready: no partitions assigned yet")
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: no partitions assigned yet",
+                    )
                 }
             }),
         )

@@ -15,7 +15,11 @@ use neurostream::telemetry::{self, Progress};
 use neurostream::{app, demo, http, offline};
 
 #[derive(Parser)]
-#[command(name = "neurostream", version, about = "Kafka-native online clustering and event-time windows")]
+#[command(
+    name = "neurostream",
+    version,
+    about = "Kafka-native online clustering and event-time windows"
+)]
 struct Cli {
     /// Configuration file (TOML); environment variables NEUROSTREAM__SECTION__KEY override it.
     #[arg(long, global = true, value_name = "FILE")]
@@ -180,15 +184,17 @@ fn process(
     output: Option<PathBuf>,
 ) -> anyhow::Result<()> {
     let reader: Box<dyn std::io::BufRead> = match input {
-        Some(path) => Box::new(BufReader::new(std::fs::File::open(&path).map_err(|e| {
-            anyhow::anyhow!("cannot open input {}: {e}", path.display())
-        })?)),
+        Some(path) => {
+            Box::new(BufReader::new(std::fs::File::open(&path).map_err(|e| {
+                anyhow::anyhow!("cannot open input {}: {e}", path.display())
+            })?))
+        }
         None => Box::new(BufReader::new(std::io::stdin().lock())),
     };
     let writer: Box<dyn std::io::Write> = match output {
-        Some(path) => Box::new(BufWriter::new(std::fs::File::create(&path).map_err(|e| {
-            anyhow::anyhow!("cannot create output {}: {e}", path.display())
-        })?)),
+        Some(path) => Box::new(BufWriter::new(std::fs::File::create(&path).map_err(
+            |e| anyhow::anyhow!("cannot create output {}: {e}", path.display()),
+        )?)),
         None => Box::new(BufWriter::new(std::io::stdout().lock())),
     };
     let stats = offline::process_lines(config, reader, writer, std::io::stderr().lock())?;

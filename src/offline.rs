@@ -84,7 +84,14 @@ mod tests {
         let mut out = Vec::new();
         let mut err = Vec::new();
         let stats = process_lines(&config, input.as_bytes(), &mut out, &mut err).unwrap();
-        assert_eq!(stats, OfflineStats { lines: 3, rejected: 1, outputs: 2 });
+        assert_eq!(
+            stats,
+            OfflineStats {
+                lines: 3,
+                rejected: 1,
+                outputs: 2
+            }
+        );
         let err = String::from_utf8(err).unwrap();
         assert!(err.starts_with("line 2: not_json:"), "{err}");
         let lines: Vec<serde_json::Value> = String::from_utf8(out)

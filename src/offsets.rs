@@ -47,9 +47,12 @@ impl Offsets {
     /// offset, e.g. after PostgreSQL was restored from a backup).
     pub fn seek(&self, topic: &str, partition: i32, offset: i64) {
         if let Some(consumer) = self.consumer.upgrade() {
-            if let Err(err) =
-                consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(10))
-            {
+            if let Err(err) = consumer.seek(
+                topic,
+                partition,
+                Offset::Offset(offset),
+                Duration::from_secs(10),
+            ) {
                 warn!(topic, partition, offset, error = %err, "seek to checkpoint failed");
             }
         }
@@ -75,7 +78,9 @@ pub fn commit_now(consumer: &IntakeConsumer) {
         Err(rdkafka::error::KafkaError::ConsumerCommit(
             rdkafka::types::RDKafkaErrorCode::NoOffset,
         )) => {}
-        Err(err) => warn!(error = %err, "committing offsets failed; the checkpoint remains authoritative"),
+        Err(err) => {
+            warn!(error = %err, "committing offsets failed; the checkpoint remains authoritative")
+        }
     }
 }
 

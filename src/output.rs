@@ -70,7 +70,13 @@ impl Output {
     pub fn key(&self) -> String {
         match self {
             Output::WindowAggregate(w) => {
-                format!("{}:{}:{}:{}", w.key, w.window.as_str(), w.size_ms, w.window_start)
+                format!(
+                    "{}:{}:{}:{}",
+                    w.key,
+                    w.window.as_str(),
+                    w.size_ms,
+                    w.window_start
+                )
             }
         }
     }

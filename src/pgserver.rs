@@ -77,7 +77,8 @@ pub fn find_binaries() -> Option<PathBuf> {
         return Some(dir);
     }
     std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).find(|p| p.join("initdb").exists() && p.join("postgres").exists())
+        std::env::split_paths(&paths)
+            .find(|p| p.join("initdb").exists() && p.join("postgres").exists())
     })
 }
 
@@ -163,11 +164,23 @@ impl PgServer {
             .arg("-k")
             .arg(self.dir.path())
             .args(["-p", &self.port.to_string()])
-            .args(["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=200"])
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "max_connections=200",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if durability == Durability::Fast {
-            cmd.args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]);
+            cmd.args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ]);
         }
         as_user(&mut cmd, self.user);
         let child = cmd.spawn().map_err(|e| step("starting postgres", e))?;
@@ -209,7 +222,14 @@ impl PgServer {
             if socket.exists() && std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 // The socket accepts before recovery ends; pg_isready tells when queries work.
                 let ready = Command::new(self.bin.join("pg_isready"))
-                    .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+                    .args([
+                        "-h",
+                        "127.0.0.1",
+                        "-p",
+                        &self.port.to_string(),
+                        "-U",
+                        "postgres",
+                    ])
                     .stdout(Stdio::null())
                     .status()
                     .map(|s| s.success())

@@ -119,7 +119,11 @@ impl Processor {
     /// # Errors
     /// A [`DecodeError`] when the message is bad input; state is unchanged and the caller sends
     /// the message to the dead-letter topic.
-    pub fn process(&mut self, record: Record<'_>, out: &mut Vec<Emitted>) -> Result<(), DecodeError> {
+    pub fn process(
+        &mut self,
+        record: Record<'_>,
+        out: &mut Vec<Emitted>,
+    ) -> Result<(), DecodeError> {
         let decoded = event::decode(
             record.payload,
             record.key,
@@ -139,7 +143,12 @@ impl Processor {
     ///
     /// # Errors
     /// [`DecodeError::DimensionMismatch`] when its features do not match the partition's dimension.
-    pub fn apply(&mut self, event: &Event, offset: i64, out: &mut Vec<Emitted>) -> Result<(), DecodeError> {
+    pub fn apply(
+        &mut self,
+        event: &Event,
+        offset: i64,
+        out: &mut Vec<Emitted>,
+    ) -> Result<(), DecodeError> {
         if !event.features.is_empty() {
             match self.dimension {
                 Some(d) if d != event.features.len() => {
@@ -257,8 +266,11 @@ mod tests {
             timestamp_ms: Some(1),
             offset: o,
         };
-        p.process(rec(r#"{"features":[1,2,3]}"#, 0), &mut out).unwrap();
-        let err = p.process(rec(r#"{"features":[1,2]}"#, 1), &mut out).unwrap_err();
+        p.process(rec(r#"{"features":[1,2,3]}"#, 0), &mut out)
+            .unwrap();
+        let err = p
+            .process(rec(r#"{"features":[1,2]}"#, 1), &mut out)
+            .unwrap_err();
         assert_eq!(err.kind(), "dimension_mismatch");
         assert_eq!(p.counters().rejected, 1);
         assert_eq!(p.counters().events, 1);

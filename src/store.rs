@@ -319,7 +319,13 @@ fn copy_window_row(out: &mut String, topic: &str, w: &WindowAggregate, offset: i
 fn timestamp(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f+00").to_string())
-        .unwrap_or_else(|| if ms < 0 { "-infinity".into() } else { "infinity".into() })
+        .unwrap_or_else(|| {
+            if ms < 0 {
+                "-infinity".into()
+            } else {
+                "infinity".into()
+            }
+        })
 }
 
 /// Appends `s` escaped for COPY's text format.

@@ -36,14 +36,42 @@ pub const REBALANCES_TOTAL: &str = "neurostream_rebalances_total";
 pub fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(EVENTS_TOTAL, Unit::Count, "Input events processed");
-    describe_counter!(DEAD_LETTERS_TOTAL, Unit::Count, "Input messages sent to the dead-letter topic");
-    describe_counter!(LATE_EVENTS_TOTAL, Unit::Count, "Events dropped because their window had closed");
-    describe_counter!(OUTPUT_MESSAGES_TOTAL, Unit::Count, "Messages produced to output topics");
-    describe_counter!(SINK_ROWS_TOTAL, Unit::Count, "Rows upserted into PostgreSQL");
-    describe_histogram!(SINK_COMMIT_SECONDS, Unit::Seconds, "Sink transaction duration");
+    describe_counter!(
+        DEAD_LETTERS_TOTAL,
+        Unit::Count,
+        "Input messages sent to the dead-letter topic"
+    );
+    describe_counter!(
+        LATE_EVENTS_TOTAL,
+        Unit::Count,
+        "Events dropped because their window had closed"
+    );
+    describe_counter!(
+        OUTPUT_MESSAGES_TOTAL,
+        Unit::Count,
+        "Messages produced to output topics"
+    );
+    describe_counter!(
+        SINK_ROWS_TOTAL,
+        Unit::Count,
+        "Rows upserted into PostgreSQL"
+    );
+    describe_histogram!(
+        SINK_COMMIT_SECONDS,
+        Unit::Seconds,
+        "Sink transaction duration"
+    );
     describe_counter!(RETRIES_TOTAL, Unit::Count, "Retries of a failed stage");
-    describe_counter!(PARTITION_PAUSES_TOTAL, Unit::Count, "Partitions paused by backpressure");
-    describe_gauge!(ASSIGNED_PARTITIONS, Unit::Count, "Partitions assigned to this instance");
+    describe_counter!(
+        PARTITION_PAUSES_TOTAL,
+        Unit::Count,
+        "Partitions paused by backpressure"
+    );
+    describe_gauge!(
+        ASSIGNED_PARTITIONS,
+        Unit::Count,
+        "Partitions assigned to this instance"
+    );
     describe_counter!(REBALANCES_TOTAL, Unit::Count, "Rebalance callbacks served");
 }
 
@@ -58,6 +86,21 @@ pub struct PartitionStatus {
     pub events: u64,
     /// Messages sent to the dead-letter topic by this instance.
     pub dead_letters: u64,
+}
+
+/// What one durable batch of a partition contained.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BatchCounts {
+    /// The partition's next offset after the batch.
+    pub next_offset: i64,
+    /// Events processed.
+    pub events: u64,
+    /// Messages sent to the dead-letter topic.
+    pub dead_letters: u64,
+    /// Messages produced to output topics.
+    pub outputs: u64,
+    /// Rows upserted into PostgreSQL.
+    pub rows: u64,
 }
 
 /// Counters shared by the pipeline and whoever watches it (HTTP, demo, tests).
@@ -104,24 +147,16 @@ impl Progress {
     }
 
     /// A batch became durable.
-    pub fn record_batch(
-        &self,
-        topic: &str,
-        partition: i32,
-        next_offset: i64,
-        events: u64,
-        dead_letters: u64,
-        outputs: u64,
-        rows: u64,
-    ) {
-        self.events.fetch_add(events, Ordering::Relaxed);
-        self.dead_letters.fetch_add(dead_letters, Ordering::Relaxed);
-        self.outputs.fetch_add(outputs, Ordering::Relaxed);
-        self.rows.fetch_add(rows, Ordering::Relaxed);
+    pub fn record_batch(&self, topic: &str, partition: i32, batch: &BatchCounts) {
+        self.events.fetch_add(batch.events, Ordering::Relaxed);
+        self.dead_letters
+            .fetch_add(batch.dead_letters, Ordering::Relaxed);
+        self.outputs.fetch_add(batch.outputs, Ordering::Relaxed);
+        self.rows.fetch_add(batch.rows, Ordering::Relaxed);
         self.with_partition(topic, partition, |p| {
-            p.next_offset = p.next_offset.max(next_offset);
-            p.events += events;
-            p.dead_letters += dead_letters;
+            p.next_offset = p.next_offset.max(batch.next_offset);
+            p.events += batch.events;
+            p.dead_letters += batch.dead_letters;
         });
     }
 

@@ -166,7 +166,13 @@ impl Windower {
         self.close_until(i64::MAX, offset, partition, out);
     }
 
-    fn aggregate(&self, partition: i32, start: i64, key: String, agg: &Aggregate) -> WindowAggregate {
+    fn aggregate(
+        &self,
+        partition: i32,
+        start: i64,
+        key: String,
+        agg: &Aggregate,
+    ) -> WindowAggregate {
         let variance = if agg.values > 0 {
             (agg.m2 / agg.values as f64).max(0.0)
         } else {
@@ -289,7 +295,10 @@ mod tests {
     fn statistics_are_population_statistics() {
         let mut w = tumbling(100, 0);
         let mut out = Vec::new();
-        for (i, v) in [2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0].into_iter().enumerate() {
+        for (i, v) in [2.0, 4.0, 4.0, 4.0, 5.0, 5.0, 7.0, 9.0]
+            .into_iter()
+            .enumerate()
+        {
             w.apply(&ev("k", i as i64, Some(v)), i as i64, 0, &mut out);
         }
         w.apply(&ev("k", 50, None), 9, 0, &mut out);

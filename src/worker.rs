@@ -121,17 +121,22 @@ impl PartitionWorker {
         let config = &ctx.config;
         let max_bytes = config.kafka.max_event_bytes;
         let (processor, expected) = match checkpoint {
-            Some(c) => match Processor::restore(&config.processing, max_bytes, id.partition, &c.state) {
-                Ok(p) => (p, Some(c.next_offset)),
-                Err(err) => {
-                    ctx.fatal.raise(format!(
+            Some(c) => {
+                match Processor::restore(&config.processing, max_bytes, id.partition, &c.state) {
+                    Ok(p) => (p, Some(c.next_offset)),
+                    Err(err) => {
+                        ctx.fatal.raise(format!(
                         "partition {}/{}: {err}; refusing to start from scratch over a checkpoint",
                         id.topic, id.partition
                     ));
-                    return;
+                        return;
+                    }
                 }
-            },
-            None => (Processor::new(&config.processing, max_bytes, id.partition), None),
+            }
+            None => (
+                Processor::new(&config.processing, max_bytes, id.partition),
+                None,
+            ),
         };
         info!(next_offset = ?expected, "partition worker started");
         let mut worker = PartitionWorker {
@@ -182,7 +187,9 @@ impl PartitionWorker {
                     got = offset,
                     "checkpoint is behind the consumed position; seeking back to the checkpoint"
                 );
-                self.ctx.offsets.seek(&self.id.topic, self.id.partition, next);
+                self.ctx
+                    .offsets
+                    .seek(&self.id.topic, self.id.partition, next);
                 return;
             }
             Position::Next => self.expected = None,
@@ -225,7 +232,12 @@ impl PartitionWorker {
             match self
                 .ctx
                 .producer
-                .send_batch(&topic, self.id.partition, &self.pending.outputs, &self.pending.dead)
+                .send_batch(
+                    &topic,
+                    self.id.partition,
+                    &self.pending.outputs,
+                    &self.pending.dead,
+                )
                 .await
             {
                 Ok(()) => break,
@@ -269,16 +281,20 @@ impl PartitionWorker {
                 }
             }
         };
-        self.ctx.offsets.mark_durable(&topic, self.id.partition, next_offset);
+        self.ctx
+            .offsets
+            .mark_durable(&topic, self.id.partition, next_offset);
         let p = &self.pending;
         self.ctx.progress.record_batch(
             &topic,
             self.id.partition,
-            next_offset,
-            p.events,
-            p.dead.len() as u64,
-            p.outputs.len() as u64,
-            rows,
+            &tm::BatchCounts {
+                next_offset,
+                events: p.events,
+                dead_letters: p.dead.len() as u64,
+                outputs: p.outputs.len() as u64,
+                rows,
+            },
         );
         metrics::counter!(tm::EVENTS_TOTAL, "topic" => topic.clone()).increment(p.events);
         metrics::counter!(tm::OUTPUT_MESSAGES_TOTAL, "topic" => topic.clone())
@@ -307,7 +323,8 @@ async fn load_with_retry(
                 metrics::counter!(tm::RETRIES_TOTAL, "stage" => "checkpoint_load").increment(1);
             }
             Err(err) => {
-                ctx.fatal.raise(format!("partition {}/{}: {err}", id.topic, id.partition));
+                ctx.fatal
+                    .raise(format!("partition {}/{}: {err}", id.topic, id.partition));
                 return None;
             }
         }

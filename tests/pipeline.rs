@@ -62,7 +62,8 @@ fn read_topic(brokers: &str, topic: &str, n: usize) -> Vec<rdkafka::message::Own
         .create()
         .unwrap();
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning).unwrap();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
     consumer.assign(&tpl).unwrap();
     let mut out = Vec::new();
     let started = Instant::now();
@@ -87,7 +88,12 @@ async fn end_to_end(broker: Broker) {
     let mut config = config_for(&broker, 3, &url).await;
     config.kafka.max_event_bytes = 4_096;
     let messages = with_malformed((0..3).map(|p| stream(p, 400)).collect(), 4_096);
-    produce(&config.kafka.brokers, &config.kafka.input_topics[0], &messages).await;
+    produce(
+        &config.kafka.brokers,
+        &config.kafka.input_topics[0],
+        &messages,
+    )
+    .await;
 
     let (shutdown, progress, handle) = spawn_service(&config, &store);
     let ends: Vec<i64> = messages.iter().map(|m| m.len() as i64).collect();
@@ -111,7 +117,13 @@ async fn end_to_end(broker: Broker) {
     kinds.sort();
     assert_eq!(
         kinds,
-        ["dimension_mismatch", "invalid_field", "not_json", "not_json", "oversized"]
+        [
+            "dimension_mismatch",
+            "invalid_field",
+            "not_json",
+            "not_json",
+            "oversized"
+        ]
     );
     for m in &dlq {
         assert_eq!(header(m, "neurostream.source.partition"), Some("1"));
@@ -119,13 +131,20 @@ async fn end_to_end(broker: Broker) {
             header(m, "neurostream.source.topic"),
             Some(config.kafka.input_topics[0].as_str())
         );
-        let offset: usize = header(m, "neurostream.source.offset").unwrap().parse().unwrap();
+        let offset: usize = header(m, "neurostream.source.offset")
+            .unwrap()
+            .parse()
+            .unwrap();
         assert_eq!(m.payload().unwrap(), messages[1][offset].as_slice());
         assert!(!header(m, "neurostream.error").unwrap().is_empty());
     }
 
     // Window outputs reached Kafka too, each with its source offset.
-    let windows = read_topic(&config.kafka.brokers, &config.kafka.topics.windows, expected.len());
+    let windows = read_topic(
+        &config.kafka.brokers,
+        &config.kafka.topics.windows,
+        expected.len(),
+    );
     assert_eq!(windows.len(), expected.len());
     for m in &windows {
         assert!(header(m, "neurostream.source.offset").is_some());
@@ -170,7 +189,10 @@ async fn crash_and_restart(broker: Broker) {
     loop {
         let done = checkpointed(&store, &config.kafka.group_id).await;
         if done > 200 {
-            assert!(done < 6_000, "the crash must come mid-stream, got {done} of 6000 done");
+            assert!(
+                done < 6_000,
+                "the crash must come mid-stream, got {done} of 6000 done"
+            );
             break;
         }
         assert!(started.elapsed() < WAIT, "no progress before the crash");
@@ -180,9 +202,7 @@ async fn crash_and_restart(broker: Broker) {
     child.wait().unwrap();
 
     // More data arrives while the service is down.
-    let more: Vec<Vec<Vec<u8>>> = (0..2)
-        .map(|p| stream(p, 4_000).split_off(3_000))
-        .collect();
+    let more: Vec<Vec<Vec<u8>>> = (0..2).map(|p| stream(p, 4_000).split_off(3_000)).collect();
     produce(&config.kafka.brokers, &config.kafka.input_topics[0], &more).await;
     let all: Vec<Vec<Vec<u8>>> = (0..2).map(|p| stream(p, 4_000)).collect();
 
@@ -223,7 +243,10 @@ async fn rebalance(broker: Broker) {
         || assigned(&progress_b) == 0
         || assigned(&progress_a) == 0
     {
-        assert!(started.elapsed() < WAIT, "the two instances never shared the partitions");
+        assert!(
+            started.elapsed() < WAIT,
+            "the two instances never shared the partitions"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     produce(&config.kafka.brokers, &config.kafka.input_topics[0], &first).await;

@@ -74,7 +74,11 @@ async fn a_replayed_batch_changes_nothing() {
             .fetch_one(pg.pool())
             .await
             .unwrap();
-    assert_eq!(store.commit(&batch).await.unwrap(), 0, "replay touches no row");
+    assert_eq!(
+        store.commit(&batch).await.unwrap(),
+        0,
+        "replay touches no row"
+    );
     assert_eq!(dump(&pg).await, before);
     let (updated_after,): (chrono::DateTime<chrono::Utc>,) =
         sqlx::query_as("SELECT max(updated_at) FROM window_aggregates")
@@ -133,7 +137,11 @@ async fn a_final_replaces_updates_and_the_last_revision_wins_within_a_batch() {
                 .unwrap()
         }
     };
-    commit(vec![window("k", 0, 1, false, 0), window("k", 0, 2, false, 1)], 2).await;
+    commit(
+        vec![window("k", 0, 1, false, 0), window("k", 0, 2, false, 1)],
+        2,
+    )
+    .await;
     assert_eq!(dump(&pg).await, vec![("k".into(), 2, false, 1)]);
     commit(vec![window("k", 0, 3, true, 1)], 3).await;
     assert_eq!(dump(&pg).await, vec![("k".into(), 3, true, 1)]);
@@ -144,7 +152,8 @@ async fn a_final_replaces_updates_and_the_last_revision_wins_within_a_batch() {
 
 #[tokio::test]
 async fn retryable_errors_are_classified() {
-    let store = neurostream::store::PgStore::connect_lazy("postgres://nobody@127.0.0.1:1/none", 1).unwrap();
+    let store =
+        neurostream::store::PgStore::connect_lazy("postgres://nobody@127.0.0.1:1/none", 1).unwrap();
     let err = Store::Postgres(store).load(&id()).await.unwrap_err();
     assert!(err.is_retryable(), "{err}");
 }

@@ -107,7 +107,9 @@ impl IntakeContext {
             .expect("worker map lock is never poisoned: no code panics while holding it")
     }
 
-    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<TopicPartition, VecDeque<OwnedMessage>>> {
+    fn lock_held(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<TopicPartition, VecDeque<OwnedMessage>>> {
         self.held
             .lock()
             .expect("held-message lock is never poisoned: no code panics while holding it")
@@ -323,7 +325,12 @@ impl Intake {
             .create_with_context(context)?;
         let consumer = Arc::new(consumer);
         let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
-        let topics: Vec<&str> = config.kafka.input_topics.iter().map(String::as_str).collect();
+        let topics: Vec<&str> = config
+            .kafka
+            .input_topics
+            .iter()
+            .map(String::as_str)
+            .collect();
         consumer.subscribe(&topics)?;
         let thread = std::thread::Builder::new()
             .name("neurostream-intake".into())

@@ -16,7 +16,11 @@ use rdkafka::ClientConfig;
 ///
 /// # Errors
 /// [`KafkaError`] when the broker refuses for another reason than "already exists".
-pub async fn ensure_topics(brokers: &str, topics: &[&str], partitions: i32) -> Result<(), KafkaError> {
+pub async fn ensure_topics(
+    brokers: &str,
+    topics: &[&str],
+    partitions: i32,
+) -> Result<(), KafkaError> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()?;
@@ -29,9 +33,9 @@ pub async fn ensure_topics(brokers: &str, topics: &[&str], partitions: i32) -> R
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
-                return Err(KafkaError::AdminOp(code)).inspect_err(|_| {
-                    tracing::error!(topic, error = %code, "topic creation failed")
-                })
+                return Err(KafkaError::AdminOp(code)).inspect_err(
+                    |_| tracing::error!(topic, error = %code, "topic creation failed"),
+                )
             }
         }
     }

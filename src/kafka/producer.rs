@@ -58,7 +58,9 @@ pub struct OutputProducer {
 
 impl std::fmt::Debug for OutputProducer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OutputProducer").field("topics", &self.topics).finish()
+        f.debug_struct("OutputProducer")
+            .field("topics", &self.topics)
+            .finish()
     }
 }
 

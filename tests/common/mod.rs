@@ -46,7 +46,12 @@ pub fn unique() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos();
-    format!("{}_{}_{}", std::process::id(), nanos, N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}_{}_{}",
+        std::process::id(),
+        nanos,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A Kafka-protocol broker for one test.
@@ -92,10 +97,20 @@ impl Broker {
             eprintln!("SKIPPED: tansu not installed (see .ci/run); set NEUROSTREAM_TANSU_BIN");
             return None;
         };
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(bin)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", "memory://tansu/", "--silent"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -103,7 +118,10 @@ impl Broker {
             .expect("tansu starts");
         let started = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(20), "tansu did not listen");
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "tansu did not listen"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Some(Broker::Tansu {
@@ -173,7 +191,9 @@ pub async fn config_for(broker: &Broker, partitions: i32, db_url: &str) -> Confi
             ..WindowConfig::default()
         },
     ];
-    broker.create_topic(&c.kafka.input_topics[0], partitions).await;
+    broker
+        .create_topic(&c.kafka.input_topics[0], partitions)
+        .await;
     for topic in c.kafka.topics.all() {
         broker.create_topic(topic, 1).await;
     }
@@ -231,7 +251,8 @@ pub fn expected_rows(config: &Config, messages: &[Vec<Vec<u8>>]) -> Vec<WindowRo
     let topic = &config.kafka.input_topics[0];
     let mut rows = Vec::new();
     for (p, msgs) in messages.iter().enumerate() {
-        let mut processor = Processor::new(&config.processing, config.kafka.max_event_bytes, p as i32);
+        let mut processor =
+            Processor::new(&config.processing, config.kafka.max_event_bytes, p as i32);
         let mut out: Vec<Emitted> = Vec::new();
         for (offset, m) in msgs.iter().enumerate() {
             let record = Record {
@@ -283,13 +304,20 @@ pub struct WindowRow {
 
 impl WindowRow {
     fn order(a: &WindowRow, b: &WindowRow) -> std::cmp::Ordering {
-        (a.partition, &a.window_kind, a.size_ms, a.window_start_ms, &a.key).cmp(&(
-            b.partition,
-            &b.window_kind,
-            b.size_ms,
-            b.window_start_ms,
-            &b.key,
-        ))
+        (
+            a.partition,
+            &a.window_kind,
+            a.size_ms,
+            a.window_start_ms,
+            &a.key,
+        )
+            .cmp(&(
+                b.partition,
+                &b.window_kind,
+                b.size_ms,
+                b.window_start_ms,
+                &b.key,
+            ))
     }
 }
 
@@ -319,9 +347,10 @@ pub async fn wait_for_checkpoints(store: &PgStore, group: &str, ends: &[i64], ti
         .fetch_all(store.pool())
         .await
         .unwrap();
-        let done = ends.iter().enumerate().all(|(p, end)| {
-            rows.iter().any(|(rp, off)| *rp == p as i32 && off >= end)
-        });
+        let done = ends
+            .iter()
+            .enumerate()
+            .all(|(p, end)| rows.iter().any(|(rp, off)| *rp == p as i32 && off >= end));
         if done {
             return;
         }
