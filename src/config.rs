@@ -654,20 +654,18 @@ impl Config {
                 }
                 _ => {}
             }
-            if w.kind != WindowKind::Tumbling {
+            if w.kind == WindowKind::Sliding {
                 p.push(format!(
-                    "{at}: `{}` windows are not available yet (only `tumbling`)",
-                    w.kind.as_str()
+                    "{at}: `sliding` windows are not available yet (tumbling and hopping are)"
                 ));
             }
-            if w.emit != EmitMode::Final {
-                p.push(format!("{at}.emit: only `final` is available yet"));
+            if w.allowed_lateness_ms > 0 && w.late != LatePolicy::Update {
+                p.push(format!(
+                    "{at}.allowed_lateness_ms only applies with late = \"update\""
+                ));
             }
-            if w.late != LatePolicy::Drop {
-                p.push(format!("{at}.late: only `drop` is available yet"));
-            }
-            if w.idle_close_ms.is_some() {
-                p.push(format!("{at}.idle_close_ms is not available yet"));
+            if w.idle_close_ms == Some(0) {
+                p.push(format!("{at}.idle_close_ms must be positive when set"));
             }
         }
         let mut seen = std::collections::HashSet::new();

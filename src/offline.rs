@@ -9,6 +9,10 @@ use std::io::{BufRead, Write};
 use crate::config::Config;
 use crate::processor::{Processor, Record};
 
+/// Window updates (`emit = update|both`) are coalesced over this many lines, the offline
+/// counterpart of the service's processing batch.
+pub const UPDATE_BATCH_LINES: u64 = 1_000;
+
 /// Counts of an offline run.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OfflineStats {
@@ -48,13 +52,25 @@ pub fn process_lines(
             timestamp_ms: None,
             offset: n as i64,
         };
-        if let Err(err) = processor.process(record, &mut out) {
-            stats.rejected += 1;
-            writeln!(errors, "line {}: {}: {err}", n + 1, err.kind())?;
+        match processor.process(record, &mut out) {
+            Ok(Some(late)) => writeln!(
+                errors,
+                "line {}: late: {} ms behind stream time",
+                n + 1,
+                late.behind_ms
+            )?,
+            Ok(None) => {}
+            Err(err) => {
+                stats.rejected += 1;
+                writeln!(errors, "line {}: {}: {err}", n + 1, err.kind())?;
+            }
+        }
+        if stats.lines % UPDATE_BATCH_LINES == 0 {
+            processor.end_batch(&mut out);
         }
         stats.outputs += write_outputs(&mut output, &mut out)?;
     }
-    processor.close_all(stats.lines as i64 - 1, &mut out);
+    processor.close_all(&mut out);
     stats.outputs += write_outputs(&mut output, &mut out)?;
     output.flush()?;
     Ok(stats)

@@ -7,10 +7,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ProcessingConfig;
+use crate::config::{LatePolicy, ProcessingConfig};
 use crate::event::{self, DecodeError, Event};
 use crate::output::Emitted;
-use crate::windows::{Windower, WindowerState};
+use crate::windows::{Late, Windower, WindowerState};
 
 /// One input message as the processor sees it.
 #[derive(Debug, Clone, Copy)]
@@ -40,6 +40,8 @@ struct Snapshot {
     version: u32,
     dimension: Option<usize>,
     counters: ProcessorCounters,
+    #[serde(default)]
+    last_offset: i64,
     windows: Vec<WindowerState>,
 }
 
@@ -59,6 +61,10 @@ pub struct Processor {
     dimension: Option<usize>,
     windows: Vec<Windower>,
     counters: ProcessorCounters,
+    /// Wall clock of the current batch (idle close); `None` offline.
+    wall_ms: Option<i64>,
+    /// Offset of the last record processed (the source offset of tick and batch-end outputs).
+    last_offset: i64,
 }
 
 impl Processor {
@@ -70,6 +76,8 @@ impl Processor {
             dimension: config.dimension,
             windows: config.windows.iter().cloned().map(Windower::new).collect(),
             counters: ProcessorCounters::default(),
+            wall_ms: None,
+            last_offset: -1,
         }
     }
 
@@ -95,6 +103,7 @@ impl Processor {
         let mut p = Self::new(config, max_event_bytes, partition);
         p.dimension = config.dimension.or(snap.dimension);
         p.counters = snap.counters;
+        p.last_offset = snap.last_offset;
         for state in snap.windows {
             if let Some(w) = p.windows.iter_mut().find(|w| w.matches(&state)) {
                 w.restore(state);
@@ -109,12 +118,15 @@ impl Processor {
             version: SNAPSHOT_VERSION,
             dimension: self.dimension,
             counters: self.counters.clone(),
+            last_offset: self.last_offset,
             windows: self.windows.iter().map(Windower::snapshot).collect(),
         })
         .expect("processor state holds only finite numbers and strings")
     }
 
-    /// Decodes and processes one message; its outputs are appended to `out`.
+    /// Decodes and processes one message; its outputs are appended to `out`. Returns how the
+    /// event was late, when it was late for a window whose policy is `dlq` (the caller sends it to
+    /// the dead-letter topic with reason `late`).
     ///
     /// # Errors
     /// A [`DecodeError`] when the message is bad input; state is unchanged and the caller sends
@@ -123,7 +135,8 @@ impl Processor {
         &mut self,
         record: Record<'_>,
         out: &mut Vec<Emitted>,
-    ) -> Result<(), DecodeError> {
+    ) -> Result<Option<Late>, DecodeError> {
+        self.last_offset = record.offset;
         let decoded = event::decode(
             record.payload,
             record.key,
@@ -139,7 +152,7 @@ impl Processor {
         }
     }
 
-    /// Processes one decoded event.
+    /// Processes one decoded event; see [`Processor::process`].
     ///
     /// # Errors
     /// [`DecodeError::DimensionMismatch`] when its features do not match the partition's dimension.
@@ -148,7 +161,7 @@ impl Processor {
         event: &Event,
         offset: i64,
         out: &mut Vec<Emitted>,
-    ) -> Result<(), DecodeError> {
+    ) -> Result<Option<Late>, DecodeError> {
         if !event.features.is_empty() {
             match self.dimension {
                 Some(d) if d != event.features.len() => {
@@ -163,17 +176,51 @@ impl Processor {
             }
         }
         self.counters.events += 1;
+        let mut to_dlq = None;
         for w in &mut self.windows {
-            w.apply(event, offset, self.partition, out);
+            if let Some(late) = w.apply(event, offset, self.partition, self.wall_ms, out) {
+                if late.policy == LatePolicy::Dlq {
+                    to_dlq = Some(late);
+                }
+            }
         }
-        Ok(())
+        Ok(to_dlq)
     }
 
-    /// End of input: closes every open window and emits its final.
-    pub fn close_all(&mut self, last_offset: i64, out: &mut Vec<Emitted>) {
+    /// Sets the wall clock for the records that follow (the service does; offline does not).
+    pub fn set_wall_clock(&mut self, wall_ms: i64) {
+        self.wall_ms = Some(wall_ms);
+    }
+
+    /// Idle close: lets windows whose partition was quiet for their `idle_close_ms` advance
+    /// stream time with the wall clock.
+    pub fn tick(&mut self, wall_ms: i64, out: &mut Vec<Emitted>) {
         for w in &mut self.windows {
-            w.close_all(last_offset, self.partition, out);
+            w.tick(wall_ms, self.last_offset, self.partition, out);
         }
+    }
+
+    /// End of a processing batch: emits coalesced window updates.
+    pub fn end_batch(&mut self, out: &mut Vec<Emitted>) {
+        for w in &mut self.windows {
+            w.end_batch(self.last_offset, self.partition, out);
+        }
+    }
+
+    /// End of input: emits pending updates, then closes every open window with its final.
+    pub fn close_all(&mut self, out: &mut Vec<Emitted>) {
+        self.end_batch(out);
+        for w in &mut self.windows {
+            w.close_all(self.last_offset, self.partition, out);
+        }
+    }
+
+    /// Whether any window wants wall-clock ticks (idle close).
+    pub fn wants_ticks(&self) -> Option<u64> {
+        self.windows
+            .iter()
+            .filter_map(Windower::idle_close_ms)
+            .min()
     }
 
     /// Counters so far.
@@ -206,8 +253,13 @@ mod tests {
                     ..WindowConfig::default()
                 },
                 WindowConfig {
+                    kind: crate::config::WindowKind::Hopping,
                     size_ms: 25,
+                    slide_ms: Some(5),
                     grace_ms: 5,
+                    emit: crate::config::EmitMode::Both,
+                    late: LatePolicy::Update,
+                    allowed_lateness_ms: 30,
                     ..WindowConfig::default()
                 },
             ],
@@ -237,6 +289,9 @@ mod tests {
                 offset: i as i64,
             };
             p.process(rec, &mut out).unwrap();
+            if i % 50 == 49 {
+                p.end_batch(&mut out);
+            }
         }
         out
     }

@@ -1,17 +1,27 @@
 //! Event-time windows: pure, deterministic, checkpointable.
 //!
-//! Per partition, stream time is the largest event time seen and never goes backwards. A window
-//! `[start, end)` closes when stream time >= end + grace; its final aggregate is emitted then.
-//! An event for a window that already closed is late and dropped (counted).
+//! Semantics follow Kafka Streams where the configuration is silent:
+//! - Per partition, stream time is the largest event time seen; it never goes backwards.
+//! - Tumbling windows are `[start, start + size)` aligned to the epoch; hopping windows are
+//!   `[n·slide, n·slide + size)` for every `n` whose window contains the event.
+//! - A window closes when stream time >= window end + `grace_ms`; an event for a closed window
+//!   is late and handled by the window's `late` policy (`drop`, `dlq`, or `update`, which keeps
+//!   closed windows for `allowed_lateness_ms` and re-emits a corrected final with a higher
+//!   revision).
+//! - Emission (`emit`): `final` emits once at close; `update` emits an update (`final: false`)
+//!   per processing batch in which the window changed and then the final, skipping an update that
+//!   the final of the same batch would immediately supersede; `both` emits every batch's update
+//!   and the final. Every emission of a window carries the next `revision` (0, 1, 2, …).
+//! - Idle close (`idle_close_ms`): when no event arrived for that long on the (injected) wall
+//!   clock, stream time advances with the wall clock from the last event, so windows still close.
 //!
-//! Today: tumbling windows, `emit = final`, `late = drop`. Hopping and sliding windows, update
-//! emission, the other late-event policies and idle close are tracked in issue 4.
+//! Sliding windows are not implemented yet (issue 4); validation rejects them.
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{WindowConfig, WindowKind};
+use crate::config::{EmitMode, LatePolicy, WindowConfig, WindowKind};
 use crate::event::Event;
 use crate::output::{Emitted, Output, WindowAggregate};
 
@@ -57,18 +67,53 @@ impl Aggregate {
     fn present(&self, x: f64) -> Option<f64> {
         (self.values > 0).then_some(x)
     }
+
+    /// Population standard deviation of the values, if any.
+    pub fn std(&self) -> Option<f64> {
+        self.present((self.m2 / self.values.max(1) as f64).max(0.0).sqrt())
+    }
 }
 
-/// One configured window and its open state.
+/// One (window, key)'s state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Slot {
+    /// The aggregate so far.
+    pub agg: Aggregate,
+    /// Emissions so far (the next emission's revision).
+    pub emitted: u32,
+    /// Changed since its last emission.
+    pub changed: bool,
+}
+
+/// Why an event was late for at least one window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Late {
+    /// How far the event's time is behind stream time, in ms.
+    pub behind_ms: i64,
+    /// The strictest policy among the windows it was late for.
+    pub policy: LatePolicy,
+}
+
+/// One configured window and its state.
 #[derive(Debug, Clone)]
 pub struct Windower {
     spec: WindowConfig,
-    /// Largest event time seen; `i64::MIN` before the first event.
+    size: i64,
+    slide: i64,
+    /// Largest event time seen (or idle-advanced); `i64::MIN` before the first event.
     stream_time: i64,
     /// Open windows by start, then key.
-    open: BTreeMap<i64, HashMap<String, Aggregate>>,
-    /// Events dropped because their window had closed.
+    open: BTreeMap<i64, HashMap<String, Slot>>,
+    /// Closed windows kept for late updates (`late = "update"`), by start, then key.
+    closed: BTreeMap<i64, HashMap<String, Slot>>,
+    /// Open windows changed in the current batch (may hold stale entries).
+    dirty: Vec<(i64, String)>,
+    /// Events that were late for this window and not admitted.
     late_dropped: u64,
+    /// Wall clock of the last event, for idle close.
+    last_event_wall_ms: Option<i64>,
+    /// Stream time when the last event arrived.
+    stream_time_at_last_event: i64,
 }
 
 /// Serialisable state of a [`Windower`], sorted so that equal states serialise equally.
@@ -78,86 +123,279 @@ pub struct WindowerState {
     pub kind: WindowKind,
     /// Window length, likewise.
     pub size_ms: u64,
+    /// Hop (tumbling: size), likewise.
+    #[serde(default)]
+    pub slide_ms: u64,
     /// Stream time.
     pub stream_time: i64,
     /// Late events dropped so far.
     pub late_dropped: u64,
-    /// Open windows: (start, key, aggregate).
-    pub open: Vec<(i64, String, Aggregate)>,
+    /// Open windows: (start, key, slot).
+    pub open: Vec<(i64, String, Slot)>,
+    /// Closed windows kept for late updates.
+    #[serde(default)]
+    pub closed: Vec<(i64, String, Slot)>,
+    /// Wall clock of the last event.
+    #[serde(default)]
+    pub last_event_wall_ms: Option<i64>,
+    /// Stream time at the last event.
+    #[serde(default)]
+    pub stream_time_at_last_event: i64,
+}
+
+fn flatten_slots(map: &BTreeMap<i64, HashMap<String, Slot>>) -> Vec<(i64, String, Slot)> {
+    let mut out: Vec<_> = map
+        .iter()
+        .flat_map(|(s, keys)| keys.iter().map(|(k, v)| (*s, k.clone(), v.clone())))
+        .collect();
+    out.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    out
+}
+
+fn sorted(keys: HashMap<String, Slot>) -> Vec<(String, Slot)> {
+    let mut keys: Vec<_> = keys.into_iter().collect();
+    keys.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    keys
 }
 
 impl Windower {
-    /// An empty windower for `spec`.
+    /// An empty windower for `spec` (tumbling or hopping).
     pub fn new(spec: WindowConfig) -> Self {
+        let size = spec.size_ms.max(1) as i64;
+        let slide = match spec.kind {
+            WindowKind::Hopping => spec
+                .slide_ms
+                .unwrap_or(spec.size_ms)
+                .clamp(1, spec.size_ms.max(1)) as i64,
+            _ => size,
+        };
         Self {
             spec,
+            size,
+            slide,
             stream_time: i64::MIN,
             open: BTreeMap::new(),
+            closed: BTreeMap::new(),
+            dirty: Vec::new(),
             late_dropped: 0,
+            last_event_wall_ms: None,
+            stream_time_at_last_event: i64::MIN,
         }
     }
 
     /// Whether `state` belongs to this window definition.
     pub fn matches(&self, state: &WindowerState) -> bool {
-        state.kind == self.spec.kind && state.size_ms == self.spec.size_ms
+        state.kind == self.spec.kind
+            && state.size_ms == self.spec.size_ms
+            && (state.slide_ms == 0 || state.slide_ms as i64 == self.slide)
     }
 
-    /// Late events dropped so far.
+    /// Events late for this window and not admitted, so far.
     pub fn late_dropped(&self) -> u64 {
         self.late_dropped
     }
 
-    fn size(&self) -> i64 {
-        self.spec.size_ms as i64
+    /// The idle-close interval, when configured.
+    pub fn idle_close_ms(&self) -> Option<u64> {
+        self.spec.idle_close_ms
     }
 
-    fn start_of(&self, ts: i64) -> i64 {
-        ts.div_euclid(self.size()) * self.size()
+    /// Stream time.
+    pub fn stream_time(&self) -> i64 {
+        self.stream_time
     }
 
     fn closes_at(&self, start: i64) -> i64 {
         start
-            .saturating_add(self.size())
+            .saturating_add(self.size)
             .saturating_add(self.spec.grace_ms as i64)
     }
 
-    /// Adds `event` and emits the finals of every window its time closes.
-    pub fn apply(&mut self, event: &Event, offset: i64, partition: i32, out: &mut Vec<Emitted>) {
-        let start = self.start_of(event.ts_ms);
-        if self.closes_at(start) <= self.stream_time {
-            self.late_dropped += 1;
-            return;
-        }
-        let keys = self.open.entry(start).or_default();
-        match keys.get_mut(event.key.as_str()) {
-            Some(agg) => agg.add(event.value),
-            None => {
-                let mut agg = Aggregate::default();
-                agg.add(event.value);
-                keys.insert(event.key.clone(), agg);
+    fn purges_at(&self, start: i64) -> i64 {
+        self.closes_at(start)
+            .saturating_add(self.spec.allowed_lateness_ms as i64)
+    }
+
+    /// Starts of the windows containing `ts`, ascending.
+    fn starts_of(&self, ts: i64) -> impl Iterator<Item = i64> {
+        let slide = self.slide;
+        let first = (ts - self.size).div_euclid(slide) + 1;
+        let last = ts.div_euclid(slide);
+        (first..=last).map(move |n| n * slide)
+    }
+
+    /// Adds `event` (processed at wall clock `wall_ms`, if known) and emits what closes.
+    /// Returns how the event was late, if it was late for this window.
+    pub fn apply(
+        &mut self,
+        event: &Event,
+        offset: i64,
+        partition: i32,
+        wall_ms: Option<i64>,
+        out: &mut Vec<Emitted>,
+    ) -> Option<Late> {
+        let mut late = None;
+        let ts = event.ts_ms;
+        for start in self.starts_of(ts) {
+            if self.closes_at(start) > self.stream_time {
+                let slot = self
+                    .open
+                    .entry(start)
+                    .or_default()
+                    .entry(event.key.clone())
+                    .or_default();
+                slot.agg.add(event.value);
+                if !slot.changed {
+                    slot.changed = true;
+                    if self.spec.emit != EmitMode::Final {
+                        self.dirty.push((start, event.key.clone()));
+                    }
+                }
+                continue;
+            }
+            late = Some(Late {
+                behind_ms: self.stream_time - ts,
+                policy: self.spec.late,
+            });
+            let retained = self
+                .closed
+                .get_mut(&start)
+                .and_then(|keys| keys.get_mut(event.key.as_str()))
+                .map(|slot| {
+                    slot.agg.add(event.value);
+                    slot.emitted += 1;
+                    (slot.agg.clone(), slot.emitted - 1)
+                });
+            match (self.spec.late, retained) {
+                (LatePolicy::Update, Some((agg, revision))) => {
+                    let agg =
+                        self.aggregate(partition, start, event.key.clone(), &agg, true, revision);
+                    out.push(Emitted {
+                        source_offset: offset,
+                        output: Output::WindowAggregate(agg),
+                    });
+                }
+                (LatePolicy::Update, None) if self.purges_at(start) > self.stream_time => {
+                    // Closed without this key: a late first event still corrects the result.
+                    let mut slot = Slot::default();
+                    slot.agg.add(event.value);
+                    slot.emitted = 1;
+                    let agg =
+                        self.aggregate(partition, start, event.key.clone(), &slot.agg, true, 0);
+                    out.push(Emitted {
+                        source_offset: offset,
+                        output: Output::WindowAggregate(agg),
+                    });
+                    self.closed
+                        .entry(start)
+                        .or_default()
+                        .insert(event.key.clone(), slot);
+                }
+                _ => self.late_dropped += 1,
             }
         }
-        if event.ts_ms > self.stream_time {
-            self.stream_time = event.ts_ms;
+        if ts > self.stream_time {
+            self.stream_time = ts;
             self.close_until(self.stream_time, offset, partition, out);
+        }
+        if let Some(wall) = wall_ms {
+            self.last_event_wall_ms = Some(wall);
+            self.stream_time_at_last_event = self.stream_time;
+        }
+        late
+    }
+
+    /// Idle close: advances stream time with the wall clock when no event arrived for
+    /// `idle_close_ms`, and emits what closes.
+    pub fn tick(&mut self, wall_ms: i64, offset: i64, partition: i32, out: &mut Vec<Emitted>) {
+        let (Some(idle), Some(last)) = (self.spec.idle_close_ms, self.last_event_wall_ms) else {
+            return;
+        };
+        let quiet = wall_ms - last;
+        if quiet < idle as i64 {
+            return;
+        }
+        let advanced = self.stream_time_at_last_event.saturating_add(quiet);
+        if advanced > self.stream_time {
+            self.stream_time = advanced;
+            self.close_until(advanced, offset, partition, out);
         }
     }
 
-    /// Emits and forgets every window that closes at or before `time`.
+    /// End of a processing batch: emits the coalesced updates (`emit = update|both`).
+    pub fn end_batch(&mut self, offset: i64, partition: i32, out: &mut Vec<Emitted>) {
+        if self.dirty.is_empty() {
+            return;
+        }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        for (start, key) in dirty {
+            let Some(slot) = self.open.get_mut(&start).and_then(|k| k.get_mut(&key)) else {
+                continue;
+            };
+            if !slot.changed {
+                continue;
+            }
+            slot.changed = false;
+            let revision = slot.emitted;
+            slot.emitted += 1;
+            let agg = slot.agg.clone();
+            let output = self.aggregate(partition, start, key, &agg, false, revision);
+            out.push(Emitted {
+                source_offset: offset,
+                output: Output::WindowAggregate(output),
+            });
+        }
+    }
+
+    /// Emits the finals of every window that closes at or before `time`; forgets retained
+    /// closed windows whose allowed lateness has passed.
     pub fn close_until(&mut self, time: i64, offset: i64, partition: i32, out: &mut Vec<Emitted>) {
         while let Some((&start, _)) = self.open.first_key_value() {
             if self.closes_at(start) > time {
                 break;
             }
             let keys = self.open.remove(&start).unwrap_or_default();
-            let mut keys: Vec<_> = keys.into_iter().collect();
-            keys.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            for (key, agg) in keys {
+            let keep = self.spec.late == LatePolicy::Update && self.purges_at(start) > time;
+            let mut kept = HashMap::new();
+            for (key, mut slot) in sorted(keys) {
+                if self.spec.emit == EmitMode::Both && slot.changed {
+                    let output = self.aggregate(
+                        partition,
+                        start,
+                        key.clone(),
+                        &slot.agg,
+                        false,
+                        slot.emitted,
+                    );
+                    slot.emitted += 1;
+                    out.push(Emitted {
+                        source_offset: offset,
+                        output: Output::WindowAggregate(output),
+                    });
+                }
+                let output =
+                    self.aggregate(partition, start, key.clone(), &slot.agg, true, slot.emitted);
+                slot.emitted += 1;
+                slot.changed = false;
                 out.push(Emitted {
                     source_offset: offset,
-                    output: Output::WindowAggregate(self.aggregate(partition, start, key, &agg)),
+                    output: Output::WindowAggregate(output),
                 });
+                if keep {
+                    kept.insert(key, slot);
+                }
             }
+            if keep {
+                self.closed.insert(start, kept);
+            }
+        }
+        while let Some((&start, _)) = self.closed.first_key_value() {
+            if self.purges_at(start) > time {
+                break;
+            }
+            self.closed.remove(&start);
         }
     }
 
@@ -172,45 +410,40 @@ impl Windower {
         start: i64,
         key: String,
         agg: &Aggregate,
+        is_final: bool,
+        revision: u32,
     ) -> WindowAggregate {
-        let variance = if agg.values > 0 {
-            (agg.m2 / agg.values as f64).max(0.0)
-        } else {
-            0.0
-        };
         WindowAggregate {
             partition,
             window: self.spec.kind,
             size_ms: self.spec.size_ms,
-            slide_ms: self.spec.slide_ms.unwrap_or(self.spec.size_ms),
+            slide_ms: self.slide as u64,
             window_start: start,
-            window_end: start.saturating_add(self.size()),
+            window_end: start.saturating_add(self.size),
             key,
             count: agg.count,
             sum: agg.sum,
             mean: agg.present(agg.mean),
-            std: agg.present(variance.sqrt()),
+            std: agg.std(),
             min: agg.present(agg.min),
             max: agg.present(agg.max),
-            is_final: true,
-            revision: 0,
+            is_final,
+            revision,
         }
     }
 
     /// The state to checkpoint.
     pub fn snapshot(&self) -> WindowerState {
-        let mut open: Vec<_> = self
-            .open
-            .iter()
-            .flat_map(|(start, keys)| keys.iter().map(|(k, a)| (*start, k.clone(), a.clone())))
-            .collect();
-        open.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         WindowerState {
             kind: self.spec.kind,
             size_ms: self.spec.size_ms,
+            slide_ms: self.slide as u64,
             stream_time: self.stream_time,
             late_dropped: self.late_dropped,
-            open,
+            open: flatten_slots(&self.open),
+            closed: flatten_slots(&self.closed),
+            last_event_wall_ms: self.last_event_wall_ms,
+            stream_time_at_last_event: self.stream_time_at_last_event,
         }
     }
 
@@ -218,9 +451,19 @@ impl Windower {
     pub fn restore(&mut self, state: WindowerState) {
         self.stream_time = state.stream_time;
         self.late_dropped = state.late_dropped;
+        self.last_event_wall_ms = state.last_event_wall_ms;
+        self.stream_time_at_last_event = state.stream_time_at_last_event;
         self.open.clear();
-        for (start, key, agg) in state.open {
-            self.open.entry(start).or_default().insert(key, agg);
+        self.closed.clear();
+        self.dirty.clear();
+        for (start, key, slot) in state.open {
+            if slot.changed && self.spec.emit != EmitMode::Final {
+                self.dirty.push((start, key.clone()));
+            }
+            self.open.entry(start).or_default().insert(key, slot);
+        }
+        for (start, key, slot) in state.closed {
+            self.closed.entry(start).or_default().insert(key, slot);
         }
     }
 }
@@ -248,10 +491,17 @@ mod tests {
         })
     }
 
-    fn finals(out: &[Emitted]) -> Vec<(i64, String, u64, f64)> {
+    fn rows(out: &[Emitted]) -> Vec<(i64, String, u64, f64, bool, u32)> {
         out.iter()
             .map(|e| match &e.output {
-                Output::WindowAggregate(w) => (w.window_start, w.key.clone(), w.count, w.sum),
+                Output::WindowAggregate(w) => (
+                    w.window_start,
+                    w.key.clone(),
+                    w.count,
+                    w.sum,
+                    w.is_final,
+                    w.revision,
+                ),
             })
             .collect()
     }
@@ -264,14 +514,39 @@ mod tests {
             .into_iter()
             .enumerate()
         {
-            w.apply(&ev(k, ts, Some(1.0)), i as i64, 0, &mut out);
+            w.apply(&ev(k, ts, Some(1.0)), i as i64, 0, None, &mut out);
         }
         assert_eq!(
-            finals(&out),
+            rows(&out),
             vec![
-                (0, "a".into(), 2, 2.0),
-                (0, "b".into(), 1, 1.0),
-                (10, "a".into(), 1, 1.0)
+                (0, "a".into(), 2, 2.0, true, 0),
+                (0, "b".into(), 1, 1.0, true, 0),
+                (10, "a".into(), 1, 1.0, true, 0)
+            ]
+        );
+    }
+
+    #[test]
+    fn hopping_windows_contain_each_event_size_over_slide_times() {
+        let mut w = Windower::new(WindowConfig {
+            kind: WindowKind::Hopping,
+            size_ms: 10,
+            slide_ms: Some(5),
+            ..WindowConfig::default()
+        });
+        assert_eq!(w.starts_of(7).collect::<Vec<_>>(), vec![0, 5]);
+        assert_eq!(w.starts_of(10).collect::<Vec<_>>(), vec![5, 10]);
+        assert_eq!(w.starts_of(-1).collect::<Vec<_>>(), vec![-10, -5]);
+        let mut out = Vec::new();
+        w.apply(&ev("a", 7, Some(2.0)), 0, 0, None, &mut out);
+        w.apply(&ev("a", 12, Some(3.0)), 1, 0, None, &mut out);
+        w.apply(&ev("a", 30, None), 2, 0, None, &mut out);
+        assert_eq!(
+            rows(&out),
+            vec![
+                (0, "a".into(), 1, 2.0, true, 0),
+                (5, "a".into(), 2, 5.0, true, 0),
+                (10, "a".into(), 1, 3.0, true, 0),
             ]
         );
     }
@@ -280,15 +555,111 @@ mod tests {
     fn grace_admits_out_of_order_then_late_events_drop() {
         let mut w = tumbling(10, 5);
         let mut out = Vec::new();
-        w.apply(&ev("a", 2, None), 0, 0, &mut out);
-        w.apply(&ev("a", 12, None), 1, 0, &mut out);
-        w.apply(&ev("a", 8, None), 2, 0, &mut out); // within grace
+        w.apply(&ev("a", 2, None), 0, 0, None, &mut out);
+        w.apply(&ev("a", 12, None), 1, 0, None, &mut out);
+        w.apply(&ev("a", 8, None), 2, 0, None, &mut out); // within grace
         assert!(out.is_empty());
-        w.apply(&ev("a", 15, None), 3, 0, &mut out); // closes [0,10)
-        assert_eq!(finals(&out), vec![(0, "a".into(), 2, 0.0)]);
-        w.apply(&ev("a", 1, None), 4, 0, &mut out); // late
+        w.apply(&ev("a", 15, None), 3, 0, None, &mut out); // closes [0,10)
+        assert_eq!(rows(&out), vec![(0, "a".into(), 2, 0.0, true, 0)]);
+        let late = w.apply(&ev("a", 1, None), 4, 0, None, &mut out);
+        assert_eq!(
+            late,
+            Some(Late {
+                behind_ms: 14,
+                policy: LatePolicy::Drop
+            })
+        );
         assert_eq!(w.late_dropped(), 1);
         assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn late_update_policy_re_emits_corrected_finals_within_allowed_lateness() {
+        let mut w = Windower::new(WindowConfig {
+            size_ms: 10,
+            late: LatePolicy::Update,
+            allowed_lateness_ms: 20,
+            ..WindowConfig::default()
+        });
+        let mut out = Vec::new();
+        w.apply(&ev("a", 1, Some(1.0)), 0, 0, None, &mut out);
+        w.apply(&ev("a", 15, Some(1.0)), 1, 0, None, &mut out); // closes [0,10)
+        w.apply(&ev("a", 2, Some(5.0)), 2, 0, None, &mut out); // late, corrected
+        w.apply(&ev("b", 3, Some(7.0)), 3, 0, None, &mut out); // late, new key
+        w.apply(&ev("a", 31, None), 4, 0, None, &mut out); // purges [0,10) (10 + 20 <= 31)
+        w.apply(&ev("a", 4, Some(9.0)), 5, 0, None, &mut out); // too late: dropped
+        assert_eq!(
+            rows(&out)[..4],
+            [
+                (0, "a".into(), 1, 1.0, true, 0),
+                (0, "a".into(), 2, 6.0, true, 1),
+                (0, "b".into(), 1, 7.0, true, 0),
+                (10, "a".into(), 1, 1.0, true, 0),
+            ]
+        );
+        assert_eq!(w.late_dropped(), 1);
+    }
+
+    #[test]
+    fn update_mode_coalesces_per_batch_and_ends_with_the_final() {
+        let mut w = Windower::new(WindowConfig {
+            size_ms: 10,
+            emit: EmitMode::Update,
+            ..WindowConfig::default()
+        });
+        let mut out = Vec::new();
+        w.apply(&ev("a", 1, Some(1.0)), 0, 0, None, &mut out);
+        w.apply(&ev("a", 2, Some(1.0)), 1, 0, None, &mut out);
+        w.end_batch(1, 0, &mut out);
+        w.end_batch(1, 0, &mut out); // nothing changed
+        w.apply(&ev("a", 3, Some(1.0)), 2, 0, None, &mut out);
+        w.apply(&ev("a", 12, Some(1.0)), 3, 0, None, &mut out); // closes [0,10) in this batch
+        w.end_batch(3, 0, &mut out);
+        assert_eq!(
+            rows(&out),
+            vec![
+                (0, "a".into(), 2, 2.0, false, 0),
+                (0, "a".into(), 3, 3.0, true, 1),
+                (10, "a".into(), 1, 1.0, false, 0),
+            ]
+        );
+    }
+
+    #[test]
+    fn both_mode_emits_the_update_before_the_final() {
+        let mut w = Windower::new(WindowConfig {
+            size_ms: 10,
+            emit: EmitMode::Both,
+            ..WindowConfig::default()
+        });
+        let mut out = Vec::new();
+        w.apply(&ev("a", 1, Some(1.0)), 0, 0, None, &mut out);
+        w.apply(&ev("a", 12, Some(1.0)), 1, 0, None, &mut out);
+        assert_eq!(
+            rows(&out),
+            vec![
+                (0, "a".into(), 1, 1.0, false, 0),
+                (0, "a".into(), 1, 1.0, true, 1)
+            ]
+        );
+    }
+
+    #[test]
+    fn idle_close_advances_stream_time_with_the_wall_clock() {
+        let mut w = Windower::new(WindowConfig {
+            size_ms: 10,
+            idle_close_ms: Some(100),
+            ..WindowConfig::default()
+        });
+        let mut out = Vec::new();
+        w.apply(&ev("a", 1, None), 0, 0, Some(5_000), &mut out);
+        w.tick(5_050, 0, 0, &mut out);
+        assert!(out.is_empty(), "not idle long enough");
+        w.tick(5_100, 0, 0, &mut out);
+        assert_eq!(w.stream_time(), 101);
+        assert_eq!(rows(&out), vec![(0, "a".into(), 1, 0.0, true, 0)]);
+        let late = w.apply(&ev("a", 50, None), 1, 0, Some(5_101), &mut out);
+        assert!(late.is_some(), "stream time moved past its window");
     }
 
     #[test]
@@ -299,9 +670,9 @@ mod tests {
             .into_iter()
             .enumerate()
         {
-            w.apply(&ev("k", i as i64, Some(v)), i as i64, 0, &mut out);
+            w.apply(&ev("k", i as i64, Some(v)), i as i64, 0, None, &mut out);
         }
-        w.apply(&ev("k", 50, None), 9, 0, &mut out);
+        w.apply(&ev("k", 50, None), 9, 0, None, &mut out);
         w.close_all(10, 0, &mut out);
         let Output::WindowAggregate(a) = &out[0].output;
         assert_eq!(a.count, 9);
@@ -310,12 +681,5 @@ mod tests {
         assert_eq!(a.std, Some(2.0));
         assert_eq!((a.min, a.max), (Some(2.0), Some(9.0)));
         assert!(a.is_final);
-    }
-
-    #[test]
-    fn negative_times_align_to_the_epoch() {
-        let w = tumbling(10, 0);
-        assert_eq!(w.start_of(-1), -10);
-        assert_eq!(w.start_of(-10), -10);
     }
 }

@@ -97,6 +97,8 @@ pub struct PartitionWorker {
     /// First offset not reflected in the processor's state (from the checkpoint).
     expected: Option<i64>,
     pending: Pending,
+    /// Next offset after the last processed message (or the checkpoint's).
+    position: Option<i64>,
     batch_rows: usize,
     linger: Duration,
 }
@@ -146,8 +148,17 @@ impl PartitionWorker {
             ctx,
             processor,
             expected,
+            position: expected,
             pending: Pending::default(),
         };
+        // Idle close needs wall-clock ticks; a quarter of the shortest idle interval is precise
+        // enough without busy-waking.
+        let tick_every = worker
+            .processor
+            .wants_ticks()
+            .map(|ms| Duration::from_millis((ms / 4).max(50)));
+        let mut ticks = tokio::time::interval(tick_every.unwrap_or(Duration::from_secs(3600)));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = worker.pending.since.map(|t| t + worker.linger);
             tokio::select! {
@@ -156,6 +167,7 @@ impl PartitionWorker {
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
                     if !worker.flush().await { return; }
                 }
+                _ = ticks.tick(), if tick_every.is_some() => worker.tick(),
                 msg = messages_rx.recv() => match msg {
                     Some(msg) => {
                         worker.take(&msg);
@@ -170,10 +182,19 @@ impl PartitionWorker {
         // Drain: what was processed becomes durable; what is still queued is left for the next
         // owner (it starts at the checkpoint written here).
         drop(messages_rx);
-        if worker.pending.next_offset.is_some() {
+        if worker.pending.next_offset.is_some() || worker.pending.rows() > 0 {
             worker.flush().await;
         }
         info!("partition worker stopped");
+    }
+
+    fn tick(&mut self) {
+        let before = self.pending.outputs.len();
+        self.processor
+            .tick(wall_clock_ms(), &mut self.pending.outputs);
+        if self.pending.outputs.len() > before {
+            self.pending.since.get_or_insert_with(Instant::now);
+        }
     }
 
     fn take(&mut self, msg: &OwnedMessage) {
@@ -201,8 +222,22 @@ impl PartitionWorker {
             offset,
         };
         let late_before = self.processor.late_dropped();
+        self.processor.set_wall_clock(wall_clock_ms());
         match self.processor.process(record, &mut self.pending.outputs) {
-            Ok(()) => self.pending.events += 1,
+            Ok(None) => self.pending.events += 1,
+            Ok(Some(late)) => {
+                self.pending.events += 1;
+                self.pending.dead.push(DeadLetter {
+                    key: msg.key().map(<[u8]>::to_vec),
+                    payload: msg.payload().map(<[u8]>::to_vec),
+                    kind: "late",
+                    reason: format!(
+                        "late: event time is {} ms behind stream time and its window has closed",
+                        late.behind_ms
+                    ),
+                    offset,
+                });
+            }
             Err(err) => self.pending.dead.push(DeadLetter {
                 key: msg.key().map(<[u8]>::to_vec),
                 payload: msg.payload().map(<[u8]>::to_vec),
@@ -217,14 +252,23 @@ impl PartitionWorker {
                 .increment(late);
         }
         self.pending.next_offset = Some(offset + 1);
+        self.position = Some(offset + 1);
         self.pending.since.get_or_insert_with(Instant::now);
     }
 
     /// Makes the pending batch durable. Returns false when the service must stop.
     async fn flush(&mut self) -> bool {
-        let Some(next_offset) = self.pending.next_offset else {
-            self.pending.since = None;
-            return true;
+        self.processor.end_batch(&mut self.pending.outputs);
+        let next_offset = match self.pending.next_offset {
+            Some(next) => next,
+            None if self.pending.rows() > 0 => match self.position {
+                Some(position) => position,
+                None => return true,
+            },
+            None => {
+                self.pending.since = None;
+                return true;
+            }
         };
         let topic = self.id.topic.clone();
         let mut backoff = Backoff::new(self.ctx.config.postgres.retry_max_backoff_ms);
@@ -333,6 +377,13 @@ async fn load_with_retry(
             _ = backoff.wait() => {}
         }
     }
+}
+
+fn wall_clock_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
