@@ -58,7 +58,10 @@ fn bench_processor(c: &mut Criterion) {
             BatchSize::LargeInput,
         )
     });
-    group.bench_function("snapshot_of_open_windows", |b| {
+    group.finish();
+    let mut group = c.benchmark_group("checkpoint");
+    group.sample_size(10);
+    group.bench_function("snapshot_of_open_windows_after_10k_events", |b| {
         let mut p = Processor::new(&config, 1 << 20, 0);
         let mut out = Vec::new();
         for (i, m) in input.iter().take(10_000).enumerate() {
