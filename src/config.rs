@@ -654,9 +654,9 @@ impl Config {
                 }
                 _ => {}
             }
-            if w.kind == WindowKind::Sliding {
+            if w.kind == WindowKind::Sliding && w.late == LatePolicy::Update {
                 p.push(format!(
-                    "{at}: `sliding` windows are not available yet (tumbling and hopping are)"
+                    "{at}.late = \"update\" is not available for sliding windows (use drop or dlq)"
                 ));
             }
             if w.allowed_lateness_ms > 0 && w.late != LatePolicy::Update {

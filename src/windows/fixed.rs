@@ -1,102 +1,15 @@
-//! Event-time windows: pure, deterministic, checkpointable.
-//!
-//! Semantics follow Kafka Streams where the configuration is silent:
-//! - Per partition, stream time is the largest event time seen; it never goes backwards.
-//! - Tumbling windows are `[start, start + size)` aligned to the epoch; hopping windows are
-//!   `[n·slide, n·slide + size)` for every `n` whose window contains the event.
-//! - A window closes when stream time >= window end + `grace_ms`; an event for a closed window
-//!   is late and handled by the window's `late` policy (`drop`, `dlq`, or `update`, which keeps
-//!   closed windows for `allowed_lateness_ms` and re-emits a corrected final with a higher
-//!   revision).
-//! - Emission (`emit`): `final` emits once at close; `update` emits an update (`final: false`)
-//!   per processing batch in which the window changed and then the final, skipping an update that
-//!   the final of the same batch would immediately supersede; `both` emits every batch's update
-//!   and the final. Every emission of a window carries the next `revision` (0, 1, 2, …).
-//! - Idle close (`idle_close_ms`): when no event arrived for that long on the (injected) wall
-//!   clock, stream time advances with the wall clock from the last event, so windows still close.
-//!
-//! Sliding windows are not implemented yet (issue 4); validation rejects them.
+//! Tumbling and hopping windows: a fixed grid of `[n·slide, n·slide + size)` windows.
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde::{Deserialize, Serialize};
-
+use super::{Aggregate, Late, Slot, WindowerState};
 use crate::config::{EmitMode, LatePolicy, WindowConfig, WindowKind};
 use crate::event::Event;
 use crate::output::{Emitted, Output, WindowAggregate};
 
-/// Running aggregate of one (window, key): count plus Welford mean/variance, min, max.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Aggregate {
-    /// Events seen.
-    pub count: u64,
-    /// Events that carried a `value`.
-    pub values: u64,
-    /// Sum of values.
-    pub sum: f64,
-    /// Running mean of values.
-    pub mean: f64,
-    /// Sum of squared deviations from the mean (Welford).
-    pub m2: f64,
-    /// Smallest value (meaningful when `values > 0`).
-    pub min: f64,
-    /// Largest value (meaningful when `values > 0`).
-    pub max: f64,
-}
-
-impl Aggregate {
-    /// Adds one event.
-    pub fn add(&mut self, value: Option<f64>) {
-        self.count += 1;
-        if let Some(x) = value {
-            if self.values == 0 {
-                self.min = x;
-                self.max = x;
-            } else {
-                self.min = self.min.min(x);
-                self.max = self.max.max(x);
-            }
-            self.values += 1;
-            self.sum += x;
-            let delta = x - self.mean;
-            self.mean += delta / self.values as f64;
-            self.m2 += delta * (x - self.mean);
-        }
-    }
-
-    fn present(&self, x: f64) -> Option<f64> {
-        (self.values > 0).then_some(x)
-    }
-
-    /// Population standard deviation of the values, if any.
-    pub fn std(&self) -> Option<f64> {
-        self.present((self.m2 / self.values.max(1) as f64).max(0.0).sqrt())
-    }
-}
-
-/// One (window, key)'s state.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Slot {
-    /// The aggregate so far.
-    pub agg: Aggregate,
-    /// Emissions so far (the next emission's revision).
-    pub emitted: u32,
-    /// Changed since its last emission.
-    pub changed: bool,
-}
-
-/// Why an event was late for at least one window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Late {
-    /// How far the event's time is behind stream time, in ms.
-    pub behind_ms: i64,
-    /// The strictest policy among the windows it was late for.
-    pub policy: LatePolicy,
-}
-
-/// One configured window and its state.
+/// A tumbling or hopping window definition and its state.
 #[derive(Debug, Clone)]
-pub struct Windower {
+pub struct FixedWindower {
     spec: WindowConfig,
     size: i64,
     slide: i64,
@@ -116,33 +29,6 @@ pub struct Windower {
     stream_time_at_last_event: i64,
 }
 
-/// Serialisable state of a [`Windower`], sorted so that equal states serialise equally.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct WindowerState {
-    /// Window shape, to match state to configuration on restore.
-    pub kind: WindowKind,
-    /// Window length, likewise.
-    pub size_ms: u64,
-    /// Hop (tumbling: size), likewise.
-    #[serde(default)]
-    pub slide_ms: u64,
-    /// Stream time.
-    pub stream_time: i64,
-    /// Late events dropped so far.
-    pub late_dropped: u64,
-    /// Open windows: (start, key, slot).
-    pub open: Vec<(i64, String, Slot)>,
-    /// Closed windows kept for late updates.
-    #[serde(default)]
-    pub closed: Vec<(i64, String, Slot)>,
-    /// Wall clock of the last event.
-    #[serde(default)]
-    pub last_event_wall_ms: Option<i64>,
-    /// Stream time at the last event.
-    #[serde(default)]
-    pub stream_time_at_last_event: i64,
-}
-
 fn flatten_slots(map: &BTreeMap<i64, HashMap<String, Slot>>) -> Vec<(i64, String, Slot)> {
     let mut out: Vec<_> = map
         .iter()
@@ -158,7 +44,7 @@ fn sorted(keys: HashMap<String, Slot>) -> Vec<(String, Slot)> {
     keys
 }
 
-impl Windower {
+impl FixedWindower {
     /// An empty windower for `spec` (tumbling or hopping).
     pub fn new(spec: WindowConfig) -> Self {
         let size = spec.size_ms.max(1) as i64;
@@ -444,6 +330,7 @@ impl Windower {
             closed: flatten_slots(&self.closed),
             last_event_wall_ms: self.last_event_wall_ms,
             stream_time_at_last_event: self.stream_time_at_last_event,
+            sliding: None,
         }
     }
 
@@ -483,8 +370,8 @@ mod tests {
         }
     }
 
-    fn tumbling(size_ms: u64, grace_ms: u64) -> Windower {
-        Windower::new(WindowConfig {
+    fn tumbling(size_ms: u64, grace_ms: u64) -> FixedWindower {
+        FixedWindower::new(WindowConfig {
             size_ms,
             grace_ms,
             ..WindowConfig::default()
@@ -528,7 +415,7 @@ mod tests {
 
     #[test]
     fn hopping_windows_contain_each_event_size_over_slide_times() {
-        let mut w = Windower::new(WindowConfig {
+        let mut w = FixedWindower::new(WindowConfig {
             kind: WindowKind::Hopping,
             size_ms: 10,
             slide_ms: Some(5),
@@ -575,7 +462,7 @@ mod tests {
 
     #[test]
     fn late_update_policy_re_emits_corrected_finals_within_allowed_lateness() {
-        let mut w = Windower::new(WindowConfig {
+        let mut w = FixedWindower::new(WindowConfig {
             size_ms: 10,
             late: LatePolicy::Update,
             allowed_lateness_ms: 20,
@@ -602,7 +489,7 @@ mod tests {
 
     #[test]
     fn update_mode_coalesces_per_batch_and_ends_with_the_final() {
-        let mut w = Windower::new(WindowConfig {
+        let mut w = FixedWindower::new(WindowConfig {
             size_ms: 10,
             emit: EmitMode::Update,
             ..WindowConfig::default()
@@ -627,7 +514,7 @@ mod tests {
 
     #[test]
     fn both_mode_emits_the_update_before_the_final() {
-        let mut w = Windower::new(WindowConfig {
+        let mut w = FixedWindower::new(WindowConfig {
             size_ms: 10,
             emit: EmitMode::Both,
             ..WindowConfig::default()
@@ -646,7 +533,7 @@ mod tests {
 
     #[test]
     fn idle_close_advances_stream_time_with_the_wall_clock() {
-        let mut w = Windower::new(WindowConfig {
+        let mut w = FixedWindower::new(WindowConfig {
             size_ms: 10,
             idle_close_ms: Some(100),
             ..WindowConfig::default()

@@ -1,0 +1,253 @@
+//! Event-time windows: pure, deterministic, checkpointable.
+//!
+//! Semantics follow Kafka Streams where the configuration is silent:
+//! - Per partition, stream time is the largest event time seen; it never goes backwards.
+//! - Tumbling windows are `[start, start + size)` aligned to the epoch; hopping windows are
+//!   `[n·slide, n·slide + size)` for every `n` whose window contains the event.
+//! - A window closes when stream time >= window end + `grace_ms`; an event for a closed window
+//!   is late and handled by the window's `late` policy (`drop`, `dlq`, or `update`, which keeps
+//!   closed windows for `allowed_lateness_ms` and re-emits a corrected final with a higher
+//!   revision).
+//! - Emission (`emit`): `final` emits once at close; `update` emits an update (`final: false`)
+//!   per processing batch in which the window changed and then the final, skipping an update that
+//!   the final of the same batch would immediately supersede; `both` emits every batch's update
+//!   and the final. Every emission of a window carries the next `revision` (0, 1, 2, …).
+//! - Idle close (`idle_close_ms`): when no event arrived for that long on the (injected) wall
+//!   clock, stream time advances with the wall clock from the last event, so windows still close.
+//!
+//! - Sliding windows follow Kafka Streams' `SlidingWindows`: both ends inclusive, size = the
+//!   largest time difference between records of a window; a window exists for each record
+//!   (`[t − size, t]`) and right after each record (`[t + 1, t + 1 + size]`) when that window holds
+//!   a record. A record is late when stream time > its time + grace.
+
+pub mod fixed;
+pub mod sliding;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{LatePolicy, WindowConfig, WindowKind};
+use crate::event::Event;
+use crate::output::Emitted;
+
+pub use fixed::FixedWindower;
+pub use sliding::{KeySnapshot, SlidingState, SlidingWindower};
+
+/// Running aggregate of one (window, key): count plus Welford mean/variance, min, max.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Aggregate {
+    /// Events seen.
+    pub count: u64,
+    /// Events that carried a `value`.
+    pub values: u64,
+    /// Sum of values.
+    pub sum: f64,
+    /// Running mean of values.
+    pub mean: f64,
+    /// Sum of squared deviations from the mean (Welford).
+    pub m2: f64,
+    /// Smallest value (meaningful when `values > 0`).
+    pub min: f64,
+    /// Largest value (meaningful when `values > 0`).
+    pub max: f64,
+}
+
+impl Aggregate {
+    /// Adds one event.
+    pub fn add(&mut self, value: Option<f64>) {
+        self.count += 1;
+        if let Some(x) = value {
+            if self.values == 0 {
+                self.min = x;
+                self.max = x;
+            } else {
+                self.min = self.min.min(x);
+                self.max = self.max.max(x);
+            }
+            self.values += 1;
+            self.sum += x;
+            let delta = x - self.mean;
+            self.mean += delta / self.values as f64;
+            self.m2 += delta * (x - self.mean);
+        }
+    }
+
+    /// Combines two aggregates of disjoint event sets (Chan et al.'s parallel variance).
+    pub fn merge(&self, other: &Aggregate) -> Aggregate {
+        if other.count == 0 {
+            return self.clone();
+        }
+        if self.count == 0 {
+            return other.clone();
+        }
+        let mut out = Aggregate {
+            count: self.count + other.count,
+            values: self.values + other.values,
+            sum: self.sum + other.sum,
+            ..Aggregate::default()
+        };
+        match (self.values, other.values) {
+            (0, _) => {
+                (out.mean, out.m2, out.min, out.max) = (other.mean, other.m2, other.min, other.max)
+            }
+            (_, 0) => {
+                (out.mean, out.m2, out.min, out.max) = (self.mean, self.m2, self.min, self.max)
+            }
+            (na, nb) => {
+                let (na, nb) = (na as f64, nb as f64);
+                let n = na + nb;
+                let delta = other.mean - self.mean;
+                out.mean = self.mean + delta * nb / n;
+                out.m2 = self.m2 + other.m2 + delta * delta * na * nb / n;
+                out.min = self.min.min(other.min);
+                out.max = self.max.max(other.max);
+            }
+        }
+        out
+    }
+
+    /// The aggregate of one event.
+    pub fn single(value: Option<f64>) -> Aggregate {
+        let mut a = Aggregate::default();
+        a.add(value);
+        a
+    }
+
+    pub(crate) fn present(&self, x: f64) -> Option<f64> {
+        (self.values > 0).then_some(x)
+    }
+
+    /// Population standard deviation of the values, if any.
+    pub fn std(&self) -> Option<f64> {
+        self.present((self.m2 / self.values.max(1) as f64).max(0.0).sqrt())
+    }
+}
+
+/// One (window, key)'s state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Slot {
+    /// The aggregate so far.
+    pub agg: Aggregate,
+    /// Emissions so far (the next emission's revision).
+    pub emitted: u32,
+    /// Changed since its last emission.
+    pub changed: bool,
+}
+
+/// Why an event was late for at least one window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Late {
+    /// How far the event's time is behind stream time, in ms.
+    pub behind_ms: i64,
+    /// The strictest policy among the windows it was late for.
+    pub policy: LatePolicy,
+}
+
+/// Serialisable state of a [`Windower`], sorted so that equal states serialise equally.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowerState {
+    /// Window shape, to match state to configuration on restore.
+    pub kind: WindowKind,
+    /// Window length, likewise.
+    pub size_ms: u64,
+    /// Hop (tumbling: size), likewise.
+    #[serde(default)]
+    pub slide_ms: u64,
+    /// Stream time.
+    pub stream_time: i64,
+    /// Late events dropped so far.
+    pub late_dropped: u64,
+    /// Open windows: (start, key, slot).
+    pub open: Vec<(i64, String, Slot)>,
+    /// Closed windows kept for late updates.
+    #[serde(default)]
+    pub closed: Vec<(i64, String, Slot)>,
+    /// Wall clock of the last event.
+    #[serde(default)]
+    pub last_event_wall_ms: Option<i64>,
+    /// Stream time at the last event.
+    #[serde(default)]
+    pub stream_time_at_last_event: i64,
+    /// Sliding windows' own state.
+    #[serde(default)]
+    pub sliding: Option<SlidingState>,
+}
+
+/// One configured window of any kind.
+#[derive(Debug, Clone)]
+pub enum Windower {
+    /// Tumbling or hopping.
+    Fixed(FixedWindower),
+    /// Sliding.
+    Sliding(SlidingWindower),
+}
+
+macro_rules! each {
+    ($self:ident, $w:ident => $e:expr) => {
+        match $self {
+            Windower::Fixed($w) => $e,
+            Windower::Sliding($w) => $e,
+        }
+    };
+}
+
+impl Windower {
+    /// An empty windower for `spec`.
+    pub fn new(spec: WindowConfig) -> Self {
+        match spec.kind {
+            WindowKind::Sliding => Windower::Sliding(SlidingWindower::new(spec)),
+            _ => Windower::Fixed(FixedWindower::new(spec)),
+        }
+    }
+
+    /// Adds `event` and emits what closes; see [`FixedWindower::apply`].
+    pub fn apply(
+        &mut self,
+        event: &Event,
+        offset: i64,
+        partition: i32,
+        wall_ms: Option<i64>,
+        out: &mut Vec<Emitted>,
+    ) -> Option<Late> {
+        each!(self, w => w.apply(event, offset, partition, wall_ms, out))
+    }
+
+    /// Idle close on the wall clock.
+    pub fn tick(&mut self, wall_ms: i64, offset: i64, partition: i32, out: &mut Vec<Emitted>) {
+        each!(self, w => w.tick(wall_ms, offset, partition, out))
+    }
+
+    /// End of a processing batch: coalesced updates.
+    pub fn end_batch(&mut self, offset: i64, partition: i32, out: &mut Vec<Emitted>) {
+        each!(self, w => w.end_batch(offset, partition, out))
+    }
+
+    /// Emits every open window (end of input).
+    pub fn close_all(&mut self, offset: i64, partition: i32, out: &mut Vec<Emitted>) {
+        each!(self, w => w.close_all(offset, partition, out))
+    }
+
+    /// Events late for this window and not admitted.
+    pub fn late_dropped(&self) -> u64 {
+        each!(self, w => w.late_dropped())
+    }
+
+    /// The idle-close interval, when configured.
+    pub fn idle_close_ms(&self) -> Option<u64> {
+        each!(self, w => w.idle_close_ms())
+    }
+
+    /// Whether `state` belongs to this window definition.
+    pub fn matches(&self, state: &WindowerState) -> bool {
+        each!(self, w => w.matches(state))
+    }
+
+    /// The state to checkpoint.
+    pub fn snapshot(&self) -> WindowerState {
+        each!(self, w => w.snapshot())
+    }
+
+    /// Restores checkpointed state.
+    pub fn restore(&mut self, state: WindowerState) {
+        each!(self, w => w.restore(state))
+    }
+}
