@@ -55,6 +55,9 @@ enum Command {
         /// Output file (default: stdout).
         #[arg(long)]
         output: Option<PathBuf>,
+        /// Coalesce window updates (`emit = update|both`) over this many lines.
+        #[arg(long, default_value_t = offline::UPDATE_BATCH_LINES)]
+        update_every: u64,
     },
     /// Apply the database migrations and exit.
     Migrate,
@@ -110,7 +113,11 @@ fn main() -> ExitCode {
             })
             .await
             .map(|_| ()),
-            Command::Process { input, output } => process(&loaded.config, input, output),
+            Command::Process {
+                input,
+                output,
+                update_every,
+            } => process(&loaded.config, input, output, update_every),
             Command::Migrate => migrate(&loaded.config).await,
             Command::Config => {
                 print!("{}", loaded.config.describe(&loaded.figment));
@@ -182,6 +189,7 @@ fn process(
     config: &config::Config,
     input: Option<PathBuf>,
     output: Option<PathBuf>,
+    update_every: u64,
 ) -> anyhow::Result<()> {
     let reader: Box<dyn std::io::BufRead> = match input {
         Some(path) => {
@@ -197,7 +205,13 @@ fn process(
         )?)),
         None => Box::new(BufWriter::new(std::io::stdout().lock())),
     };
-    let stats = offline::process_lines(config, reader, writer, std::io::stderr().lock())?;
+    let stats = offline::process_lines(
+        config,
+        update_every,
+        reader,
+        writer,
+        std::io::stderr().lock(),
+    )?;
     eprintln!(
         "processed {} lines: {} rejected, {} outputs",
         stats.lines, stats.rejected, stats.outputs

@@ -9,8 +9,8 @@ use std::io::{BufRead, Write};
 use crate::config::Config;
 use crate::processor::{Processor, Record};
 
-/// Window updates (`emit = update|both`) are coalesced over this many lines, the offline
-/// counterpart of the service's processing batch.
+/// By default window updates (`emit = update|both`) are coalesced over this many lines, the
+/// offline counterpart of the service's processing batch.
 pub const UPDATE_BATCH_LINES: u64 = 1_000;
 
 /// Counts of an offline run.
@@ -24,12 +24,14 @@ pub struct OfflineStats {
     pub outputs: u64,
 }
 
-/// Processes every line of `input`, writing outputs to `output` and rejections to `errors`.
+/// Processes every line of `input`, writing outputs to `output` and rejections to `errors`;
+/// window updates are coalesced over `update_every` lines.
 ///
 /// # Errors
 /// I/O errors of the reader or writers.
 pub fn process_lines(
     config: &Config,
+    update_every: u64,
     input: impl BufRead,
     mut output: impl Write,
     mut errors: impl Write,
@@ -65,7 +67,7 @@ pub fn process_lines(
                 writeln!(errors, "line {}: {}: {err}", n + 1, err.kind())?;
             }
         }
-        if stats.lines % UPDATE_BATCH_LINES == 0 {
+        if stats.lines % update_every.max(1) == 0 {
             processor.end_batch(&mut out);
         }
         stats.outputs += write_outputs(&mut output, &mut out)?;
@@ -99,7 +101,14 @@ mod tests {
         let input = "{\"key\":\"a\",\"ts\":1,\"value\":2}\nnot json\n{\"key\":\"a\",\"ts\":12,\"value\":4}\n";
         let mut out = Vec::new();
         let mut err = Vec::new();
-        let stats = process_lines(&config, input.as_bytes(), &mut out, &mut err).unwrap();
+        let stats = process_lines(
+            &config,
+            UPDATE_BATCH_LINES,
+            input.as_bytes(),
+            &mut out,
+            &mut err,
+        )
+        .unwrap();
         assert_eq!(
             stats,
             OfflineStats {

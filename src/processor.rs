@@ -207,9 +207,9 @@ impl Processor {
         }
     }
 
-    /// End of input: emits pending updates, then closes every open window with its final.
+    /// End of input: closes every open window with its final (an update the final would
+    /// immediately supersede is emitted only in `emit = "both"` mode).
     pub fn close_all(&mut self, out: &mut Vec<Emitted>) {
-        self.end_batch(out);
         for w in &mut self.windows {
             w.close_all(self.last_offset, self.partition, out);
         }
@@ -329,6 +329,62 @@ mod tests {
         assert_eq!(err.kind(), "dimension_mismatch");
         assert_eq!(p.counters().rejected, 1);
         assert_eq!(p.counters().events, 1);
+    }
+
+    #[test]
+    fn late_events_of_dlq_windows_are_handed_back() {
+        let config = ProcessingConfig {
+            dimension: None,
+            windows: vec![WindowConfig {
+                size_ms: 10,
+                late: LatePolicy::Dlq,
+                ..WindowConfig::default()
+            }],
+        };
+        let mut p = Processor::new(&config, 1 << 20, 0);
+        let mut out = Vec::new();
+        let mut feed = |p: &mut Processor, ts: i64, o: i64| {
+            let line = format!(r#"{{"key":"k","ts":{ts}}}"#);
+            let rec = Record {
+                payload: Some(line.as_bytes()),
+                key: None,
+                timestamp_ms: None,
+                offset: o,
+            };
+            p.process(rec, &mut out).unwrap()
+        };
+        assert_eq!(feed(&mut p, 1, 0), None);
+        assert_eq!(feed(&mut p, 25, 1), None);
+        let late = feed(&mut p, 3, 2).expect("late for the closed [0, 10) window");
+        assert_eq!((late.behind_ms, late.policy), (22, LatePolicy::Dlq));
+    }
+
+    #[test]
+    fn idle_close_through_the_processor_uses_the_injected_clock() {
+        let config = ProcessingConfig {
+            dimension: None,
+            windows: vec![WindowConfig {
+                size_ms: 10,
+                idle_close_ms: Some(1_000),
+                ..WindowConfig::default()
+            }],
+        };
+        let mut p = Processor::new(&config, 1 << 20, 0);
+        assert_eq!(p.wants_ticks(), Some(1_000));
+        let mut out = Vec::new();
+        p.set_wall_clock(50_000);
+        let rec = Record {
+            payload: Some(br#"{"key":"k","ts":5}"#),
+            key: None,
+            timestamp_ms: None,
+            offset: 7,
+        };
+        p.process(rec, &mut out).unwrap();
+        p.tick(50_999, &mut out);
+        assert!(out.is_empty());
+        p.tick(51_000, &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].source_offset, 7);
     }
 
     #[test]
