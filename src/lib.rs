@@ -4,7 +4,9 @@
 //! - [`config`]: typed configuration (figment layers, profiles, validation, provenance).
 //! - [`event`]: the input event shape and its decoding, with a reason for every rejection.
 //! - [`output`]: output message shapes, their topics and keys.
-//! - [`windows`]: event-time windows (pure, checkpointable).
+//! - [`windows`]: event-time windows: tumbling, hopping ([`windows::fixed`]) and sliding
+//!   ([`windows::sliding`]); pure, checkpointable.
+//! - [`ncs`]: online clustering; [`ncs::v8`] is the NCS V8 reference port.
 //! - [`processor`]: the pure per-partition processor every entry point drives.
 //! - [`offline`]: `neurostream process`, the processor over JSON lines.
 //! - [`kafka`]: the Kafka edge: consumer group and rebalances ([`kafka::intake`]), the
@@ -27,6 +29,7 @@ pub mod event;
 pub mod generator;
 pub mod http;
 pub mod kafka;
+pub mod ncs;
 pub mod offline;
 pub mod offsets;
 pub mod output;

@@ -1,0 +1,5 @@
+//! Online clustering of feature vectors: the NCS family.
+//!
+//! - [`v8`]: `ncs-v8`, a faithful port of the NCS V8 reference, defects included.
+
+pub mod v8;
