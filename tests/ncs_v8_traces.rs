@@ -5,7 +5,10 @@ use neurostream::ncs::v8::{NcsV8, V8Params};
 use serde_json::Value;
 
 fn traces() -> Value {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/ncs/v8_reference_traces.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/ncs/v8_reference_traces.json"
+    );
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
@@ -25,34 +28,91 @@ fn every_reference_trace_is_reproduced() {
         let inputs = trace["inputs"].as_array().unwrap();
         let steps = trace["steps"].as_array().unwrap();
         for (i, (input, step)) in inputs.iter().zip(steps).enumerate() {
-            let x: Vec<f64> = input.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            let x: Vec<f64> = input
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
             let got = ncs.process(&x);
             let at = format!("{name} step {} (t = {})", i, i + 1);
-            assert_eq!(got.cluster_id, step["cluster_id"].as_i64().unwrap(), "cluster_id at {at}");
-            assert_eq!(got.is_outlier, step["is_outlier"].as_bool().unwrap(), "is_outlier at {at}");
+            assert_eq!(
+                got.cluster_id,
+                step["cluster_id"].as_i64().unwrap(),
+                "cluster_id at {at}"
+            );
+            assert_eq!(
+                got.is_outlier,
+                step["is_outlier"].as_bool().unwrap(),
+                "is_outlier at {at}"
+            );
             assert_eq!(
                 ncs.clusters().len() as u64,
                 step["n_clusters_after"].as_u64().unwrap(),
                 "n_clusters_after at {at}"
             );
             let score = step["outlier_score"].as_f64().unwrap();
-            assert!((got.outlier_score - score).abs() <= 1e-4, "score at {at}: {} vs {score}", got.outlier_score);
+            assert!(
+                (got.outlier_score - score).abs() <= 1e-4,
+                "score at {at}: {} vs {score}",
+                got.outlier_score
+            );
             let th = step["threshold_after"].as_f64().unwrap();
-            assert!((ncs.threshold() - th).abs() <= 1e-4, "threshold at {at}: {} vs {th}", ncs.threshold());
+            assert!(
+                (ncs.threshold() - th).abs() <= 1e-4,
+                "threshold at {at}: {} vs {th}",
+                ncs.threshold()
+            );
         }
         let stats = &trace["final_stats"];
         let c = ncs.counters();
-        assert_eq!(c.clusters_created, stats["clusters_created"].as_u64().unwrap(), "{name}");
-        assert_eq!(c.clusters_merged, stats["clusters_merged"].as_u64().unwrap(), "{name}");
-        assert_eq!(c.outliers_detected, stats["outliers_detected"].as_u64().unwrap(), "{name}");
-        assert!((ncs.clustering_quality() - stats["clustering_quality"].as_f64().unwrap()).abs() < 1e-4, "{name}");
-        assert!((ncs.global_stability() - stats["global_stability"].as_f64().unwrap()).abs() < 1e-4, "{name}");
-        for (got, want) in ncs.clusters().iter().zip(trace["final_clusters"].as_array().unwrap()) {
-            for (a, b) in got.centroid.iter().zip(want["centroid"].as_array().unwrap()) {
-                assert!((*a as f64 - b.as_f64().unwrap()).abs() < 1e-4, "{name} centroid");
+        assert_eq!(
+            c.clusters_created,
+            stats["clusters_created"].as_u64().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            c.clusters_merged,
+            stats["clusters_merged"].as_u64().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            c.outliers_detected,
+            stats["outliers_detected"].as_u64().unwrap(),
+            "{name}"
+        );
+        assert!(
+            (ncs.clustering_quality() - stats["clustering_quality"].as_f64().unwrap()).abs() < 1e-4,
+            "{name}"
+        );
+        assert!(
+            (ncs.global_stability() - stats["global_stability"].as_f64().unwrap()).abs() < 1e-4,
+            "{name}"
+        );
+        for (got, want) in ncs
+            .clusters()
+            .iter()
+            .zip(trace["final_clusters"].as_array().unwrap())
+        {
+            for (a, b) in got
+                .centroid
+                .iter()
+                .zip(want["centroid"].as_array().unwrap())
+            {
+                assert!(
+                    (*a as f64 - b.as_f64().unwrap()).abs() < 1e-4,
+                    "{name} centroid"
+                );
             }
-            assert!((got.confidence - want["confidence"].as_f64().unwrap()).abs() < 1e-4, "{name} confidence");
-            assert_eq!(got.updates, want["updates"].as_u64().unwrap(), "{name} updates");
+            assert!(
+                (got.confidence - want["confidence"].as_f64().unwrap()).abs() < 1e-4,
+                "{name} confidence"
+            );
+            assert_eq!(
+                got.updates,
+                want["updates"].as_u64().unwrap(),
+                "{name} updates"
+            );
         }
     }
 }

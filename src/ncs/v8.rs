@@ -341,7 +341,12 @@ impl NcsV8 {
         let mut temporal = 0.0;
         let n = self.outlier_buffer.len();
         if n >= 3 {
-            let recent: Vec<&Vec<f32>> = self.outlier_buffer.items.iter().skip(n.saturating_sub(5)).collect();
+            let recent: Vec<&Vec<f32>> = self
+                .outlier_buffer
+                .items
+                .iter()
+                .skip(n.saturating_sub(5))
+                .collect();
             let dims = recent[0].len();
             let mut m = vec![0f32; dims];
             for p in &recent {
@@ -401,7 +406,9 @@ impl NcsV8 {
 
     fn update_cluster(&mut self, b: usize, x: &[f32]) {
         let c = &self.clusters[b];
-        let eta = self.params.learning_rate * (1.0 / (1.0 + 0.01 * c.age)) * (1.0 + 0.2 * c.confidence).min(1.2);
+        let eta = self.params.learning_rate
+            * (1.0 / (1.0 + 0.01 * c.age))
+            * (1.0 + 0.2 * c.confidence).min(1.2);
         let keep = (1.0 - eta) as f32;
         let eta = eta as f32;
         let c = &mut self.clusters[b];
