@@ -1,21 +1,26 @@
 //! `ncs`: the NCS idea with the reference's defects fixed (section B of the algorithm notes).
 //!
-//! - One geometry: Euclidean distance on online-standardised features (running mean and
-//!   variance per feature), so results are invariant to scaling and translating the input.
-//! - Acceptance from the cluster's own radius: a point joins its nearest cluster when its
-//!   standardised distance is within `accept_radii` × the cluster's running member distance
-//!   (young clusters borrow the global member-distance scale). No additive bonuses, no clip.
-//! - One scoring function: `score = d / (d + accept_radii · r)`, so a point at a centroid scores
-//!   0 and a point is an outlier exactly when its score exceeds 0.5.
+//! - One geometry: Euclidean distance on standardised features, where each cluster standardises
+//!   by its own running per-feature spread (a diagonal Mahalanobis distance, `D²`); young
+//!   clusters borrow the mature clusters' spread (or, at the start, one estimated from the
+//!   warm-up points on online-standardised features). Everything is relative to running
+//!   statistics, so results are invariant to scaling and translating the input.
+//! - Acceptance from the cluster's own spread: a point joins its nearest cluster when
+//!   `D² ≤ A = d + accept_sigmas·√(2d)` (the χ²_d mean plus `accept_sigmas` standard deviations).
+//!   No additive bonuses, no clip.
+//! - One scoring function: `score = D² / (D² + A)`, so a point at a centroid scores 0 and a
+//!   point is an outlier exactly when its score exceeds 0.5.
 //! - New clusters are born from `min_cluster_points` mutually close unplaced points, so isolated
 //!   noise stays an outlier instead of becoming a cluster; at `max_clusters` the lowest-weight
 //!   (stalest) cluster is evicted.
 //! - Stable `u64` ids, never reused; exponentially decayed member weight; confidence in [0, 1].
-//! - Overlapping clusters (centroid distance within the sum of their radii) merge, checked for
-//!   the updated cluster only, every `merge_check_every` of its updates.
-//! - Per-cluster drift coefficient (centroid displacement per update relative to the radius,
-//!   smoothed); Page-Hinkley and ADWIN on the scale-free nearest-distance stream.
+//! - Overlapping clusters (one centroid within the other's acceptance) merge, checked for the
+//!   updated cluster only, every `merge_check_every` of its updates.
+//! - Per-cluster drift coefficient (centroid displacement per update in units of the cluster's
+//!   spread, smoothed); Page-Hinkley and ADWIN on the scale-free stream `D² / A`.
 //! - O(k·d) per point in one pass over contiguous centroids; no allocation per point.
+
+use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
@@ -27,8 +32,8 @@ use super::drift::{Adwin, PageHinkley};
 pub struct NcsParams {
     /// Cluster cap; the stalest cluster is evicted to make room.
     pub max_clusters: usize,
-    /// A point joins a cluster within this many of its radii.
-    pub accept_radii: f64,
+    /// Acceptance: `D² ≤ d + accept_sigmas·√(2d)`.
+    pub accept_sigmas: f64,
     /// Unplaced points that, close together, found a new cluster.
     pub min_cluster_points: usize,
     /// Unplaced points remembered while waiting for company.
@@ -41,11 +46,9 @@ pub struct NcsParams {
     pub min_learning_rate: f64,
     /// Updates of a cluster between two merge checks.
     pub merge_check_every: u64,
-    /// Two clusters merge when their centroid distance is within this many summed radii.
-    pub merge_overlap: f64,
-    /// Page-Hinkley alarm threshold on the nearest-distance stream.
+    /// Page-Hinkley alarm threshold on the `D² / A` stream.
     pub page_hinkley_threshold: f64,
-    /// ADWIN confidence on the nearest-distance stream.
+    /// ADWIN confidence on the `D² / A` stream.
     pub adwin_delta: f64,
 }
 
@@ -53,14 +56,13 @@ impl Default for NcsParams {
     fn default() -> Self {
         Self {
             max_clusters: 30,
-            accept_radii: 2.5,
+            accept_sigmas: 4.0,
             min_cluster_points: 3,
             pending_capacity: 64,
             warmup_points: 50,
             decay: 0.9999,
             min_learning_rate: 0.01,
-            merge_check_every: 16,
-            merge_overlap: 1.0,
+            merge_check_every: 4,
             page_hinkley_threshold: 50.0,
             adwin_delta: 0.002,
         }
@@ -77,6 +79,16 @@ pub enum OutlierReason {
     Capacity,
 }
 
+impl OutlierReason {
+    /// The name used in messages and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutlierReason::Score => "score",
+            OutlierReason::Capacity => "capacity",
+        }
+    }
+}
+
 /// A cluster's lifecycle event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -91,6 +103,18 @@ pub enum ClusterEvent {
     Evicted,
 }
 
+impl ClusterEvent {
+    /// The name used in messages and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClusterEvent::Created => "created",
+            ClusterEvent::Updated => "updated",
+            ClusterEvent::Merged => "merged",
+            ClusterEvent::Evicted => "evicted",
+        }
+    }
+}
+
 /// What `ncs` decided for one point.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Assignment {
@@ -102,8 +126,8 @@ pub struct Assignment {
     pub outlier_score: f64,
     /// Why it is an outlier.
     pub reason: Option<OutlierReason>,
-    /// Distance to the nearest cluster in units of its radius (drift detectors' input).
-    pub nearest_radii: Option<f64>,
+    /// `D² / A` to the nearest cluster (1 = at the acceptance boundary).
+    pub nearest: Option<f64>,
 }
 
 /// A global drift alarm.
@@ -124,10 +148,12 @@ pub struct ClusterState {
     pub centroid: Vec<f64>,
     /// Decayed member weight.
     pub weight: f64,
-    /// Mean member distance (standardised units).
+    /// Root-mean-square member distance, in online-standardised units.
     pub radius: f64,
-    /// Smoothed centroid displacement per update relative to the radius.
+    /// Smoothed centroid displacement per update, in units of the cluster's spread.
     pub drift_coefficient: f64,
+    /// Confidence in [0, 1]: how established the cluster is (weight / (weight + 10)).
+    pub confidence: f64,
     /// Updates so far.
     pub updates: u64,
     /// Step of creation.
@@ -136,38 +162,11 @@ pub struct ClusterState {
     pub updated_at: u64,
 }
 
-/// The corrected online clusterer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Ncs {
-    params: NcsParams,
-    dim: usize,
-    /// Points seen.
-    t: u64,
-    /// Per-feature running mean and sum of squared deviations.
-    mean: Vec<f64>,
-    m2: Vec<f64>,
-    /// 1/σ per feature (0 for constant features), refreshed every point.
-    inv_scale: Vec<f64>,
-    /// Flat k×d centroids (input units).
-    centroids: Vec<f64>,
-    clusters: Vec<ClusterMeta>,
-    /// Global mean member distance (standardised units), for young clusters.
-    global_radius: f64,
-    pending: std::collections::VecDeque<Vec<f64>>,
-    warmup: Vec<Vec<f64>>,
-    next_id: u64,
-    page_hinkley: PageHinkley,
-    adwin: Adwin,
-    /// Lifecycle events since the last drain: (event, cluster id).
-    events: Vec<(ClusterEvent, u64)>,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct ClusterMeta {
     id: u64,
     weight: f64,
     weighed_at: u64,
-    radius: f64,
     drift: f64,
     updates: u64,
     created_at: u64,
@@ -184,24 +183,67 @@ pub struct DimensionError {
     pub got: usize,
 }
 
+/// Updates before a cluster's own spread outweighs the borrowed one.
+const PRIOR_WEIGHT: f64 = 5.0;
+/// Updates after which a cluster's spread informs the prior of young clusters.
+const MATURE: u64 = 20;
+
+/// The corrected online clusterer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Ncs {
+    params: NcsParams,
+    dim: usize,
+    /// Points placed.
+    t: u64,
+    /// Acceptance bound `A` on `D²`.
+    accept: f64,
+    /// Per-feature running mean and sum of squared deviations (all points).
+    mean: Vec<f64>,
+    m2: Vec<f64>,
+    seen: u64,
+    /// Flat k×d centroids, input units.
+    centroids: Vec<f64>,
+    /// Flat k×d running member variance per feature, input units².
+    spread: Vec<f64>,
+    /// Flat k×d inverse effective variance (own spread blended with the prior).
+    inv_var: Vec<f64>,
+    clusters: Vec<ClusterMeta>,
+    /// Per-feature variance young clusters borrow.
+    prior: Vec<f64>,
+    pending: VecDeque<Vec<f64>>,
+    warmup: Vec<Vec<f64>>,
+    next_id: u64,
+    page_hinkley: PageHinkley,
+    adwin: Adwin,
+    /// Streaming simplified silhouette (cohesion vs separation), smoothed.
+    silhouette: f64,
+    /// Lifecycle events since the last drain: (event, cluster id).
+    events: Vec<(ClusterEvent, u64)>,
+}
+
 impl Ncs {
     /// A fresh clusterer for points of dimension `dim`.
     pub fn new(params: NcsParams, dim: usize) -> Self {
+        let d = dim.max(1) as f64;
         Self {
             page_hinkley: PageHinkley::new(30, 0.005, params.page_hinkley_threshold, 0.9999),
             adwin: Adwin::new(params.adwin_delta),
+            accept: d + params.accept_sigmas * (2.0 * d).sqrt(),
             params,
             dim,
             t: 0,
             mean: vec![0.0; dim],
             m2: vec![0.0; dim],
-            inv_scale: vec![0.0; dim],
+            seen: 0,
             centroids: Vec::new(),
+            spread: Vec::new(),
+            inv_var: Vec::new(),
             clusters: Vec::new(),
-            global_radius: 0.0,
-            pending: std::collections::VecDeque::new(),
+            prior: vec![1.0; dim],
+            pending: VecDeque::new(),
             warmup: Vec::new(),
             next_id: 0,
+            silhouette: 0.0,
             events: Vec::new(),
         }
     }
@@ -211,7 +253,7 @@ impl Ncs {
         self.dim
     }
 
-    /// Points seen.
+    /// Points placed.
     pub fn points(&self) -> u64 {
         self.t
     }
@@ -226,6 +268,16 @@ impl Ncs {
         self.clusters.is_empty()
     }
 
+    /// The acceptance bound `A` on `D²`.
+    pub fn acceptance(&self) -> f64 {
+        self.accept
+    }
+
+    /// Streaming simplified silhouette in [-1, 1] (honest internal quality).
+    pub fn silhouette(&self) -> f64 {
+        self.silhouette
+    }
+
     /// Lifecycle events since the last call, oldest first.
     pub fn drain_events(&mut self) -> std::vec::Drain<'_, (ClusterEvent, u64)> {
         self.events.drain(..)
@@ -234,30 +286,32 @@ impl Ncs {
     /// A cluster's state, if it is alive.
     pub fn cluster(&self, id: u64) -> Option<ClusterState> {
         let i = self.clusters.iter().position(|c| c.id == id)?;
+        Some(self.state(i))
+    }
+
+    fn state(&self, i: usize) -> ClusterState {
         let c = &self.clusters[i];
-        Some(ClusterState {
-            id,
+        let weight = self.weight_now(c);
+        let radius = (0..self.dim)
+            .map(|f| self.spread[i * self.dim + f] / self.global_var(f))
+            .sum::<f64>()
+            .sqrt();
+        ClusterState {
+            id: c.id,
             centroid: self.centroid(i).to_vec(),
-            weight: self.weight_now(c),
-            radius: c.radius,
+            weight,
+            radius,
             drift_coefficient: c.drift,
+            confidence: weight / (weight + 10.0),
             updates: c.updates,
             created_at: c.created_at,
             updated_at: c.updated_at,
-        })
+        }
     }
 
     /// Every live cluster.
     pub fn clusters(&self) -> Vec<ClusterState> {
-        self.clusters
-            .iter()
-            .filter_map(|c| self.cluster(c.id))
-            .collect()
-    }
-
-    /// Current decision threshold in radii (for status reports).
-    pub fn accept_radii(&self) -> f64 {
-        self.params.accept_radii
+        (0..self.clusters.len()).map(|i| self.state(i)).collect()
     }
 
     fn centroid(&self, i: usize) -> &[f64] {
@@ -265,32 +319,81 @@ impl Ncs {
     }
 
     fn weight_now(&self, c: &ClusterMeta) -> f64 {
-        c.weight * self.params.decay.powi((self.t - c.weighed_at).min(i32::MAX as u64) as i32)
+        c.weight * self.params.decay.powf((self.t - c.weighed_at) as f64)
     }
 
-    fn standardised_distance(&self, x: &[f64], c: &[f64]) -> f64 {
-        let mut s = 0.0;
-        for ((xi, ci), w) in x.iter().zip(c).zip(&self.inv_scale) {
-            let d = (xi - ci) * w;
-            s += d * d;
+    fn global_var(&self, f: usize) -> f64 {
+        let var = self.m2[f] / self.seen.max(1) as f64;
+        if var > 0.0 {
+            var
+        } else {
+            1.0
         }
-        s.sqrt()
     }
 
     fn learn_scale(&mut self, x: &[f64]) {
-        let n = (self.t + self.warmup.len() as u64).max(1) as f64;
-        for i in 0..self.dim {
-            let delta = x[i] - self.mean[i];
-            self.mean[i] += delta / n;
-            self.m2[i] += delta * (x[i] - self.mean[i]);
-            let var = self.m2[i] / n;
-            // A feature that never varied carries no information: weight 0.
-            self.inv_scale[i] = if var > 1e-300 { 1.0 / var.sqrt() } else { 0.0 };
+        self.seen += 1;
+        let n = self.seen as f64;
+        for (f, &v) in x.iter().enumerate() {
+            let delta = v - self.mean[f];
+            self.mean[f] += delta / n;
+            self.m2[f] += delta * (v - self.mean[f]);
         }
     }
 
-    /// Processes one point. Returns its assignments (more than one when the warm-up completes:
-    /// the buffered points are decided then, in order) and any drift alarms, via `out`.
+    /// `D²` of `x` to cluster `i`.
+    fn d2(&self, x: &[f64], i: usize) -> f64 {
+        let c = &self.centroids[i * self.dim..(i + 1) * self.dim];
+        let w = &self.inv_var[i * self.dim..(i + 1) * self.dim];
+        let mut s = 0.0;
+        for ((xi, ci), wi) in x.iter().zip(c).zip(w) {
+            let d = xi - ci;
+            s += d * d * wi;
+        }
+        s
+    }
+
+    /// `D²` between two points under the prior spread.
+    fn d2_prior(&self, a: &[f64], b: &[f64]) -> f64 {
+        a.iter()
+            .zip(b)
+            .zip(&self.prior)
+            .map(|((x, y), v)| (x - y) * (x - y) / v)
+            .sum()
+    }
+
+    fn refresh_inv_var(&mut self, i: usize) {
+        let n = self.clusters[i].updates as f64;
+        for f in 0..self.dim {
+            let own = self.spread[i * self.dim + f];
+            let floor = 1e-12 * self.global_var(f);
+            let v = (n * own + PRIOR_WEIGHT * self.prior[f]) / (n + PRIOR_WEIGHT);
+            self.inv_var[i * self.dim + f] = 1.0 / v.max(floor).max(f64::MIN_POSITIVE);
+        }
+    }
+
+    /// The prior: mean spread of mature clusters, if any.
+    fn refresh_prior(&mut self) {
+        let mature: Vec<usize> = (0..self.clusters.len())
+            .filter(|&i| self.clusters[i].updates >= MATURE)
+            .collect();
+        if mature.is_empty() {
+            return;
+        }
+        for f in 0..self.dim {
+            self.prior[f] = mature
+                .iter()
+                .map(|&i| self.spread[i * self.dim + f])
+                .sum::<f64>()
+                / mature.len() as f64;
+        }
+        for i in 0..self.clusters.len() {
+            self.refresh_inv_var(i);
+        }
+    }
+
+    /// Processes one point; its assignment (several, in order, when the warm-up completes) goes
+    /// to `assignments`, drift alarms to `alarms`.
     ///
     /// # Errors
     /// [`DimensionError`] when the point's dimension differs; state is unchanged.
@@ -306,44 +409,70 @@ impl Ncs {
                 got: x.len(),
             });
         }
+        self.learn_scale(x);
         if self.t == 0 && self.warmup.len() < self.params.warmup_points {
             self.warmup.push(x.to_vec());
-            self.learn_scale(x);
-            if self.warmup.len() < self.params.warmup_points {
-                return Ok(());
-            }
-            self.bootstrap_radius();
-            let buffered = std::mem::take(&mut self.warmup);
-            for p in &buffered {
-                let a = self.place(p, alarms);
-                assignments.push(a);
+            if self.warmup.len() == self.params.warmup_points {
+                self.flush_warmup(assignments, alarms);
             }
             return Ok(());
         }
-        self.learn_scale(x);
         let a = self.place(x, alarms);
         assignments.push(a);
         Ok(())
     }
 
-    /// Decides every buffered warm-up point (end of input before the warm-up completed).
-    pub fn flush_warmup(&mut self, assignments: &mut Vec<Assignment>, alarms: &mut Vec<DriftAlarm>) {
+    /// Decides every buffered warm-up point (the warm-up completed, or input ended before).
+    pub fn flush_warmup(
+        &mut self,
+        assignments: &mut Vec<Assignment>,
+        alarms: &mut Vec<DriftAlarm>,
+    ) {
         if self.warmup.is_empty() {
             return;
         }
-        self.bootstrap_radius();
+        self.bootstrap_prior();
         let buffered = std::mem::take(&mut self.warmup);
+        // Rehearsals on the warm-up points turn the rough first prior into the spread of the
+        // clusters they form; then the points are placed for real with that prior.
+        for _ in 0..3 {
+            let mut rehearsal = self.clone();
+            for p in &buffered {
+                rehearsal.place(p, &mut Vec::new());
+            }
+            let formed: Vec<usize> = (0..rehearsal.clusters.len())
+                .filter(|&i| rehearsal.clusters[i].updates >= 5)
+                .collect();
+            if formed.is_empty() {
+                break;
+            }
+            for f in 0..self.dim {
+                self.prior[f] = formed
+                    .iter()
+                    .map(|&i| rehearsal.spread[i * self.dim + f])
+                    .sum::<f64>()
+                    / formed.len() as f64;
+            }
+        }
         for p in &buffered {
             let a = self.place(p, alarms);
             assignments.push(a);
         }
     }
 
-    /// Global radius from the warm-up points: the median distance to the 5th nearest neighbour
-    /// (a few points of the same blob), a first guess that clusters' own radii soon replace.
-    fn bootstrap_radius(&mut self) {
+    /// The first prior: isotropic in online-standardised units, scaled so that a point's
+    /// second-nearest warm-up neighbour (most likely of the same blob) is a typical member pair.
+    fn bootstrap_prior(&mut self) {
+        let inv: Vec<f64> = (0..self.dim).map(|f| 1.0 / self.global_var(f)).collect();
         let pts = &self.warmup;
-        let mut nn: Vec<f64> = pts
+        let dist2 = |a: &[f64], b: &[f64]| -> f64 {
+            a.iter()
+                .zip(b)
+                .zip(&inv)
+                .map(|((x, y), w)| (x - y) * (x - y) * w)
+                .sum()
+        };
+        let mut kth: Vec<f64> = pts
             .iter()
             .enumerate()
             .filter_map(|(i, p)| {
@@ -351,58 +480,63 @@ impl Ncs {
                     .iter()
                     .enumerate()
                     .filter(|(j, _)| *j != i)
-                    .map(|(_, q)| self.standardised_distance(p, q))
+                    .map(|(_, q)| dist2(p, q))
                     .collect();
                 d.sort_by(f64::total_cmp);
-                d.get(4.min(d.len().saturating_sub(1))).copied()
+                d.get(1.min(d.len().saturating_sub(1))).copied()
             })
             .collect();
-        nn.sort_by(f64::total_cmp);
-        let median = nn.get(nn.len() / 2).copied().unwrap_or(0.0);
-        self.global_radius = if median > 0.0 { median } else { 1e-9 };
+        kth.sort_by(f64::total_cmp);
+        let median = kth.get(kth.len() / 2).copied().unwrap_or(0.0);
+        // A member pair differs by twice the per-feature variance in every feature.
+        let per_feature = (median / (2.0 * self.dim as f64)).max(1e-12);
+        for f in 0..self.dim {
+            self.prior[f] = per_feature * self.global_var(f);
+        }
     }
 
     fn place(&mut self, x: &[f64], alarms: &mut Vec<DriftAlarm>) -> Assignment {
         self.t += 1;
-        // Nearest cluster: one pass over contiguous centroids.
-        let mut best = (usize::MAX, f64::INFINITY);
+        if self.t % 256 == 0 {
+            self.refresh_prior();
+        }
+        let (mut best, mut best_d2, mut second_d2) = (usize::MAX, f64::INFINITY, f64::INFINITY);
         for i in 0..self.clusters.len() {
-            let d = self.standardised_distance(x, self.centroid(i));
-            if d < best.1 {
-                best = (i, d);
+            let d2 = self.d2(x, i);
+            if d2 < best_d2 {
+                second_d2 = best_d2;
+                best = i;
+                best_d2 = d2;
+            } else if d2 < second_d2 {
+                second_d2 = d2;
             }
         }
-        let (i, d) = best;
-        if i != usize::MAX {
-            let r = self.effective_radius(i);
-            let limit = self.params.accept_radii * r;
-            let score = d / (d + limit).max(f64::MIN_POSITIVE);
-            let nearest_radii = d / r.max(f64::MIN_POSITIVE);
-            self.feed_detectors(nearest_radii, alarms);
-            if d <= limit {
-                let id = self.update(i, x, d);
-                return Assignment {
-                    cluster_id: Some(id),
-                    is_outlier: false,
-                    outlier_score: score,
-                    reason: None,
-                    nearest_radii: Some(nearest_radii),
-                };
-            }
-            return self.unplaced(x, score, Some(nearest_radii));
+        if best == usize::MAX {
+            return self.unplaced(x, 1.0 - f64::EPSILON, None);
         }
-        self.unplaced(x, 1.0 - f64::EPSILON, None)
+        let nearest = best_d2 / self.accept;
+        let score = best_d2 / (best_d2 + self.accept);
+        self.feed_detectors(nearest, alarms);
+        if best_d2 <= self.accept {
+            if second_d2.is_finite() {
+                let (a, b) = (best_d2.sqrt(), second_d2.sqrt());
+                let s = (b - a) / a.max(b).max(f64::MIN_POSITIVE);
+                self.silhouette += 0.001 * (s - self.silhouette);
+            }
+            let id = self.update(best, x);
+            return Assignment {
+                cluster_id: Some(id),
+                is_outlier: false,
+                outlier_score: score,
+                reason: None,
+                nearest: Some(nearest),
+            };
+        }
+        self.unplaced(x, score, Some(nearest))
     }
 
-    fn effective_radius(&self, i: usize) -> f64 {
-        let c = &self.clusters[i];
-        // A young cluster's own radius is noise; lean on the global scale until it has members.
-        let own_weight = (c.updates as f64 / 10.0).min(1.0);
-        own_weight * c.radius + (1.0 - own_weight) * self.global_radius
-    }
-
-    fn feed_detectors(&mut self, nearest_radii: f64, alarms: &mut Vec<DriftAlarm>) {
-        let v = nearest_radii.min(10.0);
+    fn feed_detectors(&mut self, nearest: f64, alarms: &mut Vec<DriftAlarm>) {
+        let v = nearest.min(10.0);
         if let Some(statistic) = self.page_hinkley.update(v) {
             alarms.push(DriftAlarm {
                 detector: "page_hinkley",
@@ -417,31 +551,30 @@ impl Ncs {
         }
     }
 
-    fn update(&mut self, i: usize, x: &[f64], d: f64) -> u64 {
+    fn update(&mut self, i: usize, x: &[f64]) -> u64 {
         let t = self.t;
         let weight = self.weight_now(&self.clusters[i]) + 1.0;
         let rate = (1.0 / weight).max(self.params.min_learning_rate);
-        let mut moved = 0.0;
+        let beta = (1.0 / (self.clusters[i].updates as f64 + 1.0)).max(0.02);
         let dim = self.dim;
-        for j in 0..dim {
-            let c = &mut self.centroids[i * dim + j];
-            let step = rate * (x[j] - *c);
-            *c += step;
-            let s = step * self.inv_scale[j];
-            moved += s * s;
+        let mut moved = 0.0;
+        for f in 0..dim {
+            let k = i * dim + f;
+            let diff = x[f] - self.centroids[k];
+            let step = rate * diff;
+            self.centroids[k] += step;
+            self.spread[k] += beta * (diff * diff * (1.0 - rate) - self.spread[k]);
+            moved += step * step * self.inv_var[k];
         }
         let c = &mut self.clusters[i];
         c.weight = weight;
         c.weighed_at = t;
-        let beta = (1.0 / (c.updates as f64 + 1.0)).max(0.02);
-        c.radius += beta * (d - c.radius);
-        let displacement = moved.sqrt() / c.radius.max(f64::MIN_POSITIVE);
-        c.drift += 0.05 * (displacement - c.drift);
+        c.drift += 0.05 * (moved.sqrt() - c.drift);
         c.updates += 1;
         c.updated_at = t;
         let id = c.id;
         let check = c.updates % self.params.merge_check_every == 0;
-        self.global_radius += 0.01 * (d - self.global_radius);
+        self.refresh_inv_var(i);
         self.events.push((ClusterEvent::Updated, id));
         if check {
             self.merge_around(i);
@@ -449,19 +582,19 @@ impl Ncs {
         id
     }
 
-    fn unplaced(&mut self, x: &[f64], score: f64, nearest_radii: Option<f64>) -> Assignment {
-        // Company among the unplaced points? Found a cluster with it.
-        let reach = self.params.accept_radii * self.global_radius;
-        let mut close: Vec<usize> = self
+    fn unplaced(&mut self, x: &[f64], score: f64, nearest: Option<f64>) -> Assignment {
+        // Two members of one blob differ by twice its variance per feature.
+        let reach = 2.0 * self.accept;
+        let close: Vec<usize> = self
             .pending
             .iter()
             .enumerate()
-            .filter(|(_, p)| self.standardised_distance(x, p) <= reach)
+            .filter(|(_, p)| self.d2_prior(x, p) <= reach)
             .map(|(j, _)| j)
             .collect();
-        // A new cluster must stand apart from the existing ones: points between two accept
-        // regions, or at the fringe of one, stay outliers rather than splitting a cluster.
-        let apart = nearest_radii.is_none_or(|r| r > 2.0 * self.params.accept_radii);
+        // A new cluster must stand apart: fringe points of a cluster stay outliers instead of
+        // splitting it.
+        let apart = nearest.is_none_or(|r| r > 2.0);
         if apart && close.len() + 1 >= self.params.min_cluster_points {
             if self.clusters.len() >= self.params.max_clusters && !self.evict_stalest() {
                 return Assignment {
@@ -469,37 +602,22 @@ impl Ncs {
                     is_outlier: true,
                     outlier_score: score.max(0.5 + f64::EPSILON),
                     reason: Some(OutlierReason::Capacity),
-                    nearest_radii,
+                    nearest,
                 };
             }
-            let mut centre = x.to_vec();
-            for &j in &close {
-                for (c, v) in centre.iter_mut().zip(&self.pending[j]) {
-                    *c += v;
+            let mut members = vec![x.to_vec()];
+            for &j in close.iter().rev() {
+                if let Some(p) = self.pending.remove(j) {
+                    members.push(p);
                 }
             }
-            let n = close.len() as f64 + 1.0;
-            for c in centre.iter_mut() {
-                *c /= n;
-            }
-            let radius = {
-                let mut s = self.standardised_distance(x, &centre);
-                for &j in &close {
-                    s += self.standardised_distance(&self.pending[j], &centre);
-                }
-                s / n
-            };
-            close.sort_unstable();
-            for j in close.into_iter().rev() {
-                self.pending.remove(j);
-            }
-            let id = self.create(centre, n, radius);
+            let id = self.create(&members);
             return Assignment {
                 cluster_id: Some(id),
                 is_outlier: false,
                 outlier_score: 0.0,
                 reason: None,
-                nearest_radii,
+                nearest,
             };
         }
         if self.pending.len() == self.params.pending_capacity {
@@ -509,42 +627,54 @@ impl Ncs {
         Assignment {
             cluster_id: None,
             is_outlier: true,
-            outlier_score: score.max(0.5 + f64::EPSILON).min(1.0 - f64::EPSILON),
+            outlier_score: score.clamp(0.5 + f64::EPSILON, 1.0 - f64::EPSILON),
             reason: Some(OutlierReason::Score),
-            nearest_radii,
+            nearest,
         }
     }
 
-    fn create(&mut self, centre: Vec<f64>, weight: f64, radius: f64) -> u64 {
+    fn create(&mut self, members: &[Vec<f64>]) -> u64 {
+        let n = members.len() as f64;
+        let mut centre = vec![0.0; self.dim];
+        for m in members {
+            for (c, v) in centre.iter_mut().zip(m) {
+                *c += v / n;
+            }
+        }
+        let mut spread = vec![0.0; self.dim];
+        for m in members {
+            for ((s, v), c) in spread.iter_mut().zip(m).zip(&centre) {
+                *s += (v - c) * (v - c) / n;
+            }
+        }
         let id = self.next_id;
         self.next_id += 1;
         self.centroids.extend_from_slice(&centre);
+        self.spread.extend_from_slice(&spread);
+        self.inv_var.extend(std::iter::repeat_n(0.0, self.dim));
         self.clusters.push(ClusterMeta {
             id,
-            weight,
+            weight: n,
             weighed_at: self.t,
-            radius: if radius > 0.0 { radius } else { self.global_radius },
             drift: 0.0,
-            updates: weight as u64,
+            updates: members.len() as u64,
             created_at: self.t,
             updated_at: self.t,
         });
+        let i = self.clusters.len() - 1;
+        self.refresh_inv_var(i);
         self.events.push((ClusterEvent::Created, id));
         id
     }
 
     /// Evicts the lowest-weight (stalest) cluster; false when there is none to evict.
     fn evict_stalest(&mut self) -> bool {
-        let Some((i, w)) = self
-            .clusters
-            .iter()
-            .enumerate()
-            .map(|(i, c)| (i, self.weight_now(c)))
-            .min_by(|a, b| a.1.total_cmp(&b.1))
-        else {
+        let Some(i) = (0..self.clusters.len()).min_by(|&a, &b| {
+            self.weight_now(&self.clusters[a])
+                .total_cmp(&self.weight_now(&self.clusters[b]))
+        }) else {
             return false;
         };
-        let _ = w;
         self.remove(i, ClusterEvent::Evicted);
         true
     }
@@ -552,43 +682,56 @@ impl Ncs {
     fn remove(&mut self, i: usize, event: ClusterEvent) {
         let id = self.clusters[i].id;
         self.clusters.remove(i);
-        self.centroids.drain(i * self.dim..(i + 1) * self.dim);
+        let range = i * self.dim..(i + 1) * self.dim;
+        self.centroids.drain(range.clone());
+        self.spread.drain(range.clone());
+        self.inv_var.drain(range);
         self.events.push((event, id));
     }
 
-    /// Merges cluster `i` with any cluster whose radius it overlaps.
+    /// Merges cluster `i` with every cluster whose centroid lies within its acceptance, or
+    /// which accepts its centroid (they describe one blob).
     fn merge_around(&mut self, i: usize) {
-        let mut j = 0;
         let mut i = i;
+        let mut j = 0;
         while j < self.clusters.len() {
             if j == i {
                 j += 1;
                 continue;
             }
-            let d = self.standardised_distance(self.centroid(i), self.centroid(j));
-            let overlap = self.params.merge_overlap * (self.clusters[i].radius + self.clusters[j].radius);
-            if d >= overlap {
+            let ci = self.centroid(i).to_vec();
+            let cj = self.centroid(j).to_vec();
+            if self.d2(&ci, j) > self.accept && self.d2(&cj, i) > self.accept {
                 j += 1;
                 continue;
             }
-            // The heavier cluster survives and keeps its id.
-            let (wi, wj) = (self.weight_now(&self.clusters[i]), self.weight_now(&self.clusters[j]));
-            let (keep, gone) = if wi >= wj { (i, j) } else { (j, i) };
-            let (wk, wg) = if wi >= wj { (wi, wj) } else { (wj, wi) };
+            let (wi, wj) = (
+                self.weight_now(&self.clusters[i]),
+                self.weight_now(&self.clusters[j]),
+            );
+            let (keep, gone, wk, wg) = if wi >= wj {
+                (i, j, wi, wj)
+            } else {
+                (j, i, wj, wi)
+            };
             let dim = self.dim;
             for f in 0..dim {
-                let g = self.centroids[gone * dim + f];
-                let k = &mut self.centroids[keep * dim + f];
-                *k = (*k * wk + g * wg) / (wk + wg);
+                let (k, g) = (keep * dim + f, gone * dim + f);
+                let (ck, cg) = (self.centroids[k], self.centroids[g]);
+                let merged = (ck * wk + cg * wg) / (wk + wg);
+                self.spread[k] = (wk * (self.spread[k] + (ck - merged).powi(2))
+                    + wg * (self.spread[g] + (cg - merged).powi(2)))
+                    / (wk + wg);
+                self.centroids[k] = merged;
             }
-            let gone_meta = self.clusters[gone].clone();
+            let gone_updates = self.clusters[gone].updates;
             let t = self.t;
             let k = &mut self.clusters[keep];
-            k.radius = (k.radius * wk + gone_meta.radius * wg) / (wk + wg) + d * wg / (wk + wg);
             k.weight = wk + wg;
             k.weighed_at = t;
-            k.updates += gone_meta.updates;
+            k.updates += gone_updates;
             let keep_id = k.id;
+            self.refresh_inv_var(keep);
             self.events.push((ClusterEvent::Merged, keep_id));
             self.remove(gone, ClusterEvent::Evicted);
             i = self
