@@ -62,7 +62,7 @@ impl Default for NcsParams {
             warmup_points: 50,
             decay: 0.9999,
             min_learning_rate: 0.01,
-            merge_check_every: 4,
+            merge_check_every: 16,
             page_hinkley_threshold: 50.0,
             adwin_delta: 0.002,
         }
@@ -353,6 +353,21 @@ impl Ncs {
         s
     }
 
+    /// `D²` of cluster `a`'s centroid to cluster `b`.
+    fn d2_rows(&self, a: usize, b: usize) -> f64 {
+        let dim = self.dim;
+        let (ca, cb) = (
+            &self.centroids[a * dim..(a + 1) * dim],
+            &self.centroids[b * dim..(b + 1) * dim],
+        );
+        let w = &self.inv_var[b * dim..(b + 1) * dim];
+        ca.iter()
+            .zip(cb)
+            .zip(w)
+            .map(|((x, y), w)| (x - y) * (x - y) * w)
+            .sum()
+    }
+
     /// `D²` between two points under the prior spread.
     fn d2_prior(&self, a: &[f64], b: &[f64]) -> f64 {
         a.iter()
@@ -501,8 +516,17 @@ impl Ncs {
             self.refresh_prior();
         }
         let (mut best, mut best_d2, mut second_d2) = (usize::MAX, f64::INFINITY, f64::INFINITY);
-        for i in 0..self.clusters.len() {
-            let d2 = self.d2(x, i);
+        // One fused pass over the contiguous centroids and inverse variances.
+        let rows = self
+            .centroids
+            .chunks_exact(self.dim)
+            .zip(self.inv_var.chunks_exact(self.dim));
+        for (i, (c, w)) in rows.enumerate() {
+            let mut d2 = 0.0;
+            for ((xi, ci), wi) in x.iter().zip(c).zip(w) {
+                let d = xi - ci;
+                d2 += d * d * wi;
+            }
             if d2 < best_d2 {
                 second_d2 = best_d2;
                 best = i;
@@ -699,9 +723,7 @@ impl Ncs {
                 j += 1;
                 continue;
             }
-            let ci = self.centroid(i).to_vec();
-            let cj = self.centroid(j).to_vec();
-            if self.d2(&ci, j) > self.accept && self.d2(&cj, i) > self.accept {
+            if self.d2_rows(i, j) > self.accept && self.d2_rows(j, i) > self.accept {
                 j += 1;
                 continue;
             }
