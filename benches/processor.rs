@@ -1,7 +1,8 @@
-//! Processor throughput: JSON decode + windows, per core (one partition's processor).
+//! Processor throughput: JSON decode + `ncs` clustering (d = 8) + two tumbling windows, per core
+//! (one partition's processor).
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use neurostream::config::{ProcessingConfig, WindowConfig};
+use neurostream::config::{ClusteringConfig, ProcessingConfig, WindowConfig};
 use neurostream::generator::{Generator, GeneratorConfig};
 use neurostream::processor::{Processor, Record};
 
@@ -16,6 +17,7 @@ fn messages(n: usize) -> Vec<Vec<u8>> {
 fn two_windows() -> ProcessingConfig {
     ProcessingConfig {
         dimension: None,
+        clustering: ClusteringConfig::default(),
         windows: vec![
             WindowConfig {
                 size_ms: 10_000,
@@ -38,7 +40,7 @@ fn bench_processor(c: &mut Criterion) {
     let mut group = c.benchmark_group("processor");
     group.throughput(Throughput::Elements(N as u64));
     group.sample_size(10);
-    group.bench_function("json_decode_plus_2_tumbling_windows", |b| {
+    group.bench_function("json_decode_ncs_d8_plus_2_tumbling_windows", |b| {
         b.iter_batched(
             || Processor::new(&config, 1 << 20, 0),
             |mut p| {

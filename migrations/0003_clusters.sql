@@ -26,6 +26,7 @@ CREATE TABLE cluster_updates (
     radius            double precision NOT NULL,
     quality           double precision,
     drift_coefficient double precision,
+    created_at        timestamptz      NOT NULL,
     updated_at        timestamptz      NOT NULL,
     PRIMARY KEY (source_topic, partition, cluster_id, source_offset, event)
 );

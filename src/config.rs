@@ -245,6 +245,8 @@ impl Profile {
 pub struct ProcessingConfig {
     /// Feature dimension; unset: fixed by the first event of each partition.
     pub dimension: Option<usize>,
+    /// Online clustering of the events' features.
+    pub clustering: ClusteringConfig,
     /// Event-time windows, each a `[[processing.windows]]` table.
     pub windows: Vec<WindowConfig>,
 }
@@ -253,8 +255,175 @@ impl Default for ProcessingConfig {
     fn default() -> Self {
         Self {
             dimension: None,
+            clustering: ClusteringConfig::default(),
             windows: vec![WindowConfig::default()],
         }
+    }
+}
+
+/// Clustering algorithms.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Algorithm {
+    /// The corrected algorithm (default).
+    #[default]
+    #[serde(rename = "ncs")]
+    Ncs,
+    /// The NCS V8 reference port.
+    #[serde(rename = "ncs-v8")]
+    NcsV8,
+}
+
+impl Algorithm {
+    /// The name used in configuration and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::Ncs => "ncs",
+            Algorithm::NcsV8 => "ncs-v8",
+        }
+    }
+}
+
+/// The NCS API's named parameter sets.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Preset {
+    /// Fewer clusters, faster adaptation.
+    RealTimeLowLatency,
+    /// More clusters, slower and stricter adaptation.
+    HighAccuracyResearch,
+    /// Many clusters, the reference's defaults otherwise.
+    LargeScaleProduction,
+    /// Few clusters, fast decay for sensor streams.
+    StreamingIot,
+}
+
+/// `[processing.clustering]`: the algorithm and its parameters. The reference's parameter names
+/// carry over for `ncs-v8`; `max_clusters` applies to both; `accept_sigmas`,
+/// `min_cluster_points` and `warmup_points` are `ncs`'s own. A preset fills what is not set.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusteringConfig {
+    /// Cluster the events' features (they are then required).
+    pub enabled: bool,
+    /// `ncs` (default) or `ncs-v8`.
+    pub algorithm: Algorithm,
+    /// A named parameter set; explicit parameters override it field by field.
+    pub preset: Option<Preset>,
+    /// `ncs-v8`: starting similarity threshold.
+    pub base_threshold: Option<f64>,
+    /// `ncs-v8`: centroid learning rate.
+    pub learning_rate: Option<f64>,
+    /// `ncs-v8`: confidence decay per maintenance.
+    pub decay_rate: Option<f64>,
+    /// `ncs-v8`: clusters below this confidence are dropped.
+    pub min_confidence: Option<f64>,
+    /// `ncs-v8`: merge score threshold.
+    pub merge_threshold: Option<f64>,
+    /// `ncs-v8`: outlier score threshold.
+    pub outlier_threshold: Option<f64>,
+    /// `ncs-v8`: similarity history length.
+    pub stability_window: Option<usize>,
+    /// Both: cluster cap.
+    pub max_clusters: Option<usize>,
+    /// `ncs`: acceptance `D² ≤ d + accept_sigmas·√(2d)`.
+    pub accept_sigmas: Option<f64>,
+    /// `ncs`: unplaced points that found a cluster together.
+    pub min_cluster_points: Option<usize>,
+    /// `ncs`: points that estimate the scales before clustering starts.
+    pub warmup_points: Option<usize>,
+    /// At most one `updated` cluster_update per cluster per this much event time.
+    pub emit_interval_ms: u64,
+    /// An `algorithm_status` every this many clustered points.
+    pub status_every_points: u64,
+}
+
+impl Default for ClusteringConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            algorithm: Algorithm::Ncs,
+            preset: None,
+            base_threshold: None,
+            learning_rate: None,
+            decay_rate: None,
+            min_confidence: None,
+            merge_threshold: None,
+            outlier_threshold: None,
+            stability_window: None,
+            max_clusters: None,
+            accept_sigmas: None,
+            min_cluster_points: None,
+            warmup_points: None,
+            emit_interval_ms: 1_000,
+            status_every_points: 10_000,
+        }
+    }
+}
+
+impl ClusteringConfig {
+    /// The preset's V8 parameters (our reading of the NCS API presets).
+    fn preset_v8(&self) -> crate::ncs::v8::V8Params {
+        let base = crate::ncs::v8::V8Params::default();
+        match self.preset {
+            None => base,
+            Some(Preset::RealTimeLowLatency) => crate::ncs::v8::V8Params {
+                base_threshold: 0.75,
+                learning_rate: 0.08,
+                stability_window: 50,
+                max_clusters: 20,
+                ..base
+            },
+            Some(Preset::HighAccuracyResearch) => crate::ncs::v8::V8Params {
+                base_threshold: 0.65,
+                learning_rate: 0.04,
+                merge_threshold: 0.92,
+                stability_window: 200,
+                max_clusters: 50,
+                performance_mode: false,
+                ..base
+            },
+            Some(Preset::LargeScaleProduction) => crate::ncs::v8::V8Params {
+                max_clusters: 100,
+                ..base
+            },
+            Some(Preset::StreamingIot) => crate::ncs::v8::V8Params {
+                base_threshold: 0.7,
+                learning_rate: 0.1,
+                decay_rate: 0.005,
+                max_clusters: 15,
+                ..base
+            },
+        }
+    }
+
+    /// Effective `ncs-v8` parameters: preset, then explicit fields.
+    pub fn v8_params(&self) -> crate::ncs::v8::V8Params {
+        let mut p = self.preset_v8();
+        p.base_threshold = self.base_threshold.unwrap_or(p.base_threshold);
+        p.learning_rate = self.learning_rate.unwrap_or(p.learning_rate);
+        p.decay_rate = self.decay_rate.unwrap_or(p.decay_rate);
+        p.min_confidence = self.min_confidence.unwrap_or(p.min_confidence);
+        p.merge_threshold = self.merge_threshold.unwrap_or(p.merge_threshold);
+        p.outlier_threshold = self.outlier_threshold.unwrap_or(p.outlier_threshold);
+        p.stability_window = self.stability_window.unwrap_or(p.stability_window);
+        p.max_clusters = self.max_clusters.unwrap_or(p.max_clusters);
+        p
+    }
+
+    /// Effective `ncs` parameters: preset (its cluster cap), then explicit fields.
+    pub fn ncs_params(&self) -> crate::ncs::corrected::NcsParams {
+        let mut p = crate::ncs::corrected::NcsParams::default();
+        if self.preset.is_some() {
+            p.max_clusters = self.preset_v8().max_clusters;
+        }
+        if self.preset == Some(Preset::StreamingIot) {
+            p.decay = 0.999;
+        }
+        p.max_clusters = self.max_clusters.unwrap_or(p.max_clusters);
+        p.accept_sigmas = self.accept_sigmas.unwrap_or(p.accept_sigmas);
+        p.min_cluster_points = self.min_cluster_points.unwrap_or(p.min_cluster_points);
+        p.warmup_points = self.warmup_points.unwrap_or(p.warmup_points);
+        p
     }
 }
 
@@ -635,6 +804,28 @@ impl Config {
                     "processing.dimension must be within 1..=1024, not {d}"
                 ));
             }
+        }
+        let cl = &self.processing.clustering;
+        if cl.max_clusters == Some(0) {
+            p.push("processing.clustering.max_clusters must be at least 1".into());
+        }
+        if cl
+            .accept_sigmas
+            .is_some_and(|a| !(a.is_finite() && a > 0.0))
+        {
+            p.push("processing.clustering.accept_sigmas must be positive".into());
+        }
+        if cl.min_cluster_points.is_some_and(|n| n < 2) {
+            p.push("processing.clustering.min_cluster_points must be at least 2".into());
+        }
+        if cl.warmup_points.is_some_and(|n| n < 2) {
+            p.push("processing.clustering.warmup_points must be at least 2".into());
+        }
+        if cl.stability_window == Some(0) {
+            p.push("processing.clustering.stability_window must be at least 1".into());
+        }
+        if cl.status_every_points == 0 {
+            p.push("processing.clustering.status_every_points must be at least 1".into());
         }
         for (i, w) in self.processing.windows.iter().enumerate() {
             let at = format!("processing.windows[{i}]");

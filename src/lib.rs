@@ -8,6 +8,7 @@
 //!   ([`windows::sliding`]); pure, checkpointable.
 //! - [`ncs`]: online clustering; [`ncs::v8`] is the NCS V8 reference port.
 //! - [`processor`]: the pure per-partition processor every entry point drives.
+//! - [`clustering`]: the processor's clustering stage: engine decisions to outputs.
 //! - [`offline`]: `neurostream process`, the processor over JSON lines.
 //! - [`kafka`]: the Kafka edge: consumer group and rebalances ([`kafka::intake`]), the
 //!   idempotent output producer ([`kafka::producer`]), topic administration.
@@ -23,6 +24,7 @@
 //! - [`demo`]: `neurostream demo`, the whole pipeline on one machine.
 
 pub mod app;
+pub mod clustering;
 pub mod config;
 pub mod demo;
 pub mod event;

@@ -58,6 +58,16 @@ enum Command {
         /// Coalesce window updates (`emit = update|both`) over this many lines.
         #[arg(long, default_value_t = offline::UPDATE_BATCH_LINES)]
         update_every: u64,
+        /// Clustering algorithm (overrides the configuration).
+        #[arg(long, value_parser = ["ncs", "ncs-v8"])]
+        algorithm: Option<String>,
+        /// NCS preset: real_time_low_latency, high_accuracy_research, large_scale_production,
+        /// streaming_iot (overrides the configuration's preset).
+        #[arg(long)]
+        preset: Option<String>,
+        /// Add one `assignment` line per clustered event, in input order.
+        #[arg(long)]
+        assignments: bool,
     },
     /// Apply the database migrations and exit.
     Migrate,
@@ -117,7 +127,27 @@ fn main() -> ExitCode {
                 input,
                 output,
                 update_every,
-            } => process(&loaded.config, input, output, update_every),
+                algorithm,
+                preset,
+                assignments,
+            } => {
+                let mut config = loaded.config.clone();
+                let clustering = &mut config.processing.clustering;
+                if let Some(a) = algorithm {
+                    clustering.algorithm = serde_json::from_value(serde_json::Value::String(a))?;
+                }
+                if let Some(p) = preset {
+                    clustering.preset = Some(
+                        serde_json::from_value(serde_json::Value::String(p.clone()))
+                            .map_err(|_| anyhow::anyhow!("unknown preset `{p}`"))?,
+                    );
+                }
+                let options = offline::OfflineOptions {
+                    update_every,
+                    assignments,
+                };
+                process(&config, input, output, options)
+            }
             Command::Migrate => migrate(&loaded.config).await,
             Command::Config => {
                 print!("{}", loaded.config.describe(&loaded.figment));
@@ -189,7 +219,7 @@ fn process(
     config: &config::Config,
     input: Option<PathBuf>,
     output: Option<PathBuf>,
-    update_every: u64,
+    options: offline::OfflineOptions,
 ) -> anyhow::Result<()> {
     let reader: Box<dyn std::io::BufRead> = match input {
         Some(path) => {
@@ -205,13 +235,7 @@ fn process(
         )?)),
         None => Box::new(BufWriter::new(std::io::stdout().lock())),
     };
-    let stats = offline::process_lines(
-        config,
-        update_every,
-        reader,
-        writer,
-        std::io::stderr().lock(),
-    )?;
+    let stats = offline::process_lines(config, options, reader, writer, std::io::stderr().lock())?;
     eprintln!(
         "processed {} lines: {} rejected, {} outputs",
         stats.lines, stats.rejected, stats.outputs

@@ -24,19 +24,38 @@ pub struct OfflineStats {
     pub outputs: u64,
 }
 
-/// Processes every line of `input`, writing outputs to `output` and rejections to `errors`;
-/// window updates are coalesced over `update_every` lines.
+/// How an offline run reports.
+#[derive(Debug, Clone, Copy)]
+pub struct OfflineOptions {
+    /// Window updates (`emit = update|both`) are coalesced over this many lines.
+    pub update_every: u64,
+    /// Add one `assignment` line per clustered event, in input order.
+    pub assignments: bool,
+}
+
+impl Default for OfflineOptions {
+    fn default() -> Self {
+        Self {
+            update_every: UPDATE_BATCH_LINES,
+            assignments: false,
+        }
+    }
+}
+
+/// Processes every line of `input`, writing outputs to `output` and rejections to `errors`.
 ///
 /// # Errors
 /// I/O errors of the reader or writers.
 pub fn process_lines(
     config: &Config,
-    update_every: u64,
+    options: OfflineOptions,
     input: impl BufRead,
     mut output: impl Write,
     mut errors: impl Write,
 ) -> std::io::Result<OfflineStats> {
+    let update_every = options.update_every;
     let mut processor = Processor::new(&config.processing, config.kafka.max_event_bytes, 0);
+    processor.collect_assignments(options.assignments);
     let mut stats = OfflineStats::default();
     let mut out = Vec::new();
     for (n, line) in input.split(b'\n').enumerate() {
@@ -70,12 +89,22 @@ pub fn process_lines(
         if stats.lines % update_every.max(1) == 0 {
             processor.end_batch(&mut out);
         }
+        write_assignments(&mut output, &mut processor)?;
         stats.outputs += write_outputs(&mut output, &mut out)?;
     }
     processor.close_all(&mut out);
+    write_assignments(&mut output, &mut processor)?;
     stats.outputs += write_outputs(&mut output, &mut out)?;
     output.flush()?;
     Ok(stats)
+}
+
+fn write_assignments(output: &mut impl Write, processor: &mut Processor) -> std::io::Result<()> {
+    for line in processor.drain_assignments() {
+        serde_json::to_writer(&mut *output, &line)?;
+        output.write_all(b"\n")?;
+    }
+    Ok(())
 }
 
 fn write_outputs(
@@ -97,13 +126,14 @@ mod tests {
     #[test]
     fn windows_close_at_end_of_input_and_bad_lines_are_reported() {
         let mut config = Config::default();
+        config.processing.clustering.enabled = false;
         config.processing.windows[0].size_ms = 10;
         let input = "{\"key\":\"a\",\"ts\":1,\"value\":2}\nnot json\n{\"key\":\"a\",\"ts\":12,\"value\":4}\n";
         let mut out = Vec::new();
         let mut err = Vec::new();
         let stats = process_lines(
             &config,
-            UPDATE_BATCH_LINES,
+            OfflineOptions::default(),
             input.as_bytes(),
             &mut out,
             &mut err,

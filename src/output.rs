@@ -20,6 +20,102 @@ pub struct Emitted {
 pub enum Output {
     /// An event-time window's aggregate for one key.
     WindowAggregate(WindowAggregate),
+    /// A cluster's lifecycle event or (rate-limited) update.
+    ClusterUpdate(ClusterUpdate),
+    /// An event flagged as an outlier.
+    Outlier(OutlierRecord),
+    /// A drift alarm.
+    DriftDetection(DriftRecord),
+    /// The partition's periodic algorithm status.
+    AlgorithmStatus(StatusRecord),
+}
+
+/// A cluster's state at a lifecycle event or update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterUpdate {
+    /// Source partition.
+    pub partition: i32,
+    /// Stable id within the partition.
+    pub cluster_id: u64,
+    /// `created`, `updated`, `merged` or `evicted`.
+    pub event: String,
+    /// Centroid in input units.
+    pub centroid: Vec<f64>,
+    /// Decayed member weight.
+    pub weight: f64,
+    /// RMS member distance in standardised units.
+    pub radius: f64,
+    /// Confidence in [0, 1].
+    pub quality: f64,
+    /// Smoothed centroid displacement per update relative to the cluster's spread.
+    pub drift_coefficient: f64,
+    /// Event time of creation (epoch ms).
+    pub created_at: i64,
+    /// Event time of this state (epoch ms).
+    pub updated_at: i64,
+}
+
+/// An outlier event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutlierRecord {
+    /// Source partition.
+    pub partition: i32,
+    /// Source offset.
+    pub offset: i64,
+    /// The event's id.
+    pub id: Option<String>,
+    /// The event's key.
+    pub key: String,
+    /// Event time (epoch ms).
+    pub ts: i64,
+    /// The event's features.
+    pub features: Vec<f64>,
+    /// Outlier score in [0, 1).
+    pub outlier_score: f64,
+    /// `score` or `capacity`.
+    pub reason: String,
+    /// The event's metadata.
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// A drift alarm.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftRecord {
+    /// Source partition.
+    pub partition: i32,
+    /// `low`, `medium` or `high`.
+    pub severity: String,
+    /// Clusters drifting the most.
+    pub affected_clusters: Vec<u64>,
+    /// `page_hinkley` or `adwin`.
+    pub detector: String,
+    /// The detector's statistic.
+    pub statistic: f64,
+    /// What to do about it.
+    pub recommendation: String,
+    /// Event time of the alarm (epoch ms).
+    pub detected_at: i64,
+}
+
+/// Periodic per-partition algorithm status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusRecord {
+    /// Source partition.
+    pub partition: i32,
+    /// `ncs` or `ncs-v8`.
+    pub algorithm: String,
+    /// Live clusters.
+    pub active_clusters: u64,
+    /// Internal quality (`ncs`: streaming simplified silhouette; `ncs-v8`: its own score).
+    pub clustering_quality: f64,
+    /// Acceptance threshold (`ncs`: the D² bound; `ncs-v8`: the similarity threshold).
+    pub current_threshold: f64,
+    /// Whether a drift alarm was raised since the previous status.
+    pub drift_detected: bool,
+    /// Points clustered in this partition.
+    pub points_processed: u64,
+    /// Points per second (the pure processor has no clock: null; services may fill it).
+    pub points_per_second: Option<f64>,
 }
 
 /// Aggregate of `value` for one (window, key).
@@ -63,6 +159,10 @@ impl Output {
     pub fn topic<'a>(&self, topics: &'a OutputTopics) -> &'a str {
         match self {
             Output::WindowAggregate(_) => &topics.windows,
+            Output::ClusterUpdate(_) => &topics.clusters,
+            Output::Outlier(_) => &topics.outliers,
+            Output::DriftDetection(_) => &topics.drift,
+            Output::AlgorithmStatus(_) => &topics.status,
         }
     }
 
@@ -78,6 +178,10 @@ impl Output {
                     w.window_start
                 )
             }
+            Output::ClusterUpdate(c) => format!("{}:{}", c.partition, c.cluster_id),
+            Output::Outlier(o) => o.key.clone(),
+            Output::DriftDetection(d) => d.partition.to_string(),
+            Output::AlgorithmStatus(s) => s.partition.to_string(),
         }
     }
 

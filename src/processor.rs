@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::clustering::{AssignmentLine, ClusteringStage};
 use crate::config::{LatePolicy, ProcessingConfig};
 use crate::event::{self, DecodeError, Event};
 use crate::output::Emitted;
@@ -35,13 +36,15 @@ pub struct ProcessorCounters {
 }
 
 /// Serialised processor state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Snapshot {
     version: u32,
     dimension: Option<usize>,
     counters: ProcessorCounters,
     #[serde(default)]
     last_offset: i64,
+    #[serde(default)]
+    clustering: Option<ClusteringStage>,
     windows: Vec<WindowerState>,
 }
 
@@ -60,6 +63,8 @@ pub struct Processor {
     /// Feature dimension of this partition: configured, or fixed by its first event with features.
     dimension: Option<usize>,
     windows: Vec<Windower>,
+    /// Online clustering, when enabled.
+    clustering: Option<ClusteringStage>,
     counters: ProcessorCounters,
     /// Wall clock of the current batch (idle close); `None` offline.
     wall_ms: Option<i64>,
@@ -75,6 +80,10 @@ impl Processor {
             max_event_bytes,
             dimension: config.dimension,
             windows: config.windows.iter().cloned().map(Windower::new).collect(),
+            clustering: config
+                .clustering
+                .enabled
+                .then(|| ClusteringStage::new(config.clustering.clone())),
             counters: ProcessorCounters::default(),
             wall_ms: None,
             last_offset: -1,
@@ -104,6 +113,11 @@ impl Processor {
         p.dimension = config.dimension.or(snap.dimension);
         p.counters = snap.counters;
         p.last_offset = snap.last_offset;
+        if config.clustering.enabled {
+            if let Some(stage) = snap.clustering {
+                p.clustering = Some(stage.with_config(config.clustering.clone()));
+            }
+        }
         for state in snap.windows {
             if let Some(w) = p.windows.iter_mut().find(|w| w.matches(&state)) {
                 w.restore(state);
@@ -119,6 +133,7 @@ impl Processor {
             dimension: self.dimension,
             counters: self.counters.clone(),
             last_offset: self.last_offset,
+            clustering: self.clustering.clone(),
             windows: self.windows.iter().map(Windower::snapshot).collect(),
         })
         .expect("processor state holds only finite numbers and strings")
@@ -175,6 +190,12 @@ impl Processor {
                 None => self.dimension = Some(event.features.len()),
             }
         }
+        if let Some(stage) = &mut self.clustering {
+            if let Err(err) = stage.apply(event, offset, self.partition, out) {
+                self.counters.rejected += 1;
+                return Err(err);
+            }
+        }
         self.counters.events += 1;
         let mut to_dlq = None;
         for w in &mut self.windows {
@@ -210,9 +231,27 @@ impl Processor {
     /// End of input: closes every open window with its final (an update the final would
     /// immediately supersede is emitted only in `emit = "both"` mode).
     pub fn close_all(&mut self, out: &mut Vec<Emitted>) {
+        if let Some(stage) = &mut self.clustering {
+            stage.finish(self.partition, self.last_offset, out);
+        }
         for w in &mut self.windows {
             w.close_all(self.last_offset, self.partition, out);
         }
+    }
+
+    /// Keep per-event clustering assignments (`neurostream process --assignments`).
+    pub fn collect_assignments(&mut self, on: bool) {
+        if let Some(stage) = &mut self.clustering {
+            stage.collect_assignments(on);
+        }
+    }
+
+    /// Clustering assignments so far, in input order.
+    pub fn drain_assignments(&mut self) -> Vec<AssignmentLine> {
+        self.clustering
+            .as_mut()
+            .map(|s| s.drain_assignments().collect())
+            .unwrap_or_default()
     }
 
     /// Whether any window wants wall-clock ticks (idle close).
@@ -242,11 +281,15 @@ impl Processor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::WindowConfig;
+    use crate::config::{ClusteringConfig, WindowConfig};
 
     fn config() -> ProcessingConfig {
         ProcessingConfig {
             dimension: None,
+            clustering: ClusteringConfig {
+                warmup_points: Some(20),
+                ..ClusteringConfig::default()
+            },
             windows: vec![
                 WindowConfig {
                     size_ms: 10,
@@ -335,6 +378,10 @@ mod tests {
     fn late_events_of_dlq_windows_are_handed_back() {
         let config = ProcessingConfig {
             dimension: None,
+            clustering: ClusteringConfig {
+                enabled: false,
+                ..ClusteringConfig::default()
+            },
             windows: vec![WindowConfig {
                 size_ms: 10,
                 late: LatePolicy::Dlq,
@@ -363,6 +410,10 @@ mod tests {
     fn idle_close_through_the_processor_uses_the_injected_clock() {
         let config = ProcessingConfig {
             dimension: None,
+            clustering: ClusteringConfig {
+                enabled: false,
+                ..ClusteringConfig::default()
+            },
             windows: vec![WindowConfig {
                 size_ms: 10,
                 idle_close_ms: Some(1_000),

@@ -15,7 +15,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::Connection as _;
 
-use crate::output::{Emitted, Output, WindowAggregate};
+use crate::output::{ClusterUpdate, DriftRecord, Emitted, OutlierRecord, Output, WindowAggregate};
 
 /// A partition's checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,6 +170,34 @@ pub struct PgStore {
 
 const WINDOW_COLUMNS: &str = "source_topic, partition, window_kind, size_ms, slide_ms, key, \
      window_start, window_end, count, sum, mean, std, min, max, is_final, revision, source_offset";
+const CLUSTER_UPDATE_COLUMNS: &str = "source_topic, partition, cluster_id, source_offset, event, \
+     centroid, weight, radius, quality, drift_coefficient, created_at, updated_at";
+const DRIFT_COLUMNS: &str = "source_topic, partition, source_offset, detector, severity, \
+     affected_clusters, statistic, recommendation, detected_at";
+const OUTLIER_COLUMNS: &str =
+    "source_topic, partition, source_offset, event_id, key, ts, features, outlier_score, reason";
+
+/// COPYs `text` into a per-connection staging table shaped like `table`, emptied at commit.
+async fn stage(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    table: &str,
+    columns: &str,
+    text: String,
+) -> Result<(), StoreError> {
+    sqlx::query(&format!(
+        "-- per-connection staging table, emptied at every commit
+         CREATE TEMP TABLE IF NOT EXISTS {table}_staging
+         (LIKE {table} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    ))
+    .execute(&mut **tx)
+    .await?;
+    let mut copy = tx
+        .copy_in_raw(&format!("COPY {table}_staging ({columns}) FROM STDIN"))
+        .await?;
+    copy.send(text.into_bytes()).await?;
+    copy.finish().await?;
+    Ok(())
+}
 
 impl PgStore {
     /// Connects a pool (lazily: the first batch waits for the database, with retries).
@@ -216,34 +244,27 @@ impl PgStore {
     async fn commit(&self, batch: &Batch<'_>) -> Result<u64, StoreError> {
         let mut conn = self.pool.acquire().await?;
         let mut tx = conn.begin().await?;
-        let windows: Vec<(&WindowAggregate, i64)> = batch
-            .outputs
-            .iter()
-            .map(|e| match &e.output {
-                Output::WindowAggregate(w) => (w, e.source_offset),
-            })
-            .collect();
+        let topic = &batch.id.topic;
+        let (mut windows, mut clusters, mut drifts, mut outliers) =
+            (String::new(), String::new(), String::new(), String::new());
+        for e in batch.outputs {
+            match &e.output {
+                Output::WindowAggregate(w) => {
+                    copy_window_row(&mut windows, topic, w, e.source_offset)
+                }
+                Output::ClusterUpdate(c) => {
+                    copy_cluster_row(&mut clusters, topic, c, e.source_offset)
+                }
+                Output::DriftDetection(d) => copy_drift_row(&mut drifts, topic, d, e.source_offset),
+                Output::Outlier(o) => copy_outlier_row(&mut outliers, topic, o),
+                // Status is a Kafka-only heartbeat.
+                Output::AlgorithmStatus(_) => {}
+            }
+        }
         let mut rows = 0;
         if !windows.is_empty() {
-            sqlx::query(
-                "-- per-connection staging table, emptied at every commit
-                 CREATE TEMP TABLE IF NOT EXISTS window_aggregates_staging
-                 (LIKE window_aggregates INCLUDING DEFAULTS) ON COMMIT DELETE ROWS",
-            )
-            .execute(&mut *tx)
-            .await?;
-            let mut text = String::with_capacity(windows.len() * 160);
-            for (w, offset) in &windows {
-                copy_window_row(&mut text, &batch.id.topic, w, *offset);
-            }
-            let mut copy = tx
-                .copy_in_raw(&format!(
-                    "COPY window_aggregates_staging ({WINDOW_COLUMNS}) FROM STDIN"
-                ))
-                .await?;
-            copy.send(text.into_bytes()).await?;
-            copy.finish().await?;
-            let upserted = sqlx::query(&format!(
+            stage(&mut tx, "window_aggregates", WINDOW_COLUMNS, windows).await?;
+            rows += sqlx::query(&format!(
                 "-- upsert: a higher revision, or the final of the same revision, replaces the row;
                  -- a replay (same revision and finality) changes nothing
                  INSERT INTO window_aggregates ({WINDOW_COLUMNS})
@@ -262,8 +283,63 @@ impl PgStore {
                      < (excluded.revision, excluded.is_final)"
             ))
             .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        if !clusters.is_empty() {
+            stage(&mut tx, "cluster_updates", CLUSTER_UPDATE_COLUMNS, clusters).await?;
+            rows += sqlx::query(&format!(
+                "-- cluster history: one row per (cluster, source offset, event); replays do nothing
+                 INSERT INTO cluster_updates ({CLUSTER_UPDATE_COLUMNS})
+                 SELECT {CLUSTER_UPDATE_COLUMNS} FROM cluster_updates_staging
+                 ON CONFLICT DO NOTHING"
+            ))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            sqlx::query(
+                "-- latest state per cluster; never replaced by an older source offset
+                 INSERT INTO clusters (source_topic, partition, cluster_id, centroid, weight, radius,
+                                       quality, drift_coefficient, status, created_at, updated_at,
+                                       source_offset)
+                 SELECT DISTINCT ON (source_topic, partition, cluster_id)
+                        source_topic, partition, cluster_id, centroid, weight, radius, quality,
+                        drift_coefficient,
+                        CASE WHEN event = 'evicted' THEN 'evicted' ELSE 'active' END,
+                        created_at, updated_at, source_offset
+                 FROM cluster_updates_staging
+                 ORDER BY source_topic, partition, cluster_id, source_offset DESC, (event = 'evicted') DESC
+                 ON CONFLICT (source_topic, partition, cluster_id) DO UPDATE
+                 SET centroid = excluded.centroid, weight = excluded.weight, radius = excluded.radius,
+                     quality = excluded.quality, drift_coefficient = excluded.drift_coefficient,
+                     status = excluded.status, updated_at = excluded.updated_at,
+                     source_offset = excluded.source_offset
+                 WHERE clusters.source_offset <= excluded.source_offset",
+            )
+            .execute(&mut *tx)
             .await?;
-            rows = upserted.rows_affected();
+        }
+        if !drifts.is_empty() {
+            stage(&mut tx, "drift_alerts", DRIFT_COLUMNS, drifts).await?;
+            rows += sqlx::query(&format!(
+                "-- drift alarms, keyed by source offset and detector; replays do nothing
+                 INSERT INTO drift_alerts ({DRIFT_COLUMNS})
+                 SELECT {DRIFT_COLUMNS} FROM drift_alerts_staging ON CONFLICT DO NOTHING"
+            ))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        if !outliers.is_empty() {
+            stage(&mut tx, "outliers", OUTLIER_COLUMNS, outliers).await?;
+            rows += sqlx::query(&format!(
+                "-- outliers, keyed by source offset; replays do nothing
+                 INSERT INTO outliers ({OUTLIER_COLUMNS})
+                 SELECT {OUTLIER_COLUMNS} FROM outliers_staging ON CONFLICT DO NOTHING"
+            ))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         }
         sqlx::query(
             "-- the partition's checkpoint, in the same transaction; never moves backwards
@@ -313,6 +389,71 @@ fn copy_window_row(out: &mut String, topic: &str, w: &WindowAggregate, offset: i
         }
     }
     let _ = writeln!(out, "{}\t{}\t{}", w.is_final, w.revision, offset);
+}
+
+fn copy_array<T: std::fmt::Display>(out: &mut String, items: &[T]) {
+    out.push('{');
+    for (i, x) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{x}");
+    }
+    out.push('}');
+}
+
+fn copy_opt_text(out: &mut String, s: Option<&str>) {
+    match s {
+        Some(s) => copy_text(out, s),
+        None => out.push_str("\\N"),
+    }
+}
+
+fn copy_cluster_row(out: &mut String, topic: &str, c: &ClusterUpdate, offset: i64) {
+    copy_text(out, topic);
+    let _ = write!(
+        out,
+        "\t{}\t{}\t{}\t{}\t",
+        c.partition, c.cluster_id, offset, c.event
+    );
+    copy_array(out, &c.centroid);
+    let _ = writeln!(
+        out,
+        "\t{}\t{}\t{}\t{}\t{}\t{}",
+        c.weight,
+        c.radius,
+        c.quality,
+        c.drift_coefficient,
+        timestamp(c.created_at),
+        timestamp(c.updated_at)
+    );
+}
+
+fn copy_drift_row(out: &mut String, topic: &str, d: &DriftRecord, offset: i64) {
+    copy_text(out, topic);
+    let _ = write!(
+        out,
+        "\t{}\t{}\t{}\t{}\t",
+        d.partition, offset, d.detector, d.severity
+    );
+    copy_array(out, &d.affected_clusters);
+    out.push('\t');
+    let _ = write!(out, "{}\t", d.statistic);
+    copy_text(out, &d.recommendation);
+    let _ = writeln!(out, "\t{}", timestamp(d.detected_at));
+}
+
+fn copy_outlier_row(out: &mut String, topic: &str, o: &OutlierRecord) {
+    copy_text(out, topic);
+    let _ = write!(out, "\t{}\t{}\t", o.partition, o.offset);
+    copy_opt_text(out, o.id.as_deref());
+    out.push('\t');
+    copy_text(out, &o.key);
+    let _ = write!(out, "\t{}\t", timestamp(o.ts));
+    copy_array(out, &o.features);
+    let _ = write!(out, "\t{}\t", o.outlier_score);
+    copy_text(out, &o.reason);
+    out.push('\n');
 }
 
 /// Epoch milliseconds as a timestamptz literal.

@@ -14,8 +14,18 @@ fn golden(name: &str) {
     let config = config::load_figment(figment).unwrap().config;
     let input = std::fs::read(dir.join(format!("{name}.input.jsonl"))).unwrap();
     let mut out = Vec::new();
-    neurostream::offline::process_lines(&config, 2, input.as_slice(), &mut out, std::io::sink())
-        .unwrap();
+    let options = neurostream::offline::OfflineOptions {
+        update_every: 2,
+        assignments: false,
+    };
+    neurostream::offline::process_lines(
+        &config,
+        options,
+        input.as_slice(),
+        &mut out,
+        std::io::sink(),
+    )
+    .unwrap();
     let expected = std::fs::read_to_string(dir.join(format!("{name}.expected.jsonl"))).unwrap();
     assert_eq!(String::from_utf8(out).unwrap(), expected, "golden {name}");
 }

@@ -116,3 +116,48 @@ fn every_reference_trace_is_reproduced() {
         }
     }
 }
+
+/// The same traces through `neurostream process --algorithm ncs-v8 --assignments`.
+#[test]
+fn the_offline_command_reports_the_reference_assignments() {
+    use neurostream::config::{Algorithm, Config};
+    use neurostream::offline::{process_lines, OfflineOptions};
+    let all = traces();
+    for trace in all["traces"].as_array().unwrap() {
+        let mut config = Config::default();
+        config.processing.clustering.algorithm = Algorithm::NcsV8;
+        let input: String = trace["inputs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, x)| format!("{{\"key\":\"k\",\"ts\":{},\"features\":{x}}}\n", 1_000 + i))
+            .collect();
+        let mut out = Vec::new();
+        let options = OfflineOptions {
+            assignments: true,
+            ..OfflineOptions::default()
+        };
+        process_lines(
+            &config,
+            options,
+            input.as_bytes(),
+            &mut out,
+            std::io::sink(),
+        )
+        .unwrap();
+        let lines: Vec<Value> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|v: &Value| v["type"] == "assignment")
+            .collect();
+        let steps = trace["steps"].as_array().unwrap();
+        assert_eq!(lines.len(), steps.len());
+        for (i, (line, step)) in lines.iter().zip(steps).enumerate() {
+            assert_eq!(line["offset"], i as u64);
+            assert_eq!(line["cluster_id"], step["cluster_id"], "step {i}");
+            assert_eq!(line["is_outlier"], step["is_outlier"], "step {i}");
+        }
+    }
+}

@@ -103,7 +103,7 @@ async fn end_to_end(broker: Broker) {
 
     let expected = expected_rows(&config, &messages);
     assert!(expected.len() > 100, "the stream closes many windows");
-    assert_eq!(stored_rows(&store).await, expected);
+    assert_rows_eq(&stored_rows(&store).await, &expected);
     let snap = progress.snapshot();
     assert_eq!(snap.dead_letters, 5);
     assert_eq!(snap.events, 3 * 400);
@@ -213,7 +213,7 @@ async fn crash_and_restart(broker: Broker) {
     child.wait().unwrap();
 
     let expected = expected_rows(&config, &all);
-    assert_eq!(stored_rows(&store).await, expected);
+    assert_rows_eq(&stored_rows(&store).await, &expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,7 +271,7 @@ async fn rebalance(broker: Broker) {
 
     let all: Vec<Vec<Vec<u8>>> = (0..4).map(|p| stream(p, 2_500)).collect();
     let expected = expected_rows(&config, &all);
-    assert_eq!(stored_rows(&store).await, expected);
+    assert_rows_eq(&stored_rows(&store).await, &expected);
 }
 
 fn assigned(progress: &Progress) -> usize {
@@ -315,7 +315,8 @@ async fn postgres_outage_pauses_then_resumes_exactly_mock() {
     use neurostream::pgserver::{Durability, PgServer};
     use neurostream::store::PgStore;
     let broker = Broker::mock();
-    let mut server = PgServer::start(Durability::Fast).unwrap();
+    // NB: durable settings: with synchronous_commit=off a crash loses acknowledged commits.
+    let mut server = PgServer::start(Durability::Default).unwrap();
     let url = server.url("postgres");
     let store = PgStore::connect_lazy(&url, 4).unwrap();
     store.migrate().await.unwrap();
@@ -330,11 +331,11 @@ async fn postgres_outage_pauses_then_resumes_exactly_mock() {
     let more: Vec<Vec<Vec<u8>>> = (0..2).map(|p| stream(p, 3_000).split_off(1_000)).collect();
     produce(&config.kafka.brokers, &config.kafka.input_topics[0], &more).await;
     tokio::time::sleep(Duration::from_secs(2)).await; // workers fail, back off, partitions pause
-    server.restart(Durability::Fast).unwrap();
+    server.restart(Durability::Default).unwrap();
 
     wait_for_checkpoints(&store, &config.kafka.group_id, &[3_000, 3_000], WAIT).await;
     shutdown.cancel();
     handle.await.unwrap().unwrap();
     let all: Vec<Vec<Vec<u8>>> = (0..2).map(|p| stream(p, 3_000)).collect();
-    assert_eq!(stored_rows(&store).await, expected_rows(&config, &all));
+    assert_rows_eq(&stored_rows(&store).await, &expected_rows(&config, &all));
 }

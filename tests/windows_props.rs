@@ -186,6 +186,7 @@ fn run(spec: &WindowConfig, events: &[Ev], batch: usize) -> Vec<(usize, WindowAg
 fn unwrap(e: Emitted) -> WindowAggregate {
     match e.output {
         Output::WindowAggregate(w) => w,
+        other => panic!("windows emit window aggregates, not {other:?}"),
     }
 }
 

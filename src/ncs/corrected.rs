@@ -341,18 +341,6 @@ impl Ncs {
         }
     }
 
-    /// `D²` of `x` to cluster `i`.
-    fn d2(&self, x: &[f64], i: usize) -> f64 {
-        let c = &self.centroids[i * self.dim..(i + 1) * self.dim];
-        let w = &self.inv_var[i * self.dim..(i + 1) * self.dim];
-        let mut s = 0.0;
-        for ((xi, ci), wi) in x.iter().zip(c).zip(w) {
-            let d = xi - ci;
-            s += d * d * wi;
-        }
-        s
-    }
-
     /// `D²` of cluster `a`'s centroid to cluster `b`.
     fn d2_rows(&self, a: usize, b: usize) -> f64 {
         let dim = self.dim;
@@ -580,15 +568,18 @@ impl Ncs {
         let weight = self.weight_now(&self.clusters[i]) + 1.0;
         let rate = (1.0 / weight).max(self.params.min_learning_rate);
         let beta = (1.0 / (self.clusters[i].updates as f64 + 1.0)).max(0.02);
-        let dim = self.dim;
-        let mut moved = 0.0;
-        for f in 0..dim {
-            let k = i * dim + f;
-            let diff = x[f] - self.centroids[k];
+        let rows = i * self.dim..(i + 1) * self.dim;
+        let mut moved = 0.0f64;
+        let cells = self.centroids[rows.clone()]
+            .iter_mut()
+            .zip(&mut self.spread[rows.clone()])
+            .zip(&self.inv_var[rows]);
+        for (xi, ((c, s), w)) in x.iter().zip(cells) {
+            let diff = xi - *c;
             let step = rate * diff;
-            self.centroids[k] += step;
-            self.spread[k] += beta * (diff * diff * (1.0 - rate) - self.spread[k]);
-            moved += step * step * self.inv_var[k];
+            *c += step;
+            *s += beta * (diff * diff * (1.0 - rate) - *s);
+            moved += step * step * w;
         }
         let c = &mut self.clusters[i];
         c.weight = weight;

@@ -43,8 +43,9 @@ impl PageHinkley {
             mean: 0.0,
             sum_increase: 0.0,
             sum_decrease: 0.0,
-            min_increase: f64::INFINITY,
-            max_decrease: f64::NEG_INFINITY,
+            // Finite sentinels: checkpoints are JSON, which has no infinities.
+            min_increase: f64::MAX,
+            max_decrease: f64::MIN,
             detected: false,
         }
     }

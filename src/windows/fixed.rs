@@ -389,6 +389,7 @@ mod tests {
                     w.is_final,
                     w.revision,
                 ),
+                other => panic!("windows emit window aggregates, not {other:?}"),
             })
             .collect()
     }
@@ -561,7 +562,9 @@ mod tests {
         }
         w.apply(&ev("k", 50, None), 9, 0, None, &mut out);
         w.close_all(10, 0, &mut out);
-        let Output::WindowAggregate(a) = &out[0].output;
+        let Output::WindowAggregate(a) = &out[0].output else {
+            panic!("windows emit window aggregates")
+        };
         assert_eq!(a.count, 9);
         assert_eq!(a.sum, 40.0);
         assert_eq!(a.mean, Some(5.0));

@@ -264,7 +264,9 @@ pub fn expected_rows(config: &Config, messages: &[Vec<Vec<u8>>]) -> Vec<WindowRo
             let _ = processor.process(record, &mut out);
         }
         for e in out {
-            let neurostream::output::Output::WindowAggregate(w) = e.output;
+            let neurostream::output::Output::WindowAggregate(w) = e.output else {
+                continue;
+            };
             rows.push(WindowRow {
                 source_topic: topic.clone(),
                 partition: w.partition,
@@ -382,4 +384,18 @@ pub fn service_store(store: &PgStore) -> Store {
 /// Shorthand for an `Arc`'d config.
 pub fn arc(config: &Config) -> Arc<Config> {
     Arc::new(config.clone())
+}
+
+/// Asserts two row lists are equal, reporting the first difference (lists can be long).
+pub fn assert_rows_eq(got: &[WindowRow], want: &[WindowRow]) {
+    if let Some(i) = (0..got.len().min(want.len())).find(|&i| got[i] != want[i]) {
+        panic!(
+            "row {i} differs (of {} stored, {} expected):\n stored   {:?}\n expected {:?}",
+            got.len(),
+            want.len(),
+            got[i],
+            want[i]
+        );
+    }
+    assert_eq!(got.len(), want.len(), "row counts differ");
 }
