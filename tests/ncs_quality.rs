@@ -421,3 +421,12 @@ fn seed_sweep() {
         println!("{:<45} worst ARI over 10 seeds {worst:.4}", s.name);
     }
 }
+
+#[test]
+fn constant_features_form_one_cluster() {
+    let points = vec![vec![3.0, -1.0]; 200];
+    let got = run(&points);
+    let clustered = got.iter().filter(|a| a.cluster_id == Some(0)).count();
+    assert!(clustered >= 195, "{clustered} of 200 in cluster 0");
+    assert!(got.iter().all(|a| a.outlier_score.is_finite()));
+}

@@ -214,6 +214,9 @@ async fn crash_and_restart(broker: Broker) {
 
     let expected = expected_rows(&config, &all);
     assert_rows_eq(&stored_rows(&store).await, &expected);
+    let clusters = expected_cluster_rows(&config, &all);
+    assert!(!clusters.updates.is_empty(), "the stream forms clusters");
+    assert_eq!(stored_cluster_rows(&store).await, clusters);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -272,6 +275,7 @@ async fn rebalance(broker: Broker) {
     let all: Vec<Vec<Vec<u8>>> = (0..4).map(|p| stream(p, 2_500)).collect();
     let expected = expected_rows(&config, &all);
     assert_rows_eq(&stored_rows(&store).await, &expected);
+    assert_eq!(stored_cluster_rows(&store).await, expected_cluster_rows(&config, &all));
 }
 
 fn assigned(progress: &Progress) -> usize {

@@ -331,6 +331,11 @@ impl Ncs {
         }
     }
 
+    /// The smallest variance a feature is credited with (a constant feature has none).
+    fn floor_var(&self, f: usize) -> f64 {
+        1e-12 * self.global_var(f)
+    }
+
     fn learn_scale(&mut self, x: &[f64]) {
         self.seen += 1;
         let n = self.seen as f64;
@@ -369,7 +374,7 @@ impl Ncs {
         let n = self.clusters[i].updates as f64;
         for f in 0..self.dim {
             let own = self.spread[i * self.dim + f];
-            let floor = 1e-12 * self.global_var(f);
+            let floor = self.floor_var(f);
             let v = (n * own + PRIOR_WEIGHT * self.prior[f]) / (n + PRIOR_WEIGHT);
             self.inv_var[i * self.dim + f] = 1.0 / v.max(floor).max(f64::MIN_POSITIVE);
         }
@@ -450,11 +455,12 @@ impl Ncs {
                 break;
             }
             for f in 0..self.dim {
-                self.prior[f] = formed
+                let mean = formed
                     .iter()
                     .map(|&i| rehearsal.spread[i * self.dim + f])
                     .sum::<f64>()
                     / formed.len() as f64;
+                self.prior[f] = mean.max(self.floor_var(f));
             }
         }
         for p in &buffered {

@@ -399,3 +399,61 @@ pub fn assert_rows_eq(got: &[WindowRow], want: &[WindowRow]) {
     }
     assert_eq!(got.len(), want.len(), "row counts differ");
 }
+
+/// Clustering rows as compared by the tests: (partition, cluster id, source offset, event) of
+/// `cluster_updates`, and (partition, source offset, reason) of `outliers`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ClusterRows {
+    pub updates: Vec<(i32, i64, i64, String)>,
+    pub outliers: Vec<(i32, i64, String)>,
+}
+
+/// The clustering rows a clean run stores.
+pub fn expected_cluster_rows(config: &Config, messages: &[Vec<Vec<u8>>]) -> ClusterRows {
+    use neurostream::output::Output;
+    let mut rows = ClusterRows::default();
+    for (p, msgs) in messages.iter().enumerate() {
+        let mut processor = Processor::new(&config.processing, config.kafka.max_event_bytes, p as i32);
+        let mut out: Vec<Emitted> = Vec::new();
+        for (offset, m) in msgs.iter().enumerate() {
+            let record = Record {
+                payload: Some(m),
+                key: None,
+                timestamp_ms: Some(1),
+                offset: offset as i64,
+            };
+            let _ = processor.process(record, &mut out);
+        }
+        for e in out {
+            match e.output {
+                Output::ClusterUpdate(c) => {
+                    rows.updates.push((p as i32, c.cluster_id as i64, e.source_offset, c.event))
+                }
+                Output::Outlier(o) => rows.outliers.push((p as i32, o.offset, o.reason)),
+                _ => {}
+            }
+        }
+    }
+    rows.updates.sort();
+    rows.updates.dedup();
+    rows.outliers.sort();
+    rows
+}
+
+/// The clustering rows stored.
+pub async fn stored_cluster_rows(store: &PgStore) -> ClusterRows {
+    let mut updates: Vec<(i32, i64, i64, String)> = sqlx::query_as(
+        "SELECT partition, cluster_id, source_offset, event FROM cluster_updates",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    updates.sort();
+    let mut outliers: Vec<(i32, i64, String)> =
+        sqlx::query_as("SELECT partition, source_offset, reason FROM outliers")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    outliers.sort();
+    ClusterRows { updates, outliers }
+}
