@@ -222,7 +222,7 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
         total as f64 / steady.max(1e-9)
     ));
     out.push_str(&format!(
-        "outputs: {} window aggregates produced to Kafka, {} rows upserted",
+        "outputs: {} messages produced to Kafka (windows, clusters, outliers, drift, status), {} rows upserted",
         snap.outputs, snap.rows
     ));
     if snap.sink_seconds > 0.0 {
@@ -355,7 +355,50 @@ async fn answers(pool: &sqlx::PgPool) -> anyhow::Result<String> {
     )
     .fetch_all(pool)
     .await?;
-    out.push_str("  Q4 checkpoints (partition → next offset): ");
+    let clusters: Vec<(i32, i64, f64)> = sqlx::query_as(
+        "-- active clusters per partition and their mean confidence
+         SELECT partition, count(*), avg(quality)::float8 FROM clusters
+         WHERE status = 'active' GROUP BY partition ORDER BY partition",
+    )
+    .fetch_all(pool)
+    .await?;
+    out.push_str("  Q4 active clusters (partition: clusters, mean confidence): ");
+    out.push_str(
+        &clusters
+            .iter()
+            .map(|(p, n, q)| format!("{p}: {n} ({q:.2})"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    out.push('\n');
+    let (outliers, history): (i64, i64) = sqlx::query_as(
+        "-- outliers flagged, and cluster history rows
+         SELECT (SELECT count(*) FROM outliers), (SELECT count(*) FROM cluster_updates)",
+    )
+    .fetch_one(pool)
+    .await?;
+    out.push_str(&format!(
+        "  Q5 outliers stored: {outliers}; cluster_updates history rows: {history}\n"
+    ));
+    let drift: Vec<(String, i64)> = sqlx::query_as(
+        "-- drift alerts per severity (view drift_alerts_per_day)
+         SELECT severity, sum(alerts)::bigint FROM drift_alerts_per_day GROUP BY severity ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await?;
+    out.push_str("  Q6 drift alerts by severity: ");
+    if drift.is_empty() {
+        out.push_str("none");
+    }
+    out.push_str(
+        &drift
+            .iter()
+            .map(|(s, n)| format!("{s} {n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    out.push('\n');
+    out.push_str("  Q7 checkpoints (partition → next offset): ");
     out.push_str(
         &progress
             .iter()
