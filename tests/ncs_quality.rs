@@ -430,3 +430,35 @@ fn constant_features_form_one_cluster() {
     assert!(clustered >= 195, "{clustered} of 200 in cluster 0");
     assert!(got.iter().all(|a| a.outlier_score.is_finite()));
 }
+
+#[test]
+fn converging_clusters_merge_and_memory_stays_bounded() {
+    use neurostream::ncs::corrected::ClusterEvent;
+    // Two blobs 12σ apart walk into each other; once they overlap they must become one cluster.
+    let mut rng = SmallRng::seed_from_u64(21);
+    let unit = Normal::new(0.0, 1.0).unwrap();
+    let mut ncs = Ncs::new(NcsParams::default(), 2);
+    let (mut out, mut alarms) = (Vec::new(), Vec::new());
+    let mut merged = false;
+    let n = 20_000;
+    for i in 0..n {
+        let gap = 12.0 * (1.0 - i as f64 / (n as f64 * 0.8)).max(0.0);
+        let centre = if i % 2 == 0 { [0.0, 0.0] } else { [gap, 0.0] };
+        let p = [
+            centre[0] + unit.sample(&mut rng),
+            centre[1] + unit.sample(&mut rng) + 50.0 * (i % 3) as f64 * 0.0,
+        ];
+        ncs.process(&p, &mut out, &mut alarms).unwrap();
+        out.clear();
+        merged |= ncs.drain_events().any(|(e, _)| e == ClusterEvent::Merged);
+        assert!(ncs.len() <= NcsParams::default().max_clusters);
+    }
+    assert!(merged, "the converged blobs merged");
+    assert_eq!(ncs.len(), 1, "one cluster is left: {:?}", ncs.clusters());
+    let snapshot = serde_json::to_vec(&ncs).unwrap();
+    assert!(
+        snapshot.len() < 64 * 1024,
+        "state stays small: {} bytes",
+        snapshot.len()
+    );
+}

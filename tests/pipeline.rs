@@ -275,7 +275,10 @@ async fn rebalance(broker: Broker) {
     let all: Vec<Vec<Vec<u8>>> = (0..4).map(|p| stream(p, 2_500)).collect();
     let expected = expected_rows(&config, &all);
     assert_rows_eq(&stored_rows(&store).await, &expected);
-    assert_eq!(stored_cluster_rows(&store).await, expected_cluster_rows(&config, &all));
+    assert_eq!(
+        stored_cluster_rows(&store).await,
+        expected_cluster_rows(&config, &all)
+    );
 }
 
 fn assigned(progress: &Progress) -> usize {

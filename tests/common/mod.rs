@@ -413,7 +413,8 @@ pub fn expected_cluster_rows(config: &Config, messages: &[Vec<Vec<u8>>]) -> Clus
     use neurostream::output::Output;
     let mut rows = ClusterRows::default();
     for (p, msgs) in messages.iter().enumerate() {
-        let mut processor = Processor::new(&config.processing, config.kafka.max_event_bytes, p as i32);
+        let mut processor =
+            Processor::new(&config.processing, config.kafka.max_event_bytes, p as i32);
         let mut out: Vec<Emitted> = Vec::new();
         for (offset, m) in msgs.iter().enumerate() {
             let record = Record {
@@ -427,7 +428,8 @@ pub fn expected_cluster_rows(config: &Config, messages: &[Vec<Vec<u8>>]) -> Clus
         for e in out {
             match e.output {
                 Output::ClusterUpdate(c) => {
-                    rows.updates.push((p as i32, c.cluster_id as i64, e.source_offset, c.event))
+                    rows.updates
+                        .push((p as i32, c.cluster_id as i64, e.source_offset, c.event))
                 }
                 Output::Outlier(o) => rows.outliers.push((p as i32, o.offset, o.reason)),
                 _ => {}
@@ -442,12 +444,11 @@ pub fn expected_cluster_rows(config: &Config, messages: &[Vec<Vec<u8>>]) -> Clus
 
 /// The clustering rows stored.
 pub async fn stored_cluster_rows(store: &PgStore) -> ClusterRows {
-    let mut updates: Vec<(i32, i64, i64, String)> = sqlx::query_as(
-        "SELECT partition, cluster_id, source_offset, event FROM cluster_updates",
-    )
-    .fetch_all(store.pool())
-    .await
-    .unwrap();
+    let mut updates: Vec<(i32, i64, i64, String)> =
+        sqlx::query_as("SELECT partition, cluster_id, source_offset, event FROM cluster_updates")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
     updates.sort();
     let mut outliers: Vec<(i32, i64, String)> =
         sqlx::query_as("SELECT partition, source_offset, reason FROM outliers")
