@@ -102,6 +102,132 @@ fn invalid(field: &'static str, problem: impl Into<String>) -> DecodeError {
     }
 }
 
+/// Text of a JSON string or number (keys and ids may be either).
+struct Text(String);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Text;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or a number")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Text, E> {
+                Ok(Text(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Text, E> {
+                Ok(Text(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Text, E> {
+                Ok(Text(v.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Text, E> {
+                Ok(Text(v.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Text, E> {
+                Ok(Text(
+                    serde_json::Number::from_f64(v)
+                        .map_or_else(|| v.to_string(), |n| n.to_string()),
+                ))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Event time as epoch milliseconds (integer or float) or an RFC 3339 string.
+struct Ts(i64);
+
+impl<'de> Deserialize<'de> for Ts {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Ts;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("epoch milliseconds or an RFC 3339 string")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Ts, E> {
+                Ok(Ts(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Ts, E> {
+                i64::try_from(v)
+                    .map(Ts)
+                    .map_err(|_| E::custom("out of range"))
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Ts, E> {
+                if v.is_finite() && v.abs() < 9.0e15 {
+                    Ok(Ts(v.floor() as i64))
+                } else {
+                    Err(E::custom("out of range"))
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Ts, E> {
+                chrono::DateTime::parse_from_rfc3339(v)
+                    .map(|t| Ts(t.timestamp_millis()))
+                    .map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The one-pass shape of a well-formed event; anything it rejects is re-examined by the
+/// slower [`RawEvent`] path, which names the problem.
+#[derive(Deserialize)]
+struct FastEvent<'a> {
+    #[serde(default)]
+    key: Option<Text>,
+    #[serde(default)]
+    ts: Option<Ts>,
+    #[serde(default)]
+    features: Option<Vec<f64>>,
+    #[serde(default)]
+    value: Option<f64>,
+    #[serde(default)]
+    id: Option<Text>,
+    #[serde(default, borrow)]
+    metadata: Option<&'a RawValue>,
+}
+
+fn fast_decode(
+    bytes: &[u8],
+    message_key: Option<&[u8]>,
+    message_ts_ms: Option<i64>,
+) -> Option<Event> {
+    let raw: FastEvent<'_> = serde_json::from_slice(bytes).ok()?;
+    if raw.features.as_ref().is_some_and(Vec::is_empty) {
+        return None;
+    }
+    let features = raw.features.unwrap_or_default();
+    let ok = features.len() <= MAX_FEATURES
+        && features.iter().all(|x| x.is_finite())
+        && raw.value.is_none_or(f64::is_finite);
+    if !ok {
+        return None;
+    }
+    let ts_ms = match raw.ts {
+        Some(Ts(ms)) => ms,
+        None => message_ts_ms?,
+    };
+    Some(Event {
+        key: match raw.key {
+            Some(Text(k)) => k,
+            None => message_key
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .unwrap_or_default(),
+        },
+        ts_ms,
+        features,
+        value: raw.value,
+        id: raw.id.map(|Text(t)| t),
+        metadata: raw
+            .metadata
+            .filter(|v| v.get() != "null")
+            .map(|v| v.to_owned()),
+    })
+}
+
 /// Decodes one Kafka message payload into an [`Event`].
 ///
 /// `message_key` and `message_ts_ms` are the Kafka message's key and timestamp, used when the
@@ -121,6 +247,9 @@ pub fn decode(
             size: bytes.len(),
             limit: max_bytes,
         });
+    }
+    if let Some(event) = fast_decode(bytes, message_key, message_ts_ms) {
+        return Ok(event);
     }
     let raw: RawEvent<'_> =
         serde_json::from_slice(bytes).map_err(|e| DecodeError::NotJson(e.to_string()))?;
@@ -209,6 +338,13 @@ fn parse_ts(v: &RawValue) -> Result<i64, DecodeError> {
 }
 
 fn parse_features(v: &RawValue) -> Result<Vec<f64>, DecodeError> {
+    // Fast path: a well-formed array of numbers parses in one pass; the slow path below only
+    // runs to explain a rejection.
+    if let Ok(xs) = serde_json::from_str::<Vec<f64>>(v.get()) {
+        if !xs.is_empty() && xs.len() <= MAX_FEATURES && xs.iter().all(|x| x.is_finite()) {
+            return Ok(xs);
+        }
+    }
     let items: Vec<&RawValue> = serde_json::from_str(v.get())
         .map_err(|_| invalid("features", "must be an array of numbers"))?;
     if items.is_empty() {
