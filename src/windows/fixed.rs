@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::{Aggregate, Late, Slot, WindowerState};
+use super::{Aggregate, IdleClock, Late, Slot, WindowerState};
 use crate::config::{EmitMode, LatePolicy, WindowConfig, WindowKind};
 use crate::event::Event;
 use crate::output::{Emitted, Output, WindowAggregate};
@@ -24,9 +24,7 @@ pub struct FixedWindower {
     /// Events that were late for this window and not admitted.
     late_dropped: u64,
     /// Wall clock of the last event, for idle close.
-    last_event_wall_ms: Option<i64>,
-    /// Stream time when the last event arrived.
-    stream_time_at_last_event: i64,
+    idle: IdleClock,
 }
 
 fn flatten_slots(map: &BTreeMap<i64, HashMap<String, Slot>>) -> Vec<(i64, String, Slot)> {
@@ -64,8 +62,7 @@ impl FixedWindower {
             closed: BTreeMap::new(),
             dirty: Vec::new(),
             late_dropped: 0,
-            last_event_wall_ms: None,
-            stream_time_at_last_event: i64::MIN,
+            idle: IdleClock::default(),
         }
     }
 
@@ -184,25 +181,17 @@ impl FixedWindower {
             self.stream_time = ts;
             self.close_until(self.stream_time, offset, partition, out);
         }
-        if let Some(wall) = wall_ms {
-            self.last_event_wall_ms = Some(wall);
-            self.stream_time_at_last_event = self.stream_time;
-        }
+        self.idle.observe(wall_ms, self.stream_time);
         late
     }
 
     /// Idle close: advances stream time with the wall clock when no event arrived for
     /// `idle_close_ms`, and emits what closes.
     pub fn tick(&mut self, wall_ms: i64, offset: i64, partition: i32, out: &mut Vec<Emitted>) {
-        let (Some(idle), Some(last)) = (self.spec.idle_close_ms, self.last_event_wall_ms) else {
-            return;
-        };
-        let quiet = wall_ms - last;
-        if quiet < idle as i64 {
-            return;
-        }
-        let advanced = self.stream_time_at_last_event.saturating_add(quiet);
-        if advanced > self.stream_time {
+        if let Some(advanced) =
+            self.idle
+                .advanced(self.spec.idle_close_ms, wall_ms, self.stream_time)
+        {
             self.stream_time = advanced;
             self.close_until(advanced, offset, partition, out);
         }
@@ -299,23 +288,15 @@ impl FixedWindower {
         is_final: bool,
         revision: u32,
     ) -> WindowAggregate {
-        WindowAggregate {
+        agg.to_output(
+            &self.spec,
+            self.slide as u64,
             partition,
-            window: self.spec.kind,
-            size_ms: self.spec.size_ms,
-            slide_ms: self.slide as u64,
-            window_start: start,
-            window_end: start.saturating_add(self.size),
+            start,
             key,
-            count: agg.count,
-            sum: agg.sum,
-            mean: agg.present(agg.mean),
-            std: agg.std(),
-            min: agg.present(agg.min),
-            max: agg.present(agg.max),
             is_final,
             revision,
-        }
+        )
     }
 
     /// The state to checkpoint.
@@ -328,8 +309,8 @@ impl FixedWindower {
             late_dropped: self.late_dropped,
             open: flatten_slots(&self.open),
             closed: flatten_slots(&self.closed),
-            last_event_wall_ms: self.last_event_wall_ms,
-            stream_time_at_last_event: self.stream_time_at_last_event,
+            last_event_wall_ms: self.idle.last_event_wall_ms,
+            stream_time_at_last_event: self.idle.stream_time_at_last_event,
             sliding: None,
         }
     }
@@ -338,8 +319,10 @@ impl FixedWindower {
     pub fn restore(&mut self, state: WindowerState) {
         self.stream_time = state.stream_time;
         self.late_dropped = state.late_dropped;
-        self.last_event_wall_ms = state.last_event_wall_ms;
-        self.stream_time_at_last_event = state.stream_time_at_last_event;
+        self.idle = IdleClock {
+            last_event_wall_ms: state.last_event_wall_ms,
+            stream_time_at_last_event: state.stream_time_at_last_event,
+        };
         self.open.clear();
         self.closed.clear();
         self.dirty.clear();

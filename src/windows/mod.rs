@@ -172,6 +172,76 @@ pub struct WindowerState {
     pub sliding: Option<SlidingState>,
 }
 
+impl Aggregate {
+    /// The output record of this aggregate for one window and key.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn to_output(
+        &self,
+        spec: &WindowConfig,
+        slide_ms: u64,
+        partition: i32,
+        start: i64,
+        key: String,
+        is_final: bool,
+        revision: u32,
+    ) -> crate::output::WindowAggregate {
+        crate::output::WindowAggregate {
+            partition,
+            window: spec.kind,
+            size_ms: spec.size_ms,
+            slide_ms,
+            window_start: start,
+            window_end: start.saturating_add(spec.size_ms as i64),
+            key,
+            count: self.count,
+            sum: self.sum,
+            mean: self.present(self.mean),
+            std: self.std(),
+            min: self.present(self.min),
+            max: self.present(self.max),
+            is_final,
+            revision,
+        }
+    }
+}
+
+/// Wall-clock bookkeeping for idle close (the engine is pure: the clock is passed in).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct IdleClock {
+    /// Wall clock of the last event.
+    pub last_event_wall_ms: Option<i64>,
+    /// Stream time right after the last event.
+    pub stream_time_at_last_event: i64,
+}
+
+impl Default for IdleClock {
+    fn default() -> Self {
+        Self {
+            last_event_wall_ms: None,
+            stream_time_at_last_event: i64::MIN,
+        }
+    }
+}
+
+impl IdleClock {
+    /// Records an event processed at `wall_ms` (when known).
+    pub fn observe(&mut self, wall_ms: Option<i64>, stream_time: i64) {
+        if let Some(wall) = wall_ms {
+            self.last_event_wall_ms = Some(wall);
+            self.stream_time_at_last_event = stream_time;
+        }
+    }
+
+    /// The stream time idle close moves to at `wall_ms`, when the partition has been quiet for
+    /// `idle_ms` and that is later than `stream_time`.
+    pub fn advanced(&self, idle_ms: Option<u64>, wall_ms: i64, stream_time: i64) -> Option<i64> {
+        let (idle, last) = (idle_ms?, self.last_event_wall_ms?);
+        let quiet = wall_ms - last;
+        let advanced = self.stream_time_at_last_event.saturating_add(quiet);
+        (quiet >= idle as i64 && advanced > stream_time).then_some(advanced)
+    }
+}
+
 /// One configured window of any kind.
 #[derive(Debug, Clone)]
 pub enum Windower {

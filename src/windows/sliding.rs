@@ -16,7 +16,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Aggregate, Late, WindowerState};
+use super::{Aggregate, IdleClock, Late, WindowerState};
 use crate::config::{EmitMode, WindowConfig};
 use crate::event::Event;
 use crate::output::{Emitted, Output, WindowAggregate};
@@ -158,8 +158,7 @@ pub struct SlidingWindower {
     /// Emissions of open windows so far (`emit = update|both`).
     emitted: HashMap<(i64, String), u32>,
     late_dropped: u64,
-    last_event_wall_ms: Option<i64>,
-    stream_time_at_last_event: i64,
+    idle: IdleClock,
 }
 
 impl SlidingWindower {
@@ -175,8 +174,7 @@ impl SlidingWindower {
             dirty: BTreeSet::new(),
             emitted: HashMap::new(),
             late_dropped: 0,
-            last_event_wall_ms: None,
-            stream_time_at_last_event: i64::MIN,
+            idle: IdleClock::default(),
         }
     }
 
@@ -284,24 +282,16 @@ impl SlidingWindower {
             self.stream_time = t;
             self.close_until(t, offset, partition, out);
         }
-        if let Some(wall) = wall_ms {
-            self.last_event_wall_ms = Some(wall);
-            self.stream_time_at_last_event = self.stream_time;
-        }
+        self.idle.observe(wall_ms, self.stream_time);
         None
     }
 
     /// Idle close; see the fixed windows' `tick`.
     pub fn tick(&mut self, wall_ms: i64, offset: i64, partition: i32, out: &mut Vec<Emitted>) {
-        let (Some(idle), Some(last)) = (self.spec.idle_close_ms, self.last_event_wall_ms) else {
-            return;
-        };
-        let quiet = wall_ms - last;
-        if quiet < idle as i64 {
-            return;
-        }
-        let advanced = self.stream_time_at_last_event.saturating_add(quiet);
-        if advanced > self.stream_time {
+        if let Some(advanced) =
+            self.idle
+                .advanced(self.spec.idle_close_ms, wall_ms, self.stream_time)
+        {
             self.stream_time = advanced;
             self.close_until(advanced, offset, partition, out);
         }
@@ -379,23 +369,7 @@ impl SlidingWindower {
         is_final: bool,
         revision: u32,
     ) -> WindowAggregate {
-        WindowAggregate {
-            partition,
-            window: self.spec.kind,
-            size_ms: self.spec.size_ms,
-            slide_ms: 0,
-            window_start: start,
-            window_end: start + self.size,
-            key,
-            count: agg.count,
-            sum: agg.sum,
-            mean: agg.present(agg.mean),
-            std: agg.std(),
-            min: agg.present(agg.min),
-            max: agg.present(agg.max),
-            is_final,
-            revision,
-        }
+        agg.to_output(&self.spec, 0, partition, start, key, is_final, revision)
     }
 
     /// The state to checkpoint.
@@ -427,8 +401,8 @@ impl SlidingWindower {
             late_dropped: self.late_dropped,
             open: Vec::new(),
             closed: Vec::new(),
-            last_event_wall_ms: self.last_event_wall_ms,
-            stream_time_at_last_event: self.stream_time_at_last_event,
+            last_event_wall_ms: self.idle.last_event_wall_ms,
+            stream_time_at_last_event: self.idle.stream_time_at_last_event,
             sliding: Some(SlidingState {
                 keys,
                 open: self.open.iter().cloned().collect(),
@@ -442,8 +416,10 @@ impl SlidingWindower {
     pub fn restore(&mut self, state: WindowerState) {
         self.stream_time = state.stream_time;
         self.late_dropped = state.late_dropped;
-        self.last_event_wall_ms = state.last_event_wall_ms;
-        self.stream_time_at_last_event = state.stream_time_at_last_event;
+        self.idle = IdleClock {
+            last_event_wall_ms: state.last_event_wall_ms,
+            stream_time_at_last_event: state.stream_time_at_last_event,
+        };
         let sliding = state.sliding.unwrap_or_default();
         self.keys = sliding
             .keys

@@ -246,10 +246,9 @@ pub async fn produce(brokers: &str, topic: &str, messages: &[Vec<Vec<u8>>]) {
     producer.flush(Duration::from_secs(10)).unwrap();
 }
 
-/// What a clean run stores: the processor over each partition's messages, offset by offset.
-pub fn expected_rows(config: &Config, messages: &[Vec<Vec<u8>>]) -> Vec<WindowRow> {
-    let topic = &config.kafka.input_topics[0];
-    let mut rows = Vec::new();
+/// Every output the pure processor emits over each partition's messages, offset by offset.
+pub fn replay(config: &Config, messages: &[Vec<Vec<u8>>]) -> Vec<(i32, Emitted)> {
+    let mut all = Vec::new();
     for (p, msgs) in messages.iter().enumerate() {
         let mut processor =
             Processor::new(&config.processing, config.kafka.max_event_bytes, p as i32);
@@ -263,11 +262,18 @@ pub fn expected_rows(config: &Config, messages: &[Vec<Vec<u8>>]) -> Vec<WindowRo
             };
             let _ = processor.process(record, &mut out);
         }
-        for e in out {
-            let neurostream::output::Output::WindowAggregate(w) = e.output else {
-                continue;
-            };
-            rows.push(WindowRow {
+        all.extend(out.into_iter().map(|e| (p as i32, e)));
+    }
+    all
+}
+
+/// The window rows a clean run stores.
+pub fn expected_rows(config: &Config, messages: &[Vec<Vec<u8>>]) -> Vec<WindowRow> {
+    let topic = &config.kafka.input_topics[0];
+    let mut rows: Vec<WindowRow> = replay(config, messages)
+        .into_iter()
+        .filter_map(|(_, e)| match e.output {
+            neurostream::output::Output::WindowAggregate(w) => Some(WindowRow {
                 source_topic: topic.clone(),
                 partition: w.partition,
                 window_kind: w.window.as_str().to_string(),
@@ -280,9 +286,10 @@ pub fn expected_rows(config: &Config, messages: &[Vec<Vec<u8>>]) -> Vec<WindowRo
                 max: w.max,
                 is_final: w.is_final,
                 source_offset: e.source_offset,
-            });
-        }
-    }
+            }),
+            _ => None,
+        })
+        .collect();
     rows.sort_by(WindowRow::order);
     rows
 }
@@ -412,28 +419,14 @@ pub struct ClusterRows {
 pub fn expected_cluster_rows(config: &Config, messages: &[Vec<Vec<u8>>]) -> ClusterRows {
     use neurostream::output::Output;
     let mut rows = ClusterRows::default();
-    for (p, msgs) in messages.iter().enumerate() {
-        let mut processor =
-            Processor::new(&config.processing, config.kafka.max_event_bytes, p as i32);
-        let mut out: Vec<Emitted> = Vec::new();
-        for (offset, m) in msgs.iter().enumerate() {
-            let record = Record {
-                payload: Some(m),
-                key: None,
-                timestamp_ms: Some(1),
-                offset: offset as i64,
-            };
-            let _ = processor.process(record, &mut out);
-        }
-        for e in out {
-            match e.output {
-                Output::ClusterUpdate(c) => {
-                    rows.updates
-                        .push((p as i32, c.cluster_id as i64, e.source_offset, c.event))
-                }
-                Output::Outlier(o) => rows.outliers.push((p as i32, o.offset, o.reason)),
-                _ => {}
+    for (p, e) in replay(config, messages) {
+        match e.output {
+            Output::ClusterUpdate(c) => {
+                rows.updates
+                    .push((p, c.cluster_id as i64, e.source_offset, c.event))
             }
+            Output::Outlier(o) => rows.outliers.push((p, o.offset, o.reason)),
+            _ => {}
         }
     }
     rows.updates.sort();
