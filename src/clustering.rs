@@ -152,7 +152,16 @@ impl ClusteringStage {
                     });
                 }
                 if r.is_outlier {
-                    out.push(outlier(partition, offset, event, r.outlier_score, "score"));
+                    out.push(Emitted {
+                        source_offset: offset,
+                        output: Output::Outlier(outlier(
+                            partition,
+                            offset,
+                            event,
+                            r.outlier_score,
+                            "score",
+                        )),
+                    });
                 }
                 None
             }
@@ -216,12 +225,10 @@ impl ClusteringStage {
                         self.points += 1;
                         continue;
                     }
-                    let Output::Outlier(o) =
-                        outlier(partition, offset, event, a.outlier_score, "").output
-                    else {
-                        unreachable!("outlier() builds an outlier record")
-                    };
-                    (offset, o)
+                    (
+                        offset,
+                        outlier(partition, offset, event, a.outlier_score, ""),
+                    )
                 }
             };
             self.points += 1;
@@ -428,19 +435,16 @@ fn metadata(event: &Event) -> Option<serde_json::Value> {
         .and_then(|m| serde_json::from_str(m.get()).ok())
 }
 
-fn outlier(partition: i32, offset: i64, event: &Event, score: f64, reason: &str) -> Emitted {
-    Emitted {
-        source_offset: offset,
-        output: Output::Outlier(OutlierRecord {
-            partition,
-            offset,
-            id: event.id.clone(),
-            key: event.key.clone(),
-            ts: event.ts_ms,
-            features: event.features.clone(),
-            outlier_score: score,
-            reason: reason.into(),
-            metadata: metadata(event),
-        }),
+fn outlier(partition: i32, offset: i64, event: &Event, score: f64, reason: &str) -> OutlierRecord {
+    OutlierRecord {
+        partition,
+        offset,
+        id: event.id.clone(),
+        key: event.key.clone(),
+        ts: event.ts_ms,
+        features: event.features.clone(),
+        outlier_score: score,
+        reason: reason.into(),
+        metadata: metadata(event),
     }
 }
