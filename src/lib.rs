@@ -22,6 +22,7 @@
 //! - [`telemetry`]: metric names, shared progress counters, logging.
 //! - [`generator`]: synthetic clustered events (demo, `produce`, benches).
 //! - [`demo`]: `neurostream demo`, the whole pipeline on one machine.
+//! - [`tools`]: `neurostream produce` and `neurostream tail`.
 
 pub mod app;
 pub mod clustering;
@@ -39,5 +40,6 @@ pub mod pgserver;
 pub mod processor;
 pub mod store;
 pub mod telemetry;
+pub mod tools;
 pub mod windows;
 pub mod worker;

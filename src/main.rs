@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use neurostream::config::{self, Profile};
 use neurostream::store::Store;
 use neurostream::telemetry::{self, Progress};
-use neurostream::{app, demo, http, offline};
+use neurostream::{app, demo, http, offline, tools};
 
 #[derive(Parser)]
 #[command(
@@ -68,6 +68,36 @@ enum Command {
         /// Add one `assignment` line per clustered event, in input order.
         #[arg(long)]
         assignments: bool,
+    },
+    /// Publish synthetic clustered events (or a JSON-lines file) to an input topic.
+    Produce {
+        /// Topic (default: the first input topic).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Events to send.
+        #[arg(long, default_value_t = 100_000)]
+        events: u64,
+        /// Events per second (0: as fast as possible).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Send this JSON-lines file instead of synthetic events.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Make one synthetic message in this many malformed (0: none).
+        #[arg(long, default_value_t = 0)]
+        malformed_every: u64,
+    },
+    /// Print output topics' messages as JSON lines.
+    Tail {
+        /// Topics (default: every output topic).
+        #[arg(long)]
+        topic: Vec<String>,
+        /// Start from the beginning instead of new messages only.
+        #[arg(long)]
+        from_beginning: bool,
+        /// Stop after this many messages.
+        #[arg(long)]
+        limit: Option<u64>,
     },
     /// Apply the database migrations and exit.
     Migrate,
@@ -147,6 +177,40 @@ fn main() -> ExitCode {
                     assignments,
                 };
                 process(&config, input, output, options)
+            }
+            Command::Produce {
+                topic,
+                events,
+                rate,
+                file,
+                malformed_every,
+            } => {
+                let topic = topic.unwrap_or_else(|| loaded.config.kafka.input_topics[0].clone());
+                let opts = tools::ProduceOptions {
+                    topic,
+                    events,
+                    rate,
+                    file,
+                    malformed_every,
+                };
+                tools::produce(&loaded.config, opts).await.map(|_| ())
+            }
+            Command::Tail {
+                topic,
+                from_beginning,
+                limit,
+            } => {
+                let topics = if topic.is_empty() {
+                    let t = &loaded.config.kafka.topics;
+                    t.all().iter().map(|s| s.to_string()).collect()
+                } else {
+                    topic
+                };
+                let config = loaded.config.clone();
+                tokio::task::spawn_blocking(move || {
+                    tools::tail(&config, &topics, from_beginning, limit)
+                })
+                .await?
             }
             Command::Migrate => migrate(&loaded.config).await,
             Command::Config => {

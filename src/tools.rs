@@ -1,0 +1,163 @@
+//! `neurostream produce` and `neurostream tail`: publish events, read the outputs.
+
+use std::io::BufRead;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::ClientConfig;
+
+use crate::config::Config;
+use crate::generator::{Generator, GeneratorConfig};
+
+/// What `produce` sends.
+#[derive(Debug, Clone)]
+pub struct ProduceOptions {
+    /// Target topic.
+    pub topic: String,
+    /// Events to send (synthetic), or the most lines to send from `file`.
+    pub events: u64,
+    /// Events per second; 0: as fast as possible.
+    pub rate: u64,
+    /// JSON-lines file to send instead of synthetic events.
+    pub file: Option<std::path::PathBuf>,
+    /// One synthetic message in this many is malformed (0: none).
+    pub malformed_every: u64,
+}
+
+/// Publishes synthetic clustered events, or a JSON-lines file, at a given rate.
+///
+/// # Errors
+/// When the producer cannot be created, the file cannot be read, or a message is not delivered.
+pub async fn produce(config: &Config, opts: ProduceOptions) -> anyhow::Result<u64> {
+    let mut client = ClientConfig::new();
+    for s in config.producer_settings() {
+        client.set(&s.key, &s.value);
+    }
+    let producer: FutureProducer = client.create().context("creating the producer")?;
+    let mut lines: Box<dyn Iterator<Item = std::io::Result<String>>> = match &opts.file {
+        Some(path) => Box::new(
+            std::io::BufReader::new(
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?,
+            )
+            .lines(),
+        ),
+        None => {
+            let mut g = Generator::new(GeneratorConfig {
+                malformed_every: opts.malformed_every,
+                ..GeneratorConfig::default()
+            });
+            Box::new(std::iter::repeat_with(move || {
+                Ok(String::from_utf8_lossy(&g.next_message().payload).into_owned())
+            }))
+        }
+    };
+    let started = Instant::now();
+    let mut pending = std::collections::VecDeque::new();
+    let mut sent = 0u64;
+    while sent < opts.events {
+        let Some(line) = lines.next() else { break };
+        let line = line?;
+        if opts.rate > 0 {
+            let due = Duration::from_secs_f64(sent as f64 / opts.rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let key = serde_json::from_str::<serde_json::Value>(&line)
+            .ok()
+            .and_then(|v| v.get("key").and_then(|k| k.as_str()).map(String::from));
+        let mut record = FutureRecord::<str, str>::to(&opts.topic).payload(&line);
+        if let Some(k) = &key {
+            record = record.key(k);
+        }
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    pending.push_back(delivery);
+                    break;
+                }
+                Err((_, back)) => {
+                    record = back;
+                    if let Some(d) = pending.pop_front() {
+                        d.await?.map_err(|(e, _)| e)?;
+                    }
+                }
+            }
+        }
+        while pending.len() > 10_000 {
+            if let Some(d) = pending.pop_front() {
+                d.await?.map_err(|(e, _)| e)?;
+            }
+        }
+        sent += 1;
+    }
+    for d in pending {
+        d.await?.map_err(|(e, _)| e)?;
+    }
+    producer.flush(Duration::from_secs(10))?;
+    eprintln!(
+        "produced {sent} events to `{}` in {:.2} s",
+        opts.topic,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(sent)
+}
+
+/// Prints the messages of `topics` as JSON lines (with their source offset) until `limit`
+/// messages or Ctrl-C; from the beginning when `from_beginning`.
+///
+/// # Errors
+/// When the consumer cannot be created or subscribed.
+pub fn tail(
+    config: &Config,
+    topics: &[String],
+    from_beginning: bool,
+    limit: Option<u64>,
+) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set(
+            "group.id",
+            format!("neurostream-tail-{}", std::process::id()),
+        )
+        .set("enable.auto.commit", "false")
+        .set(
+            "auto.offset.reset",
+            if from_beginning { "earliest" } else { "latest" },
+        )
+        .create()
+        .context("creating the consumer")?;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&names)?;
+    let mut seen = 0u64;
+    while limit.is_none_or(|l| seen < l) {
+        match consumer.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                let source = m
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == "neurostream.source.offset"))
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned());
+                let value = m.payload().map(String::from_utf8_lossy).unwrap_or_default();
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "topic": m.topic(),
+                        "partition": m.partition(),
+                        "offset": m.offset(),
+                        "source_offset": source,
+                        "value": serde_json::from_str::<serde_json::Value>(&value)
+                            .unwrap_or(serde_json::Value::String(value.into_owned())),
+                    })
+                );
+                seen += 1;
+            }
+            Some(Err(err)) => eprintln!("consumer error: {err}"),
+            None => {}
+        }
+    }
+    Ok(())
+}
