@@ -1264,6 +1264,28 @@ mod tests {
     }
 
     #[test]
+    fn presets_apply_and_explicit_parameters_win() {
+        let loaded = from_toml(
+            r#"
+            [processing.clustering]
+            algorithm = "ncs-v8"
+            preset = "streaming_iot"
+            learning_rate = 0.5
+            "#,
+        )
+        .unwrap();
+        let c = &loaded.config.processing.clustering;
+        assert_eq!(c.algorithm, Algorithm::NcsV8);
+        let v8 = c.v8_params();
+        assert_eq!(v8.learning_rate, 0.5, "explicit wins");
+        assert_eq!(v8.max_clusters, 15, "from the preset");
+        assert_eq!(v8.decay_rate, 0.005, "from the preset");
+        assert_eq!(v8.base_threshold, 0.7, "from the preset");
+        assert_eq!(c.ncs_params().max_clusters, 15);
+        assert!(from_toml("[processing.clustering]\npreset = \"fastest\"").is_err());
+    }
+
+    #[test]
     fn secrets_are_masked_and_sources_named() {
         let figment = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(
             r#"
