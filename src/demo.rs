@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Profile, WindowConfig};
 use crate::generator::{Generator, GeneratorConfig};
+use crate::kafka::producer::InFlight;
 use crate::pgserver::{Durability, PgServer, PgServerError};
 use crate::store::{MemoryStore, Store};
 use crate::telemetry::Progress;
@@ -262,43 +263,19 @@ async fn generate(
         malformed_every: 997,
         ..GeneratorConfig::default()
     });
-    let mut pending = std::collections::VecDeque::new();
+    let mut in_flight = InFlight::new(50_000);
     for n in 0..total {
         while n.saturating_sub(progress.durable_offsets().max(0) as u64) >= MAX_LAG {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let msg = generator.next_message();
-        let mut record = FutureRecord::to(INPUT_TOPIC)
+        let record = FutureRecord::to(INPUT_TOPIC)
             .key(&msg.key)
             .payload(&msg.payload);
-        loop {
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    pending.push_back(delivery);
-                    break;
-                }
-                Err((_, back)) => {
-                    record = back;
-                    if let Some(d) = pending.pop_front() {
-                        let _ = d.await;
-                    } else {
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                }
-            }
-        }
-        if pending.len() >= 50_000 {
-            while pending.len() > 10_000 {
-                if let Some(d) = pending.pop_front() {
-                    d.await?.map_err(|(e, _)| e)?;
-                }
-            }
-        }
+        in_flight.send(&producer, record).await?;
         produced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
-    for d in pending {
-        d.await?.map_err(|(e, _)| e)?;
-    }
+    in_flight.finish().await?;
     producer.flush(Duration::from_secs(10))?;
     Ok(())
 }

@@ -6,7 +6,8 @@
 //! - [`output`]: output message shapes, their topics and keys.
 //! - [`windows`]: event-time windows: tumbling, hopping ([`windows::fixed`]) and sliding
 //!   ([`windows::sliding`]); pure, checkpointable.
-//! - [`ncs`]: online clustering; [`ncs::v8`] is the NCS V8 reference port.
+//! - [`ncs`]: online clustering: [`ncs::corrected`] (`ncs`, the default), [`ncs::v8`] (the NCS
+//!   V8 reference port), [`ncs::drift`] (Page-Hinkley and ADWIN change detectors).
 //! - [`processor`]: the pure per-partition processor every entry point drives.
 //! - [`clustering`]: the processor's clustering stage: engine decisions to outputs.
 //! - [`offline`]: `neurostream process`, the processor over JSON lines.

@@ -11,6 +11,7 @@ use rdkafka::ClientConfig;
 
 use crate::config::Config;
 use crate::generator::{Generator, GeneratorConfig};
+use crate::kafka::producer::InFlight;
 
 /// What `produce` sends.
 #[derive(Debug, Clone)]
@@ -55,7 +56,7 @@ pub async fn produce(config: &Config, opts: ProduceOptions) -> anyhow::Result<u6
         }
     };
     let started = Instant::now();
-    let mut pending = std::collections::VecDeque::new();
+    let mut in_flight = InFlight::new(10_000);
     let mut sent = 0u64;
     while sent < opts.events {
         let Some(line) = lines.next() else { break };
@@ -73,30 +74,10 @@ pub async fn produce(config: &Config, opts: ProduceOptions) -> anyhow::Result<u6
         if let Some(k) = &key {
             record = record.key(k);
         }
-        loop {
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    pending.push_back(delivery);
-                    break;
-                }
-                Err((_, back)) => {
-                    record = back;
-                    if let Some(d) = pending.pop_front() {
-                        d.await?.map_err(|(e, _)| e)?;
-                    }
-                }
-            }
-        }
-        while pending.len() > 10_000 {
-            if let Some(d) = pending.pop_front() {
-                d.await?.map_err(|(e, _)| e)?;
-            }
-        }
+        in_flight.send(&producer, record).await?;
         sent += 1;
     }
-    for d in pending {
-        d.await?.map_err(|(e, _)| e)?;
-    }
+    in_flight.finish().await?;
     producer.flush(Duration::from_secs(10))?;
     eprintln!(
         "produced {sent} events to `{}` in {:.2} s",

@@ -89,7 +89,7 @@ impl OutputProducer {
         dead_letters: &[DeadLetter],
     ) -> Result<(), ProduceError> {
         let partition = source_partition.to_string();
-        let mut pending: VecDeque<DeliveryFuture> = VecDeque::new();
+        let mut in_flight = InFlight::new(usize::MAX);
         for emitted in outputs {
             let key = emitted.output.key();
             let value = emitted.output.to_json();
@@ -99,7 +99,7 @@ impl OutputProducer {
                 .key(&key)
                 .payload(&value)
                 .headers(headers);
-            self.enqueue(record, &mut pending).await?;
+            in_flight.send(&self.producer, record).await?;
         }
         for dead in dead_letters {
             let offset = dead.offset.to_string();
@@ -119,40 +119,9 @@ impl OutputProducer {
             if let Some(p) = &dead.payload {
                 record = record.payload(p.as_slice());
             }
-            self.enqueue(record, &mut pending).await?;
+            in_flight.send(&self.producer, record).await?;
         }
-        while let Some(delivery) = pending.pop_front() {
-            await_delivery(delivery).await?;
-        }
-        Ok(())
-    }
-
-    async fn enqueue<K, P>(
-        &self,
-        mut record: FutureRecord<'_, K, P>,
-        pending: &mut VecDeque<DeliveryFuture>,
-    ) -> Result<(), ProduceError>
-    where
-        K: rdkafka::message::ToBytes + ?Sized,
-        P: rdkafka::message::ToBytes + ?Sized,
-    {
-        loop {
-            match self.producer.send_result(record) {
-                Ok(delivery) => {
-                    pending.push_back(delivery);
-                    return Ok(());
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    // Local queue full: make room by waiting for the oldest delivery.
-                    record = back;
-                    match pending.pop_front() {
-                        Some(delivery) => await_delivery(delivery).await?,
-                        None => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
-                    }
-                }
-                Err((err, _)) => return Err(err.into()),
-            }
-        }
+        Ok(in_flight.finish().await?)
     }
 
     /// Waits until every queued message is delivered or `timeout` passes.
@@ -177,10 +146,77 @@ fn source_headers(topic: &str, partition: &str, offset: &str) -> OwnedHeaders {
         })
 }
 
-async fn await_delivery(delivery: DeliveryFuture) -> Result<(), ProduceError> {
+async fn await_delivery(delivery: DeliveryFuture) -> Result<(), KafkaError> {
     match delivery.await {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err((err, _))) => Err(err.into()),
-        Err(_canceled) => Err(KafkaError::Canceled.into()),
+        Ok(Err((err, _))) => Err(err),
+        Err(_canceled) => Err(KafkaError::Canceled),
+    }
+}
+
+/// Deliveries in flight: `send` enqueues without waiting, except that it waits for the oldest
+/// delivery while librdkafka's local queue is full or more than `max` are outstanding; `finish`
+/// waits for the rest. The first failed delivery is returned.
+pub struct InFlight {
+    pending: VecDeque<DeliveryFuture>,
+    max: usize,
+}
+
+impl InFlight {
+    /// At most `max` deliveries outstanding.
+    pub fn new(max: usize) -> Self {
+        Self {
+            pending: VecDeque::new(),
+            max,
+        }
+    }
+
+    /// Enqueues `record`.
+    ///
+    /// # Errors
+    /// The first failed delivery, or a record librdkafka refuses.
+    pub async fn send<K, P>(
+        &mut self,
+        producer: &FutureProducer,
+        mut record: FutureRecord<'_, K, P>,
+    ) -> Result<(), KafkaError>
+    where
+        K: rdkafka::message::ToBytes + ?Sized,
+        P: rdkafka::message::ToBytes + ?Sized,
+    {
+        loop {
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    self.pending.push_back(delivery);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // Local queue full: make room by waiting for the oldest delivery.
+                    record = back;
+                    match self.pending.pop_front() {
+                        Some(delivery) => await_delivery(delivery).await?,
+                        None => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
+                    }
+                }
+                Err((err, _)) => return Err(err),
+            }
+        }
+        while self.pending.len() > self.max {
+            if let Some(delivery) = self.pending.pop_front() {
+                await_delivery(delivery).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for every outstanding delivery.
+    ///
+    /// # Errors
+    /// The first failed delivery.
+    pub async fn finish(mut self) -> Result<(), KafkaError> {
+        while let Some(delivery) = self.pending.pop_front() {
+            await_delivery(delivery).await?;
+        }
+        Ok(())
     }
 }

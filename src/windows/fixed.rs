@@ -315,7 +315,7 @@ impl FixedWindower {
         }
     }
 
-    /// Restores checkpointed state (which [`Windower::matches`] this window).
+    /// Restores checkpointed state (which [`FixedWindower::matches`] this window).
     pub fn restore(&mut self, state: WindowerState) {
         self.stream_time = state.stream_time;
         self.late_dropped = state.late_dropped;
