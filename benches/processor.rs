@@ -30,6 +30,7 @@ fn two_windows() -> ProcessingConfig {
                 ..WindowConfig::default()
             },
         ],
+        ..ProcessingConfig::default()
     }
 }
 

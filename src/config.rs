@@ -239,12 +239,22 @@ impl Profile {
     }
 }
 
+/// The longest window: 100 years, so window ends of accepted event times stay storable.
+pub const MAX_WINDOW_MS: u64 = 3_155_760_000_000;
+
 /// The per-partition processor.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProcessingConfig {
     /// Feature dimension; unset: fixed by the first event of each partition.
     pub dimension: Option<usize>,
+    /// Longest grouping key accepted, in UTF-8 bytes; longer keys go to the dead-letter topic
+    /// (`key_too_long`). PostgreSQL's index rows cap keys near 2,700 bytes.
+    pub max_key_bytes: usize,
+    /// How far an event's `ts` may be ahead of its Kafka timestamp (or of the wall clock when
+    /// that is earlier) before it is rejected (`future_timestamp`): one bogus far-future event
+    /// must never move stream time.
+    pub max_event_time_ahead_ms: u64,
     /// Online clustering of the events' features.
     pub clustering: ClusteringConfig,
     /// Event-time windows, each a `[[processing.windows]]` table.
@@ -255,6 +265,8 @@ impl Default for ProcessingConfig {
     fn default() -> Self {
         Self {
             dimension: None,
+            max_key_bytes: 1_024,
+            max_event_time_ahead_ms: 86_400_000,
             clustering: ClusteringConfig::default(),
             windows: vec![WindowConfig::default()],
         }
@@ -805,6 +817,12 @@ impl Config {
                 ));
             }
         }
+        if !(1..=2_048).contains(&self.processing.max_key_bytes) {
+            p.push(format!(
+                "processing.max_key_bytes must be within 1..=2048 (PostgreSQL index rows), not {}",
+                self.processing.max_key_bytes
+            ));
+        }
         let cl = &self.processing.clustering;
         if cl.max_clusters == Some(0) {
             p.push("processing.clustering.max_clusters must be at least 1".into());
@@ -829,8 +847,10 @@ impl Config {
         }
         for (i, w) in self.processing.windows.iter().enumerate() {
             let at = format!("processing.windows[{i}]");
-            if w.size_ms == 0 {
-                p.push(format!("{at}.size_ms must be positive"));
+            if w.size_ms == 0 || w.size_ms > MAX_WINDOW_MS {
+                p.push(format!(
+                    "{at}.size_ms must be within 1..={MAX_WINDOW_MS} (100 years)"
+                ));
             }
             match (w.kind, w.slide_ms) {
                 (WindowKind::Hopping, None) => {

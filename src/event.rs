@@ -10,6 +10,45 @@ use serde_json::value::RawValue;
 /// The most features an event may carry.
 pub const MAX_FEATURES: usize = 1024;
 
+/// The largest magnitude a feature or value may have. Squares and sums of up to 10^100 events
+/// of this size stay finite in every aggregate and in the clustering state, so anything accepted
+/// can be checkpointed and restored exactly.
+pub const MAX_ABS_NUMBER: f64 = 1e100;
+
+/// The earliest event time accepted: 1900-01-01T00:00:00Z.
+pub const MIN_TS_MS: i64 = -2_208_988_800_000;
+
+/// The first event time no longer accepted: 8000-01-01T00:00:00Z. PostgreSQL's `timestamptz`
+/// and the ISO 8601 literals the sink writes hold four-digit years; the margin leaves room for
+/// window ends (window sizes are capped far below it).
+pub const MAX_TS_MS: i64 = 190_288_396_800_000;
+
+/// What the decoder accepts beyond the event's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Larger payloads are rejected as `oversized`.
+    pub max_bytes: usize,
+    /// Longer keys (in UTF-8 bytes) are rejected as `key_too_long`.
+    pub max_key_bytes: usize,
+    /// An event time further than this ahead of the reference clock (the Kafka timestamp, or
+    /// the wall clock when that is earlier) is rejected as `future_timestamp`.
+    pub max_ahead_ms: u64,
+    /// The wall clock, when there is one (the service; offline there is none).
+    pub now_ms: Option<i64>,
+}
+
+impl Limits {
+    /// Only a size limit (tests, benches and the generator's self-check).
+    pub fn bytes(max_bytes: usize) -> Self {
+        Self {
+            max_bytes,
+            max_key_bytes: usize::MAX,
+            max_ahead_ms: u64::MAX,
+            now_ms: None,
+        }
+    }
+}
+
 /// A decoded, validated input event.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event {
@@ -55,6 +94,38 @@ pub enum DecodeError {
     /// Neither `ts` nor a Kafka timestamp.
     #[error("event has no `ts` and the message has no timestamp")]
     MissingTimestamp,
+    /// A text field holds U+0000, which PostgreSQL `text` cannot store.
+    #[error(
+        "field `{field}` contains a NUL character (U+0000), which PostgreSQL text cannot hold"
+    )]
+    NulCharacter {
+        /// `key` or `id`.
+        field: &'static str,
+    },
+    /// The grouping key is longer than `processing.max_key_bytes`.
+    #[error("key of {len} bytes exceeds the limit of {limit} bytes")]
+    KeyTooLong {
+        /// Key length in bytes.
+        len: usize,
+        /// Configured limit.
+        limit: usize,
+    },
+    /// Event time outside 1900-01-01 … 8000-01-01.
+    #[error("event time {ts_ms} ms is outside the accepted range (1900-01-01 to 8000-01-01)")]
+    TimestampOutOfRange {
+        /// The event time.
+        ts_ms: i64,
+    },
+    /// Event time too far ahead of the message's Kafka timestamp or the wall clock.
+    #[error(
+        "event time is {ahead_ms} ms ahead of the message timestamp or clock (limit {limit_ms} ms)"
+    )]
+    FutureTimestamp {
+        /// How far ahead.
+        ahead_ms: i64,
+        /// `processing.max_event_time_ahead_ms`.
+        limit_ms: u64,
+    },
     /// The feature dimension differs from the partition's.
     #[error("features have dimension {got}, expected {expected}")]
     DimensionMismatch {
@@ -75,6 +146,10 @@ impl DecodeError {
             DecodeError::InvalidField { .. } => "invalid_field",
             DecodeError::MissingTimestamp => "missing_timestamp",
             DecodeError::DimensionMismatch { .. } => "dimension_mismatch",
+            DecodeError::NulCharacter { .. } => "nul_character",
+            DecodeError::KeyTooLong { .. } => "key_too_long",
+            DecodeError::TimestampOutOfRange { .. } => "timestamp_out_of_range",
+            DecodeError::FutureTimestamp { .. } => "future_timestamp",
         }
     }
 }
@@ -201,8 +276,8 @@ fn fast_decode(
     }
     let features = raw.features.unwrap_or_default();
     let ok = features.len() <= MAX_FEATURES
-        && features.iter().all(|x| x.is_finite())
-        && raw.value.is_none_or(f64::is_finite);
+        && features.iter().all(|x| in_range(*x))
+        && raw.value.is_none_or(in_range);
     if !ok {
         return None;
     }
@@ -239,18 +314,84 @@ pub fn decode(
     payload: Option<&[u8]>,
     message_key: Option<&[u8]>,
     message_ts_ms: Option<i64>,
-    max_bytes: usize,
+    limits: &Limits,
 ) -> Result<Event, DecodeError> {
     let bytes = payload.ok_or(DecodeError::Empty)?;
-    if bytes.len() > max_bytes {
+    if bytes.len() > limits.max_bytes {
         return Err(DecodeError::Oversized {
             size: bytes.len(),
-            limit: max_bytes,
+            limit: limits.max_bytes,
         });
     }
-    if let Some(event) = fast_decode(bytes, message_key, message_ts_ms) {
-        return Ok(event);
+    // NB: serde reads a struct from a JSON array positionally; an event must be an object.
+    match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => return Err(DecodeError::Empty),
+        Some(b'{') => {}
+        Some(_) => {
+            return Err(DecodeError::NotJson(
+                match serde_json::from_slice::<serde::de::IgnoredAny>(bytes) {
+                    Ok(_) => "an event must be a JSON object".into(),
+                    Err(e) => e.to_string(),
+                },
+            ))
+        }
     }
+    let event = match fast_decode(bytes, message_key, message_ts_ms) {
+        Some(event) => event,
+        None => explain(bytes, message_key, message_ts_ms)?,
+    };
+    check_storable(&event, message_ts_ms, limits)?;
+    Ok(event)
+}
+
+fn in_range(x: f64) -> bool {
+    x.abs() <= MAX_ABS_NUMBER
+}
+
+/// Rejects what the sink or the checkpoint could not hold, and event times that would move
+/// stream time where no honest event follows.
+fn check_storable(
+    event: &Event,
+    message_ts_ms: Option<i64>,
+    limits: &Limits,
+) -> Result<(), DecodeError> {
+    if event.key.len() > limits.max_key_bytes {
+        return Err(DecodeError::KeyTooLong {
+            len: event.key.len(),
+            limit: limits.max_key_bytes,
+        });
+    }
+    if event.key.contains('\0') {
+        return Err(DecodeError::NulCharacter { field: "key" });
+    }
+    if event.id.as_deref().is_some_and(|id| id.contains('\0')) {
+        return Err(DecodeError::NulCharacter { field: "id" });
+    }
+    if !(MIN_TS_MS..MAX_TS_MS).contains(&event.ts_ms) {
+        return Err(DecodeError::TimestampOutOfRange { ts_ms: event.ts_ms });
+    }
+    let reference = match (message_ts_ms, limits.now_ms) {
+        (Some(m), Some(now)) => Some(m.min(now)),
+        (m, now) => m.or(now),
+    };
+    if let Some(reference) = reference {
+        let ahead = event.ts_ms.saturating_sub(reference);
+        if ahead > 0 && ahead as u64 > limits.max_ahead_ms {
+            return Err(DecodeError::FutureTimestamp {
+                ahead_ms: ahead,
+                limit_ms: limits.max_ahead_ms,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The slow path: decodes field by field to name what is wrong.
+fn explain(
+    bytes: &[u8],
+    message_key: Option<&[u8]>,
+    message_ts_ms: Option<i64>,
+) -> Result<Event, DecodeError> {
     let raw: RawEvent<'_> =
         serde_json::from_slice(bytes).map_err(|e| DecodeError::NotJson(e.to_string()))?;
 
@@ -280,6 +421,9 @@ pub fn decode(
                 .map_err(|_| invalid("value", format!("must be a number, got {}", v.get())))?;
             if !x.is_finite() {
                 return Err(invalid("value", "must be finite"));
+            }
+            if !in_range(x) {
+                return Err(invalid("value", "magnitude exceeds 1e100"));
             }
             Some(x)
         }
@@ -341,7 +485,7 @@ fn parse_features(v: &RawValue) -> Result<Vec<f64>, DecodeError> {
     // Fast path: a well-formed array of numbers parses in one pass; the slow path below only
     // runs to explain a rejection.
     if let Ok(xs) = serde_json::from_str::<Vec<f64>>(v.get()) {
-        if !xs.is_empty() && xs.len() <= MAX_FEATURES && xs.iter().all(|x| x.is_finite()) {
+        if !xs.is_empty() && xs.len() <= MAX_FEATURES && xs.iter().all(|x| in_range(*x)) {
             return Ok(xs);
         }
     }
@@ -370,6 +514,12 @@ fn parse_features(v: &RawValue) -> Result<Vec<f64>, DecodeError> {
         if !x.is_finite() {
             return Err(invalid("features", format!("entry {i} is not finite")));
         }
+        if !in_range(x) {
+            return Err(invalid(
+                "features",
+                format!("entry {i} has a magnitude above 1e100"),
+            ));
+        }
         out.push(x);
     }
     Ok(out)
@@ -380,11 +530,23 @@ mod tests {
     use super::*;
 
     fn ok(json: &str) -> Event {
-        decode(Some(json.as_bytes()), Some(b"mk"), Some(7), 1 << 20).unwrap()
+        decode(
+            Some(json.as_bytes()),
+            Some(b"mk"),
+            Some(7),
+            &Limits::bytes(1 << 20),
+        )
+        .unwrap()
     }
 
     fn err(json: &str) -> DecodeError {
-        decode(Some(json.as_bytes()), None, Some(7), 1 << 20).unwrap_err()
+        decode(
+            Some(json.as_bytes()),
+            None,
+            Some(7),
+            &Limits::bytes(1 << 20),
+        )
+        .unwrap_err()
     }
 
     #[test]
@@ -405,7 +567,7 @@ mod tests {
         let e = ok(r#"{"features":[1]}"#);
         assert_eq!(e.key, "mk");
         assert_eq!(e.ts_ms, 7);
-        let e = decode(Some(b"{}"), None, Some(1), 100).unwrap();
+        let e = decode(Some(b"{}"), None, Some(1), &Limits::bytes(100)).unwrap();
         assert_eq!(e.key, "");
     }
 
@@ -426,15 +588,104 @@ mod tests {
         assert_eq!(err(r#"{"ts":"yesterday"}"#).kind(), "invalid_field");
         assert_eq!(err(r#"{"features":[]}"#).kind(), "invalid_field");
         let big = format!("{{\"key\":\"{}\"}}", "x".repeat(200));
-        let e = decode(Some(big.as_bytes()), None, Some(1), 100).unwrap_err();
+        let e = decode(Some(big.as_bytes()), None, Some(1), &Limits::bytes(100)).unwrap_err();
         assert_eq!(e.kind(), "oversized");
         assert_eq!(
-            decode(None, None, Some(1), 100).unwrap_err().kind(),
+            decode(None, None, Some(1), &Limits::bytes(100))
+                .unwrap_err()
+                .kind(),
             "empty"
         );
         assert_eq!(
-            decode(Some(b"{}"), None, None, 100).unwrap_err().kind(),
+            decode(Some(b"{}"), None, None, &Limits::bytes(100))
+                .unwrap_err()
+                .kind(),
             "missing_timestamp"
         );
+    }
+
+    fn limited(json: &str, message_key: Option<&[u8]>, message_ts: Option<i64>) -> DecodeError {
+        let limits = Limits {
+            max_bytes: 1 << 20,
+            max_key_bytes: 1024,
+            max_ahead_ms: 86_400_000,
+            now_ms: Some(1_763_866_800_000),
+        };
+        decode(Some(json.as_bytes()), message_key, message_ts, &limits).unwrap_err()
+    }
+
+    #[test]
+    fn what_the_sink_cannot_store_is_rejected() {
+        let now = Some(1_763_866_800_000);
+        assert_eq!(
+            limited(r#"{"key":"a\u0000b"}"#, None, now).kind(),
+            "nul_character"
+        );
+        assert_eq!(
+            limited(r#"{"id":"\u0000"}"#, None, now).kind(),
+            "nul_character"
+        );
+        assert_eq!(limited("{}", Some(b"k\0"), now).kind(), "nul_character");
+        let long = format!(r#"{{"key":"{}"}}"#, "k".repeat(1025));
+        assert_eq!(limited(&long, None, now).kind(), "key_too_long");
+        let long_message_key = vec![b'k'; 3000];
+        assert_eq!(
+            limited("{}", Some(&long_message_key), now).kind(),
+            "key_too_long"
+        );
+        for ts in ["-62200000000000", "300000000000000", "9000000000000000"] {
+            let json = format!(r#"{{"ts":{ts}}}"#);
+            assert_eq!(
+                limited(&json, None, now).kind(),
+                "timestamp_out_of_range",
+                "{ts}"
+            );
+        }
+        assert_eq!(
+            limited(r#"{"ts":"9999-12-31T00:00:00Z"}"#, None, now).kind(),
+            "timestamp_out_of_range"
+        );
+        // Two days ahead of the wall clock, or of a message timestamp that is behind it.
+        let ahead = format!(r#"{{"ts":{}}}"#, 1_763_866_800_000i64 + 2 * 86_400_000);
+        assert_eq!(limited(&ahead, None, now).kind(), "future_timestamp");
+        assert_eq!(limited(&ahead, None, None).kind(), "future_timestamp");
+        assert_eq!(
+            limited(r#"{"value":1e300}"#, None, now).kind(),
+            "invalid_field"
+        );
+        assert_eq!(
+            limited(r#"{"features":[1,-1.7e308]}"#, None, now).kind(),
+            "invalid_field"
+        );
+        assert_eq!(limited("[1,2]", None, now).kind(), "not_json");
+        assert_eq!(limited(r#"["k", 5]"#, None, now).kind(), "not_json");
+        assert_eq!(limited("", None, now).kind(), "empty");
+        assert_eq!(limited("  \n", None, now).kind(), "empty");
+    }
+
+    #[test]
+    fn limits_accept_their_edges() {
+        let limits = Limits {
+            max_bytes: 1 << 20,
+            max_key_bytes: 4,
+            max_ahead_ms: 1_000,
+            now_ms: Some(10_000),
+        };
+        let e = decode(
+            Some(br#"{"key":"abcd","ts":11000,"value":1e100,"features":[-1e100]}"#),
+            None,
+            Some(20_000),
+            &limits,
+        )
+        .unwrap();
+        assert_eq!((e.key.as_str(), e.ts_ms), ("abcd", 11_000));
+        let e = decode(
+            Some(br#"{"ts":"1900-01-01T00:00:00Z"}"#),
+            None,
+            None,
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(e.ts_ms, MIN_TS_MS);
     }
 }

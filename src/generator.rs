@@ -167,7 +167,12 @@ mod tests {
         let bad = a.iter().filter(|m| m.malformed).count();
         assert_eq!(bad, 10);
         for m in &a {
-            let decoded = crate::event::decode(Some(&m.payload), None, Some(0), 1 << 20);
+            let decoded = crate::event::decode(
+                Some(&m.payload),
+                None,
+                Some(0),
+                &crate::event::Limits::bytes(1 << 20),
+            );
             assert_eq!(
                 decoded.is_err(),
                 m.malformed,

@@ -48,7 +48,7 @@ struct Snapshot {
     windows: Vec<WindowerState>,
 }
 
-const SNAPSHOT_VERSION: u32 = 1;
+const SNAPSHOT_VERSION: u32 = 2;
 
 /// A snapshot that cannot be restored.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +59,8 @@ pub struct SnapshotError(String);
 #[derive(Debug, Clone)]
 pub struct Processor {
     partition: i32,
-    max_event_bytes: usize,
+    /// What the decoder accepts (its clock is the batch's wall clock).
+    limits: event::Limits,
     /// Feature dimension of this partition: configured, or fixed by its first event with features.
     dimension: Option<usize>,
     windows: Vec<Windower>,
@@ -77,7 +78,12 @@ impl Processor {
     pub fn new(config: &ProcessingConfig, max_event_bytes: usize, partition: i32) -> Self {
         Self {
             partition,
-            max_event_bytes,
+            limits: event::Limits {
+                max_bytes: max_event_bytes,
+                max_key_bytes: config.max_key_bytes,
+                max_ahead_ms: config.max_event_time_ahead_ms,
+                now_ms: None,
+            },
             dimension: config.dimension,
             windows: config.windows.iter().cloned().map(Windower::new).collect(),
             clustering: config
@@ -101,11 +107,16 @@ impl Processor {
         partition: i32,
         bytes: &[u8],
     ) -> Result<Self, SnapshotError> {
-        let snap: Snapshot =
-            serde_json::from_slice(bytes).map_err(|e| SnapshotError(e.to_string()))?;
-        if snap.version != SNAPSHOT_VERSION {
+        // Version 1 snapshots were JSON; version 2 is MessagePack, which keeps every float
+        // bit-exact, non-finite ones included (JSON would write `null` and never read it back).
+        let snap: Snapshot = if bytes.first() == Some(&b'{') {
+            serde_json::from_slice(bytes).map_err(|e| SnapshotError(e.to_string()))?
+        } else {
+            rmp_serde::from_slice(bytes).map_err(|e| SnapshotError(e.to_string()))?
+        };
+        if !(1..=SNAPSHOT_VERSION).contains(&snap.version) {
             return Err(SnapshotError(format!(
-                "version {} (this build reads {SNAPSHOT_VERSION})",
+                "version {} (this build reads 1 to {SNAPSHOT_VERSION})",
                 snap.version
             )));
         }
@@ -128,7 +139,7 @@ impl Processor {
 
     /// The state to checkpoint.
     pub fn snapshot(&self) -> Vec<u8> {
-        serde_json::to_vec(&Snapshot {
+        rmp_serde::to_vec_named(&Snapshot {
             version: SNAPSHOT_VERSION,
             dimension: self.dimension,
             counters: self.counters.clone(),
@@ -136,7 +147,7 @@ impl Processor {
             clustering: self.clustering.clone(),
             windows: self.windows.iter().map(Windower::snapshot).collect(),
         })
-        .expect("processor state holds only finite numbers and strings")
+        .expect("MessagePack encodes every value of the processor state (plain data, string map keys or integers)")
     }
 
     /// Decodes and processes one message; its outputs are appended to `out`. Returns how the
@@ -152,12 +163,11 @@ impl Processor {
         out: &mut Vec<Emitted>,
     ) -> Result<Option<Late>, DecodeError> {
         self.last_offset = record.offset;
-        let decoded = event::decode(
-            record.payload,
-            record.key,
-            record.timestamp_ms,
-            self.max_event_bytes,
-        );
+        let limits = event::Limits {
+            now_ms: self.wall_ms,
+            ..self.limits
+        };
+        let decoded = event::decode(record.payload, record.key, record.timestamp_ms, &limits);
         match decoded {
             Ok(event) => self.apply(&event, record.offset, out),
             Err(err) => {
@@ -306,6 +316,7 @@ mod tests {
                     ..WindowConfig::default()
                 },
             ],
+            ..ProcessingConfig::default()
         }
     }
 
@@ -387,6 +398,7 @@ mod tests {
                 late: LatePolicy::Dlq,
                 ..WindowConfig::default()
             }],
+            ..ProcessingConfig::default()
         };
         let mut p = Processor::new(&config, 1 << 20, 0);
         let mut out = Vec::new();
@@ -419,6 +431,7 @@ mod tests {
                 idle_close_ms: Some(1_000),
                 ..WindowConfig::default()
             }],
+            ..ProcessingConfig::default()
         };
         let mut p = Processor::new(&config, 1 << 20, 0);
         assert_eq!(p.wants_ticks(), Some(1_000));

@@ -1,0 +1,298 @@
+//! Hostile input, property-tested: arbitrary bytes never panic the decoder and every rejection
+//! has a reason; every state the processor can reach from accepted events (extreme magnitudes
+//! included) round-trips through its checkpoint exactly; arbitrary TOML never panics the
+//! configuration loader and every rejection names its problems.
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+use neurostream::config::{Algorithm, ClusteringConfig, Config, ProcessingConfig, WindowConfig};
+use neurostream::config::{EmitMode, WindowKind};
+use neurostream::event::{self, Limits};
+use neurostream::processor::{Processor, Record};
+use proptest::prelude::*;
+
+fn limits() -> Limits {
+    Limits {
+        max_bytes: 4_096,
+        max_key_bytes: 64,
+        max_ahead_ms: 86_400_000,
+        now_ms: Some(1_763_866_800_000),
+    }
+}
+
+/// Bytes that are often nearly an event: JSON fragments glued together, or raw noise.
+fn hostile_bytes() -> impl Strategy<Value = Vec<u8>> {
+    let fragment = prop::sample::select(vec![
+        "{",
+        "}",
+        "[",
+        "]",
+        ",",
+        ":",
+        "\"key\"",
+        "\"ts\"",
+        "\"features\"",
+        "\"value\"",
+        "\"id\"",
+        "\"metadata\"",
+        "null",
+        "true",
+        "1e308",
+        "-1e309",
+        "1e100",
+        "NaN",
+        "0",
+        "-0.0",
+        "9223372036854775807",
+        "-9223372036854775808",
+        "18446744073709551616",
+        "\"\\u0000\"",
+        "\"2025-11-23T03:00:00Z\"",
+        "\"9999-12-31T23:59:59Z\"",
+        "[1,2,3]",
+        "[]",
+        "\"\\ud800\"",
+        " ",
+        "\n",
+        "\u{0}",
+        "\u{feff}",
+    ]);
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..200),
+        prop::collection::vec(fragment, 0..30).prop_map(|f| f.concat().into_bytes()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+    #[test]
+    fn decoder_never_panics_and_every_rejection_has_a_reason(
+        payload in hostile_bytes(),
+        key in prop::option::of(prop::collection::vec(any::<u8>(), 0..80)),
+        ts in prop::option::of(any::<i64>()),
+    ) {
+        match event::decode(Some(&payload), key.as_deref(), ts, &limits()) {
+            Ok(e) => {
+                // Whatever is accepted is storable.
+                prop_assert!(!e.key.contains('\0') && e.key.len() <= 64);
+                prop_assert!((event::MIN_TS_MS..event::MAX_TS_MS).contains(&e.ts_ms));
+                prop_assert!(e.features.iter().chain(&e.value).all(|x| x.abs() <= 1e100));
+            }
+            Err(err) => {
+                prop_assert!(!err.kind().is_empty());
+                prop_assert!(!err.to_string().is_empty());
+            }
+        }
+    }
+}
+
+/// A finite number of any magnitude the decoder accepts, extremes favoured.
+fn number() -> impl Strategy<Value = f64> {
+    prop_oneof![
+        -10.0f64..10.0,
+        prop::sample::select(vec![
+            0.0,
+            -0.0,
+            1e100,
+            -1e100,
+            1e-300,
+            -1e-300,
+            5e-324,
+            f64::MIN_POSITIVE,
+            9.999999999999999e99,
+            1e50,
+            -3e-10,
+        ]),
+        (-100.0f64..100.0, -99i32..100).prop_map(|(m, e)| m * 10f64.powi(e)),
+    ]
+    .prop_map(|x| x.clamp(-1e100, 1e100))
+}
+
+#[derive(Debug, Clone)]
+struct Ev {
+    key: u8,
+    ts: i64,
+    features: [f64; 3],
+    value: Option<f64>,
+}
+
+fn events() -> impl Strategy<Value = Vec<Ev>> {
+    prop::collection::vec(
+        (
+            0u8..4,
+            -50i64..200,
+            [number(), number(), number()],
+            prop::option::of(number()),
+        )
+            .prop_map(|(key, dt, features, value)| Ev {
+                key,
+                ts: dt,
+                features,
+                value,
+            }),
+        1..160,
+    )
+}
+
+fn payloads(events: &[Ev]) -> Vec<Vec<u8>> {
+    let mut ts = 1_700_000_000_000i64;
+    events
+        .iter()
+        .map(|e| {
+            ts += e.ts;
+            serde_json::to_vec(&serde_json::json!({
+                "key": format!("k{}", e.key),
+                "ts": ts,
+                "features": e.features,
+                "value": e.value,
+            }))
+            .unwrap()
+        })
+        .collect()
+}
+
+fn processing(algorithm: Algorithm) -> ProcessingConfig {
+    ProcessingConfig {
+        clustering: ClusteringConfig {
+            algorithm,
+            warmup_points: Some(10),
+            ..ClusteringConfig::default()
+        },
+        windows: vec![
+            WindowConfig {
+                size_ms: 100,
+                grace_ms: 10,
+                emit: EmitMode::Both,
+                ..WindowConfig::default()
+            },
+            WindowConfig {
+                kind: WindowKind::Sliding,
+                size_ms: 50,
+                ..WindowConfig::default()
+            },
+        ],
+        ..ProcessingConfig::default()
+    }
+}
+
+fn feed(p: &mut Processor, payloads: &[Vec<u8>], from: usize, to: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    for (offset, payload) in payloads.iter().enumerate().take(to).skip(from) {
+        let record = Record {
+            payload: Some(payload),
+            key: None,
+            timestamp_ms: None,
+            offset: offset as i64,
+        };
+        p.process(record, &mut out)
+            .expect("every generated event is accepted");
+        if offset % 17 == 16 {
+            p.end_batch(&mut out);
+        }
+    }
+    out.iter().map(|e| format!("{e:?}")).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn every_reachable_state_round_trips_through_its_checkpoint(
+        evs in events(),
+        cut in any::<prop::sample::Index>(),
+        v8 in any::<bool>(),
+    ) {
+        let config = processing(if v8 { Algorithm::NcsV8 } else { Algorithm::Ncs });
+        let payloads = payloads(&evs);
+        let cut = cut.index(payloads.len());
+
+        let mut straight = Processor::new(&config, 1 << 20, 0);
+        let all = feed(&mut straight, &payloads, 0, payloads.len());
+
+        let mut first = Processor::new(&config, 1 << 20, 0);
+        let mut out = feed(&mut first, &payloads, 0, cut);
+        let snapshot = first.snapshot();
+        let mut second = Processor::restore(&config, 1 << 20, 0, &snapshot)
+            .map_err(|e| TestCaseError::fail(format!("restore failed: {e}")))?;
+        prop_assert_eq!(second.snapshot(), snapshot, "restore → snapshot is not the identity");
+        out.extend(feed(&mut second, &payloads, cut, payloads.len()));
+        prop_assert_eq!(out, all);
+        prop_assert_eq!(second.snapshot(), straight.snapshot());
+    }
+}
+
+/// TOML documents mixing known and unknown keys with values of every type.
+fn toml_documents() -> impl Strategy<Value = String> {
+    let key = prop::sample::select(vec![
+        "kafka.brokers",
+        "kafka.group_id",
+        "kafka.input_topics",
+        "kafka.max_event_bytes",
+        "kafka.revoke_deadline_ms",
+        "kafka.session_timeout_ms",
+        "kafka.consumer.\"fetch.max.bytes\"",
+        "kafka.producer.acks",
+        "kafka.topics.dlq",
+        "kafka.security.protocol",
+        "profile",
+        "processing.dimension",
+        "processing.max_key_bytes",
+        "processing.clustering.algorithm",
+        "processing.clustering.max_clusters",
+        "processing.clustering.accept_sigmas",
+        "postgres.url",
+        "postgres.pool_max",
+        "postgres.batch_rows",
+        "http.address",
+        "log.level",
+        "log.format",
+        "bogus",
+        "kafka.bogus",
+        "processing.windows",
+    ]);
+    let value = prop::sample::select(vec![
+        "1",
+        "0",
+        "-1",
+        "18446744073709551615",
+        "1e400",
+        "\"\"",
+        "\"latency\"",
+        "\"earliest\"",
+        "\"postgres://u:p@h/db\"",
+        "true",
+        "[]",
+        "[\"a\", 1]",
+        "{}",
+        "{ kind = \"hopping\", size_ms = 0 }",
+        "[{ kind = \"sliding\", size_ms = 5, late = \"update\" }]",
+        "\"0.0.0.0:99999\"",
+        "nan",
+        "inf",
+    ]);
+    prop::collection::vec((key, value), 0..8).prop_map(|pairs| {
+        pairs
+            .into_iter()
+            .map(|(k, v)| format!("{k} = {v}\n"))
+            .collect::<String>()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1_000))]
+
+    #[test]
+    fn configuration_never_panics_and_every_rejection_names_problems(doc in toml_documents()) {
+        let figment = Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(&doc));
+        match neurostream::config::load_figment(figment) {
+            Ok(loaded) => prop_assert!(loaded.config.validate().is_ok()),
+            Err(errors) => {
+                prop_assert!(!errors.0.is_empty(), "rejected without a reason: {doc}");
+                for e in &errors.0 {
+                    prop_assert!(!e.trim().is_empty());
+                }
+            }
+        }
+    }
+}
