@@ -51,6 +51,7 @@ fn bench_sink(c: &mut Criterion) {
         partition: 0,
     };
     let state = vec![0u8; 4_096];
+    let (epoch, _) = runtime.block_on(store.claim(&id)).expect("claim");
     let mut round = 0i64;
     let mut group = c.benchmark_group("sink");
     group.throughput(Throughput::Elements(ROWS as u64));
@@ -66,6 +67,7 @@ fn bench_sink(c: &mut Criterion) {
             runtime
                 .block_on(store.commit(&Batch {
                     id: &id,
+                    epoch,
                     outputs: &outputs,
                     checkpoint: &checkpoint,
                 }))

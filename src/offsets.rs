@@ -1,24 +1,56 @@
-//! All offset handling: where a partition starts, and when an offset may be committed.
+//! All offset handling: where a partition starts, which messages a worker takes, and when an
+//! offset may be committed.
 //!
-//! The rule: an offset is stored only after its effects are durable, i.e. after the PostgreSQL
-//! transaction holding the partition's outputs and checkpoint has committed. librdkafka then
-//! auto-commits stored offsets; on revoke and shutdown they are committed synchronously. Because a
-//! committed Kafka offset is therefore never ahead of the checkpoint, a newly assigned partition
-//! starts exactly at its checkpoint's next offset; messages below it are skipped.
+//! The rules:
+//! - An offset is stored only after its effects are durable, i.e. after the PostgreSQL
+//!   transaction holding the partition's outputs and checkpoint has committed, and what is stored
+//!   is exactly the checkpoint's next offset (the committed offset is the next message to read,
+//!   as Kafka's own tools expect). librdkafka auto-commits stored offsets; on revoke and shutdown
+//!   they are committed synchronously.
+//! - A newly assigned partition starts at its checkpoint's next offset. When the checkpoint could
+//!   not be read during the rebalance, the partition is assigned paused; its worker reads the
+//!   checkpoint itself and asks the consumer thread to position and resume the partition
+//!   ([`Offsets::start_at`]), dropping whatever was fetched before ([`Delivery::Positioned`]
+//!   marks the point).
+//! - A worker never takes a message below the next offset it expects (a re-delivery): it is
+//!   dropped and counted. A forward gap is taken (compaction and transaction markers make gaps
+//!   legitimate) but counted and logged.
 
 use std::sync::Weak;
-use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::message::OwnedMessage;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, warn};
 
-use crate::kafka::intake::IntakeConsumer;
+/// What the consumer thread hands a partition worker.
+#[derive(Debug)]
+pub enum Delivery {
+    /// The next fetched message.
+    Message(OwnedMessage),
+    /// The partition was positioned as the worker asked: every message before this marker was
+    /// fetched before and is dropped; messages after it start at the requested offset.
+    Positioned,
+}
 
-/// A worker's handle on the consumer's offset store.
+/// The consumer operations the offset rules need; the consumer implements it (so this module
+/// does not depend on the consumer's concrete type).
+pub trait OffsetStore: Send + Sync {
+    /// Stores `next_offset` as the partition's offset to commit.
+    ///
+    /// # Errors
+    /// A description of the failure (e.g. the partition was revoked meanwhile).
+    fn store(&self, topic: &str, partition: i32, next_offset: i64) -> Result<(), String>;
+
+    /// Asks the consumer thread to start the (paused) partition at `next_offset` (`None`: at the
+    /// committed offset or the reset policy), then to send [`Delivery::Positioned`] and resume.
+    fn start_at(&self, topic: &str, partition: i32, next_offset: Option<i64>);
+}
+
+/// A worker's handle on the consumer's offsets.
 #[derive(Clone)]
 pub struct Offsets {
-    consumer: Weak<IntakeConsumer>,
+    consumer: Weak<dyn OffsetStore>,
 }
 
 impl std::fmt::Debug for Offsets {
@@ -28,14 +60,15 @@ impl std::fmt::Debug for Offsets {
 }
 
 impl Offsets {
-    pub(crate) fn new(consumer: Weak<IntakeConsumer>) -> Self {
+    /// Offsets of `consumer` (held weakly: a worker never keeps the consumer alive).
+    pub fn new(consumer: Weak<dyn OffsetStore>) -> Self {
         Self { consumer }
     }
 
     /// Records that everything below `next_offset` is durable; librdkafka commits it.
     pub fn mark_durable(&self, topic: &str, partition: i32, next_offset: i64) {
         if let Some(consumer) = self.consumer.upgrade() {
-            if let Err(err) = consumer.store_offset(topic, partition, next_offset) {
+            if let Err(err) = consumer.store(topic, partition, next_offset) {
                 // NB: fails after the partition was revoked; the new owner starts from the
                 // checkpoint, so nothing is lost.
                 debug!(topic, partition, next_offset, error = %err, "offset not stored");
@@ -43,20 +76,31 @@ impl Offsets {
         }
     }
 
-    /// Moves a partition's fetch position back to `offset` (a checkpoint behind the committed
-    /// offset, e.g. after PostgreSQL was restored from a backup).
-    pub fn seek(&self, topic: &str, partition: i32, offset: i64) {
+    /// See [`OffsetStore::start_at`].
+    pub fn start_at(&self, topic: &str, partition: i32, next_offset: Option<i64>) {
         if let Some(consumer) = self.consumer.upgrade() {
-            if let Err(err) = consumer.seek(
-                topic,
-                partition,
-                Offset::Offset(offset),
-                Duration::from_secs(10),
-            ) {
-                warn!(topic, partition, offset, error = %err, "seek to checkpoint failed");
-            }
+            consumer.start_at(topic, partition, next_offset);
         }
     }
+}
+
+/// Stores exactly `next_offset` for one partition.
+///
+/// NB: `rd_kafka_offset_store` (rdkafka's `store_offset`) stores offset + 1, which would commit
+/// one past the checkpoint; `rd_kafka_offsets_store` stores the list as given.
+///
+/// # Errors
+/// librdkafka's refusal, as text.
+pub fn store_exact<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
+    consumer: &C,
+    topic: &str,
+    partition: i32,
+    next_offset: i64,
+) -> Result<(), String> {
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(next_offset))
+        .map_err(|e| e.to_string())?;
+    consumer.store_offsets(&tpl).map_err(|e| e.to_string())
 }
 
 /// Sets each partition's start in an assignment to its checkpoint's next offset, where known.
@@ -71,7 +115,7 @@ pub fn start_at_checkpoints(tpl: &mut TopicPartitionList, starts: &[(String, i32
 }
 
 /// Commits stored offsets now (revoke, shutdown).
-pub fn commit_now(consumer: &IntakeConsumer) {
+pub fn commit_now<C: Consumer<X>, X: rdkafka::consumer::ConsumerContext>(consumer: &C) {
     match consumer.commit_consumer_state(CommitMode::Sync) {
         Ok(()) => {}
         // Nothing stored since the last commit.
@@ -84,23 +128,73 @@ pub fn commit_now(consumer: &IntakeConsumer) {
     }
 }
 
-/// Where the worker stands relative to its checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Position {
-    /// The message is already reflected in the checkpoint: skip it.
-    Behind,
-    /// The message is the next one to process.
-    Next,
-    /// Messages between the checkpoint and this one were never processed: seek back.
-    Gap,
+/// Which messages a worker takes: the offset continuity rules of this module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// The next offset expected; `None` until the first message when nothing is known.
+    expected: Option<i64>,
+    /// Dropping everything until [`Delivery::Positioned`].
+    awaiting_position: bool,
 }
 
-/// Classifies a message offset against the next offset the checkpoint expects.
-pub fn position(expected: Option<i64>, offset: i64) -> Position {
-    match expected {
-        Some(next) if offset < next => Position::Behind,
-        Some(next) if offset > next => Position::Gap,
-        _ => Position::Next,
+/// What to do with a delivered message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take {
+    /// Process it.
+    Next,
+    /// Process it, but `skipped` offsets before it never arrived (compaction, transaction
+    /// markers, retention, or a broker fault): count and log.
+    AfterGap {
+        /// How many offsets were skipped.
+        skipped: i64,
+    },
+    /// Already processed (a re-delivery): drop and count.
+    Duplicate,
+    /// Fetched before the partition was positioned: drop silently.
+    Stale,
+}
+
+impl Cursor {
+    /// A cursor starting at `next_offset` (the checkpoint's), or at whatever comes first.
+    pub fn at(next_offset: Option<i64>) -> Self {
+        Self {
+            expected: next_offset,
+            awaiting_position: false,
+        }
+    }
+
+    /// A cursor that drops everything until the partition is positioned at `next_offset`.
+    pub fn positioning(next_offset: Option<i64>) -> Self {
+        Self {
+            expected: next_offset,
+            awaiting_position: true,
+        }
+    }
+
+    /// The partition was positioned.
+    pub fn positioned(&mut self) {
+        self.awaiting_position = false;
+    }
+
+    /// Classifies the message at `offset`; a taken message advances the cursor.
+    pub fn take(&mut self, offset: i64) -> Take {
+        if self.awaiting_position {
+            return Take::Stale;
+        }
+        let verdict = match self.expected {
+            Some(next) if offset < next => return Take::Duplicate,
+            Some(next) if offset > next => Take::AfterGap {
+                skipped: offset - next,
+            },
+            _ => Take::Next,
+        };
+        self.expected = Some(offset + 1);
+        verdict
+    }
+
+    /// The next offset expected, when known.
+    pub fn expected(&self) -> Option<i64> {
+        self.expected
     }
 }
 
@@ -109,10 +203,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn positions() {
-        assert_eq!(position(None, 5), Position::Next);
-        assert_eq!(position(Some(5), 4), Position::Behind);
-        assert_eq!(position(Some(5), 5), Position::Next);
-        assert_eq!(position(Some(5), 9), Position::Gap);
+    fn the_cursor_takes_each_offset_once_and_reports_gaps() {
+        let mut c = Cursor::at(Some(5));
+        assert_eq!(c.take(4), Take::Duplicate);
+        assert_eq!(c.take(5), Take::Next);
+        assert_eq!(c.take(5), Take::Duplicate);
+        assert_eq!(c.take(9), Take::AfterGap { skipped: 3 });
+        assert_eq!(c.take(7), Take::Duplicate);
+        assert_eq!(c.take(10), Take::Next);
+        assert_eq!(c.expected(), Some(11));
+    }
+
+    #[test]
+    fn without_a_checkpoint_the_first_message_starts_the_cursor() {
+        let mut c = Cursor::at(None);
+        assert_eq!(c.take(42), Take::Next);
+        assert_eq!(c.take(42), Take::Duplicate);
+    }
+
+    #[test]
+    fn before_positioning_everything_is_stale() {
+        let mut c = Cursor::positioning(Some(3));
+        assert_eq!(c.take(100), Take::Stale);
+        assert_eq!(c.take(3), Take::Stale);
+        c.positioned();
+        assert_eq!(c.take(3), Take::Next);
     }
 }

@@ -185,6 +185,17 @@ impl Output {
         }
     }
 
+    /// The message `type` (`window_aggregate`, `cluster_update`, …).
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Output::WindowAggregate(_) => "window_aggregate",
+            Output::ClusterUpdate(_) => "cluster_update",
+            Output::Outlier(_) => "outlier",
+            Output::DriftDetection(_) => "drift_detection",
+            Output::AlgorithmStatus(_) => "algorithm_status",
+        }
+    }
+
     /// The JSON message value.
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("outputs contain only finite numbers and strings")

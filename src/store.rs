@@ -3,7 +3,19 @@
 //! [`Store::commit`] writes one partition batch in one transaction: the outputs (COPY into a
 //! staging table, then one `INSERT … SELECT … ON CONFLICT`) and the partition's checkpoint (state
 //! snapshot + next offset). A replayed batch hits primary keys and changes nothing; a checkpoint
-//! never moves backwards. Without PostgreSQL (the demo's fallback) a [`MemoryStore`] keeps the
+//! never moves backwards.
+//!
+//! Ownership is fenced: a worker [`Store::claim`]s its partition (the owner epoch goes up by one)
+//! before it reads the checkpoint, and every batch transaction locks the owner row and commits
+//! only while the epoch is still its own. A worker that lost its partition therefore can never
+//! commit after the next owner started: the claim waits for a batch in flight, and a batch after
+//! the claim is rolled back with [`StoreError::Fenced`].
+//!
+//! A row PostgreSQL rejects for a data reason never stops the service: the batch is replayed row
+//! by row under savepoints to find the rejected rows, which come back as
+//! [`StoreError::Rejected`] for the caller to dead-letter before it commits the rest.
+//!
+//! Without PostgreSQL (the demo's fallback) a [`MemoryStore`] keeps the
 //! checkpoints in process and counts the rows it would have written.
 
 use std::collections::HashMap;
@@ -12,7 +24,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use std::str::FromStr as _;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Connection as _;
 
 use crate::output::{ClusterUpdate, DriftRecord, Emitted, OutlierRecord, Output, WindowAggregate};
@@ -37,15 +51,29 @@ pub struct PartitionId {
     pub partition: i32,
 }
 
+/// A partition owner's epoch, from [`Store::claim`]; batches of an older epoch are fenced.
+pub type Epoch = i64;
+
 /// One batch of a partition: outputs plus the checkpoint that accounts for them.
 #[derive(Debug)]
 pub struct Batch<'a> {
     /// Whose batch.
     pub id: &'a PartitionId,
+    /// The writer's ownership epoch.
+    pub epoch: Epoch,
     /// Outputs to store.
     pub outputs: &'a [Emitted],
     /// Checkpoint after this batch.
     pub checkpoint: &'a Checkpoint,
+}
+
+/// An output row PostgreSQL refused for a data reason.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RejectedRow {
+    /// Index of the output in [`Batch::outputs`].
+    pub index: usize,
+    /// PostgreSQL's message (with its SQLSTATE).
+    pub reason: String,
 }
 
 /// Store failures, classified by what the caller should do.
@@ -54,9 +82,22 @@ pub enum StoreError {
     /// The database is unreachable or the transaction was interrupted: retry with backoff.
     #[error("PostgreSQL unavailable (will retry): {0}")]
     Retryable(#[source] sqlx::Error),
-    /// Schema or data problem that retrying cannot fix: stop with this message.
+    /// Schema, permission or configuration problem that retrying cannot fix: stop with this message.
     #[error("PostgreSQL rejected the batch: {0}")]
     Fatal(#[source] sqlx::Error),
+    /// Some output rows are data PostgreSQL refuses (nothing was committed): dead-letter them and
+    /// commit the batch without them.
+    #[error("PostgreSQL refused {} output row(s) of the batch: {}", .0.len(), .0.first().map_or("", |r| r.reason.as_str()))]
+    Rejected(Vec<RejectedRow>),
+    /// Another worker claimed the partition since this one did (nothing was committed): stop
+    /// this worker.
+    #[error("partition ownership moved on (epoch {current}, this writer holds {mine}); nothing committed")]
+    Fenced {
+        /// The writer's epoch.
+        mine: Epoch,
+        /// The current owner's epoch (0: never claimed).
+        current: Epoch,
+    },
     /// Migrations failed.
     #[error("migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -66,6 +107,18 @@ impl StoreError {
     /// Whether a retry may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Retryable(_))
+    }
+}
+
+/// Whether PostgreSQL refused a value, not the statement: data exceptions (class 22, e.g. a NUL
+/// in text, a timestamp out of range), integrity violations (23) and program limits (54, e.g. an
+/// index row too large).
+fn is_data_error(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| ["22", "23", "54"].iter().any(|c| code.starts_with(c))),
+        _ => false,
     }
 }
 
@@ -114,6 +167,19 @@ impl Store {
         }
     }
 
+    /// Claims the partition for a new owner (its epoch goes up by one) and reads its checkpoint.
+    /// Waits for a batch of the previous owner in flight, so the checkpoint read is the last
+    /// one that owner can ever write.
+    ///
+    /// # Errors
+    /// [`StoreError`] when PostgreSQL cannot be written.
+    pub async fn claim(&self, id: &PartitionId) -> Result<(Epoch, Option<Checkpoint>), StoreError> {
+        match self {
+            Store::Postgres(pg) => pg.claim(id).await,
+            Store::Memory(m) => Ok(m.claim(id)),
+        }
+    }
+
     /// Writes one batch and its checkpoint atomically; returns the output rows written.
     ///
     /// # Errors
@@ -121,39 +187,60 @@ impl Store {
     pub async fn commit(&self, batch: &Batch<'_>) -> Result<u64, StoreError> {
         match self {
             Store::Postgres(pg) => pg.commit(batch).await,
-            Store::Memory(m) => Ok(m.commit(batch)),
+            Store::Memory(m) => m.commit(batch),
         }
     }
 }
 
-/// Checkpoints kept in process.
+/// Checkpoints and owner epochs kept in process.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryStore {
-    checkpoints: Arc<Mutex<HashMap<PartitionId, Checkpoint>>>,
+    partitions: Arc<Mutex<HashMap<PartitionId, MemoryPartition>>>,
     rows: Arc<AtomicU64>,
 }
 
+#[derive(Debug, Default)]
+struct MemoryPartition {
+    epoch: Epoch,
+    checkpoint: Option<Checkpoint>,
+}
+
 impl MemoryStore {
-    fn load(&self, id: &PartitionId) -> Option<Checkpoint> {
-        self.checkpoints
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PartitionId, MemoryPartition>> {
+        self.partitions
             .lock()
             .expect("checkpoint map lock is never poisoned: no code panics while holding it")
-            .get(id)
-            .cloned()
     }
 
-    fn commit(&self, batch: &Batch<'_>) -> u64 {
-        let mut map = self
-            .checkpoints
-            .lock()
-            .expect("checkpoint map lock is never poisoned: no code panics while holding it");
-        let current = map.get(batch.id).map(|c| c.next_offset);
-        if current.is_none_or(|n| n <= batch.checkpoint.next_offset) {
-            map.insert(batch.id.clone(), batch.checkpoint.clone());
+    fn load(&self, id: &PartitionId) -> Option<Checkpoint> {
+        self.lock().get(id).and_then(|p| p.checkpoint.clone())
+    }
+
+    fn claim(&self, id: &PartitionId) -> (Epoch, Option<Checkpoint>) {
+        let mut map = self.lock();
+        let p = map.entry(id.clone()).or_default();
+        p.epoch += 1;
+        (p.epoch, p.checkpoint.clone())
+    }
+
+    fn commit(&self, batch: &Batch<'_>) -> Result<u64, StoreError> {
+        let mut map = self.lock();
+        let p = map.entry(batch.id.clone()).or_default();
+        if p.epoch != batch.epoch {
+            return Err(StoreError::Fenced {
+                mine: batch.epoch,
+                current: p.epoch,
+            });
+        }
+        if p.checkpoint
+            .as_ref()
+            .is_none_or(|c| c.next_offset <= batch.checkpoint.next_offset)
+        {
+            p.checkpoint = Some(batch.checkpoint.clone());
         }
         let rows = batch.outputs.len() as u64;
         self.rows.fetch_add(rows, Ordering::Relaxed);
-        rows
+        Ok(rows)
     }
 
     /// Output rows "written" so far.
@@ -183,7 +270,7 @@ async fn stage(
     table: &str,
     columns: &str,
     text: String,
-) -> Result<(), StoreError> {
+) -> Result<(), sqlx::Error> {
     sqlx::query(&format!(
         "-- per-connection staging table, emptied at every commit
          CREATE TEMP TABLE IF NOT EXISTS {table}_staging
@@ -205,11 +292,15 @@ impl PgStore {
     /// # Errors
     /// [`StoreError::Fatal`] when the URL cannot be parsed.
     pub fn connect_lazy(url: &str, pool_max: u32) -> Result<Self, StoreError> {
+        let options = PgConnectOptions::from_str(url)
+            .map_err(StoreError::Fatal)?
+            // NB: `CREATE TEMP TABLE IF NOT EXISTS` answers every batch with a NOTICE that sqlx
+            // logs at INFO; notices carry nothing the service acts on.
+            .options([("client_min_messages", "warning")]);
         let pool = PgPoolOptions::new()
             .max_connections(pool_max)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy(url)
-            .map_err(StoreError::Fatal)?;
+            .connect_lazy_with(options);
         Ok(Self { pool })
     }
 
@@ -241,124 +332,244 @@ impl PgStore {
         Ok(row.map(|(next_offset, state)| Checkpoint { next_offset, state }))
     }
 
+    async fn claim(&self, id: &PartitionId) -> Result<(Epoch, Option<Checkpoint>), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let (epoch,): (Epoch,) = sqlx::query_as(
+            "-- claim the partition: the owner epoch goes up by one (waits for a batch in flight)
+             INSERT INTO partition_owners (group_id, source_topic, partition, epoch)
+             VALUES ($1, $2, $3, 1)
+             ON CONFLICT (group_id, source_topic, partition) DO UPDATE
+             SET epoch = partition_owners.epoch + 1, claimed_at = now()
+             RETURNING epoch",
+        )
+        .bind(&id.group_id)
+        .bind(&id.topic)
+        .bind(id.partition)
+        .fetch_one(&mut *tx)
+        .await?;
+        let row: Option<(i64, Vec<u8>)> = sqlx::query_as(
+            "-- the checkpoint the previous owner left
+             SELECT next_offset, state FROM partition_checkpoints
+             WHERE group_id = $1 AND source_topic = $2 AND partition = $3",
+        )
+        .bind(&id.group_id)
+        .bind(&id.topic)
+        .bind(id.partition)
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok((
+            epoch,
+            row.map(|(next_offset, state)| Checkpoint { next_offset, state }),
+        ))
+    }
+
     async fn commit(&self, batch: &Batch<'_>) -> Result<u64, StoreError> {
         let mut conn = self.pool.acquire().await?;
         let mut tx = conn.begin().await?;
-        let topic = &batch.id.topic;
-        let (mut windows, mut clusters, mut drifts, mut outliers) =
-            (String::new(), String::new(), String::new(), String::new());
-        for e in batch.outputs {
-            match &e.output {
-                Output::WindowAggregate(w) => {
-                    copy_window_row(&mut windows, topic, w, e.source_offset)
-                }
-                Output::ClusterUpdate(c) => {
-                    copy_cluster_row(&mut clusters, topic, c, e.source_offset)
-                }
-                Output::DriftDetection(d) => copy_drift_row(&mut drifts, topic, d, e.source_offset),
-                Output::Outlier(o) => copy_outlier_row(&mut outliers, topic, o),
-                // Status is a Kafka-only heartbeat.
-                Output::AlgorithmStatus(_) => {}
+        fence(&mut tx, batch).await?;
+        let rows = match write_outputs(&mut tx, &batch.id.topic, batch.outputs).await {
+            Ok(rows) => rows,
+            Err(err) if is_data_error(&err) => {
+                drop(tx);
+                return Err(self.find_rejected(batch).await);
             }
-        }
-        let mut rows = 0;
-        if !windows.is_empty() {
-            stage(&mut tx, "window_aggregates", WINDOW_COLUMNS, windows).await?;
-            rows += sqlx::query(&format!(
-                "-- upsert: a higher revision, or the final of the same revision, replaces the row;
-                 -- a replay (same revision and finality) changes nothing
-                 INSERT INTO window_aggregates ({WINDOW_COLUMNS})
-                 SELECT DISTINCT ON (source_topic, partition, window_kind, size_ms, slide_ms, key, window_start)
-                        {WINDOW_COLUMNS}
-                 FROM window_aggregates_staging
-                 ORDER BY source_topic, partition, window_kind, size_ms, slide_ms, key, window_start,
-                          revision DESC, is_final DESC
-                 ON CONFLICT (source_topic, partition, window_kind, size_ms, slide_ms, key, window_start)
-                 DO UPDATE SET window_end = excluded.window_end, count = excluded.count,
-                     sum = excluded.sum, mean = excluded.mean, std = excluded.std,
-                     min = excluded.min, max = excluded.max, is_final = excluded.is_final,
-                     revision = excluded.revision, source_offset = excluded.source_offset,
-                     updated_at = now()
-                 WHERE (window_aggregates.revision, window_aggregates.is_final)
-                     < (excluded.revision, excluded.is_final)"
-            ))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        }
-        if !clusters.is_empty() {
-            stage(&mut tx, "cluster_updates", CLUSTER_UPDATE_COLUMNS, clusters).await?;
-            rows += sqlx::query(&format!(
-                "-- cluster history: one row per (cluster, source offset, event); replays do nothing
-                 INSERT INTO cluster_updates ({CLUSTER_UPDATE_COLUMNS})
-                 SELECT {CLUSTER_UPDATE_COLUMNS} FROM cluster_updates_staging
-                 ON CONFLICT DO NOTHING"
-            ))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            sqlx::query(
-                "-- latest state per cluster; never replaced by an older source offset
-                 INSERT INTO clusters (source_topic, partition, cluster_id, centroid, weight, radius,
-                                       quality, drift_coefficient, status, created_at, updated_at,
-                                       source_offset)
-                 SELECT DISTINCT ON (source_topic, partition, cluster_id)
-                        source_topic, partition, cluster_id, centroid, weight, radius, quality,
-                        drift_coefficient,
-                        CASE WHEN event = 'evicted' THEN 'evicted' ELSE 'active' END,
-                        created_at, updated_at, source_offset
-                 FROM cluster_updates_staging
-                 ORDER BY source_topic, partition, cluster_id, source_offset DESC, (event = 'evicted') DESC
-                 ON CONFLICT (source_topic, partition, cluster_id) DO UPDATE
-                 SET centroid = excluded.centroid, weight = excluded.weight, radius = excluded.radius,
-                     quality = excluded.quality, drift_coefficient = excluded.drift_coefficient,
-                     status = excluded.status, updated_at = excluded.updated_at,
-                     source_offset = excluded.source_offset
-                 WHERE clusters.source_offset <= excluded.source_offset",
-            )
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !drifts.is_empty() {
-            stage(&mut tx, "drift_alerts", DRIFT_COLUMNS, drifts).await?;
-            rows += sqlx::query(&format!(
-                "-- drift alarms, keyed by source offset and detector; replays do nothing
-                 INSERT INTO drift_alerts ({DRIFT_COLUMNS})
-                 SELECT {DRIFT_COLUMNS} FROM drift_alerts_staging ON CONFLICT DO NOTHING"
-            ))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        }
-        if !outliers.is_empty() {
-            stage(&mut tx, "outliers", OUTLIER_COLUMNS, outliers).await?;
-            rows += sqlx::query(&format!(
-                "-- outliers, keyed by source offset; replays do nothing
-                 INSERT INTO outliers ({OUTLIER_COLUMNS})
-                 SELECT {OUTLIER_COLUMNS} FROM outliers_staging ON CONFLICT DO NOTHING"
-            ))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        }
-        sqlx::query(
-            "-- the partition's checkpoint, in the same transaction; never moves backwards
-             INSERT INTO partition_checkpoints (group_id, source_topic, partition, next_offset, state)
-             VALUES ($1, $2, $3, $4, $5)
-             ON CONFLICT (group_id, source_topic, partition) DO UPDATE
-             SET next_offset = excluded.next_offset, state = excluded.state, updated_at = now()
-             WHERE partition_checkpoints.next_offset <= excluded.next_offset",
-        )
-        .bind(&batch.id.group_id)
-        .bind(&batch.id.topic)
-        .bind(batch.id.partition)
-        .bind(batch.checkpoint.next_offset)
-        .bind(&batch.checkpoint.state)
-        .execute(&mut *tx)
-        .await?;
+            Err(err) => return Err(err.into()),
+        };
+        write_checkpoint(&mut tx, batch).await?;
         tx.commit().await?;
         Ok(rows)
     }
+
+    /// Replays the batch's outputs one by one under savepoints, in a transaction that is rolled
+    /// back, to name the rows PostgreSQL refuses.
+    async fn find_rejected(&self, batch: &Batch<'_>) -> StoreError {
+        let attempt = async {
+            let mut tx = self.pool.begin().await?;
+            fence(&mut tx, batch).await?;
+            let mut rejected = Vec::new();
+            for (index, output) in batch.outputs.iter().enumerate() {
+                sqlx::query("SAVEPOINT neurostream_row")
+                    .execute(&mut *tx)
+                    .await?;
+                let single = std::slice::from_ref(output);
+                match write_outputs(&mut tx, &batch.id.topic, single).await {
+                    Ok(_) => {}
+                    Err(err) if is_data_error(&err) => {
+                        sqlx::query("ROLLBACK TO SAVEPOINT neurostream_row")
+                            .execute(&mut *tx)
+                            .await?;
+                        rejected.push(RejectedRow {
+                            index,
+                            reason: err.to_string(),
+                        });
+                    }
+                    Err(err) => return Err(StoreError::from(err)),
+                }
+            }
+            tx.rollback().await?;
+            Ok(rejected)
+        };
+        match attempt.await {
+            Ok(rejected) if !rejected.is_empty() => StoreError::Rejected(rejected),
+            // Every row passes alone: the checkpoint or the combination is refused.
+            Ok(_) => StoreError::Fatal(sqlx::Error::Protocol(
+                "the batch is refused as a whole although each of its rows is accepted".into(),
+            )),
+            Err(err) => err,
+        }
+    }
+}
+
+/// Locks the partition's owner row for the transaction and checks the writer still owns it.
+async fn fence(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    batch: &Batch<'_>,
+) -> Result<(), StoreError> {
+    let current: Option<(Epoch,)> = sqlx::query_as(
+        "-- fencing: lock the owner row; only the current owner may commit
+         SELECT epoch FROM partition_owners
+         WHERE group_id = $1 AND source_topic = $2 AND partition = $3
+         FOR UPDATE",
+    )
+    .bind(&batch.id.group_id)
+    .bind(&batch.id.topic)
+    .bind(batch.id.partition)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let current = current.map_or(0, |(e,)| e);
+    if current == batch.epoch {
+        Ok(())
+    } else {
+        Err(StoreError::Fenced {
+            mine: batch.epoch,
+            current,
+        })
+    }
+}
+
+/// Writes outputs (COPY → staging → upsert); returns the rows inserted or changed.
+async fn write_outputs(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    topic: &str,
+    outputs: &[Emitted],
+) -> Result<u64, sqlx::Error> {
+    let (mut windows, mut clusters, mut drifts, mut outliers) =
+        (String::new(), String::new(), String::new(), String::new());
+    for e in outputs {
+        match &e.output {
+            Output::WindowAggregate(w) => copy_window_row(&mut windows, topic, w, e.source_offset),
+            Output::ClusterUpdate(c) => copy_cluster_row(&mut clusters, topic, c, e.source_offset),
+            Output::DriftDetection(d) => copy_drift_row(&mut drifts, topic, d, e.source_offset),
+            Output::Outlier(o) => copy_outlier_row(&mut outliers, topic, o),
+            // Status is a Kafka-only heartbeat.
+            Output::AlgorithmStatus(_) => {}
+        }
+    }
+    let mut rows = 0;
+    if !windows.is_empty() {
+        stage(tx, "window_aggregates", WINDOW_COLUMNS, windows).await?;
+        rows += sqlx::query(&format!(
+            "-- upsert: a higher revision, or the final of the same revision, replaces the row;
+             -- a replay (same revision and finality) changes nothing
+             INSERT INTO window_aggregates ({WINDOW_COLUMNS})
+             SELECT DISTINCT ON (source_topic, partition, window_kind, size_ms, slide_ms, key, window_start)
+                    {WINDOW_COLUMNS}
+             FROM window_aggregates_staging
+             ORDER BY source_topic, partition, window_kind, size_ms, slide_ms, key, window_start,
+                      revision DESC, is_final DESC
+             ON CONFLICT (source_topic, partition, window_kind, size_ms, slide_ms, key, window_start)
+             DO UPDATE SET window_end = excluded.window_end, count = excluded.count,
+                 sum = excluded.sum, mean = excluded.mean, std = excluded.std,
+                 min = excluded.min, max = excluded.max, is_final = excluded.is_final,
+                 revision = excluded.revision, source_offset = excluded.source_offset,
+                 updated_at = now()
+             WHERE (window_aggregates.revision, window_aggregates.is_final)
+                 < (excluded.revision, excluded.is_final)"
+        ))
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    }
+    if !clusters.is_empty() {
+        stage(tx, "cluster_updates", CLUSTER_UPDATE_COLUMNS, clusters).await?;
+        rows += sqlx::query(&format!(
+            "-- cluster history: one row per (cluster, source offset, event); replays do nothing
+             INSERT INTO cluster_updates ({CLUSTER_UPDATE_COLUMNS})
+             SELECT {CLUSTER_UPDATE_COLUMNS} FROM cluster_updates_staging
+             ON CONFLICT DO NOTHING"
+        ))
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+        sqlx::query(
+            "-- latest state per cluster; never replaced by an older source offset
+             INSERT INTO clusters (source_topic, partition, cluster_id, centroid, weight, radius,
+                                   quality, drift_coefficient, status, created_at, updated_at,
+                                   source_offset)
+             SELECT DISTINCT ON (source_topic, partition, cluster_id)
+                    source_topic, partition, cluster_id, centroid, weight, radius, quality,
+                    drift_coefficient,
+                    CASE WHEN event = 'evicted' THEN 'evicted' ELSE 'active' END,
+                    created_at, updated_at, source_offset
+             FROM cluster_updates_staging
+             ORDER BY source_topic, partition, cluster_id, source_offset DESC, (event = 'evicted') DESC
+             ON CONFLICT (source_topic, partition, cluster_id) DO UPDATE
+             SET centroid = excluded.centroid, weight = excluded.weight, radius = excluded.radius,
+                 quality = excluded.quality, drift_coefficient = excluded.drift_coefficient,
+                 status = excluded.status, updated_at = excluded.updated_at,
+                 source_offset = excluded.source_offset
+             WHERE clusters.source_offset <= excluded.source_offset",
+        )
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !drifts.is_empty() {
+        stage(tx, "drift_alerts", DRIFT_COLUMNS, drifts).await?;
+        rows += sqlx::query(&format!(
+            "-- drift alarms, keyed by source offset and detector; replays do nothing
+             INSERT INTO drift_alerts ({DRIFT_COLUMNS})
+             SELECT {DRIFT_COLUMNS} FROM drift_alerts_staging ON CONFLICT DO NOTHING"
+        ))
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    }
+    if !outliers.is_empty() {
+        stage(tx, "outliers", OUTLIER_COLUMNS, outliers).await?;
+        rows += sqlx::query(&format!(
+            "-- outliers, keyed by source offset; replays do nothing
+             INSERT INTO outliers ({OUTLIER_COLUMNS})
+             SELECT {OUTLIER_COLUMNS} FROM outliers_staging ON CONFLICT DO NOTHING"
+        ))
+        .execute(&mut **tx)
+        .await?
+        .rows_affected();
+    }
+    Ok(rows)
+}
+
+/// Upserts the partition's checkpoint; it never moves backwards.
+async fn write_checkpoint(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    batch: &Batch<'_>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "-- the partition's checkpoint, in the same transaction; never moves backwards
+         INSERT INTO partition_checkpoints (group_id, source_topic, partition, next_offset, state)
+         VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT (group_id, source_topic, partition) DO UPDATE
+         SET next_offset = excluded.next_offset, state = excluded.state, updated_at = now()
+         WHERE partition_checkpoints.next_offset <= excluded.next_offset",
+    )
+    .bind(&batch.id.group_id)
+    .bind(&batch.id.topic)
+    .bind(batch.id.partition)
+    .bind(batch.checkpoint.next_offset)
+    .bind(&batch.checkpoint.state)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 fn copy_window_row(out: &mut String, topic: &str, w: &WindowAggregate, offset: i64) {

@@ -32,6 +32,19 @@ pub const ASSIGNED_PARTITIONS: &str = "neurostream_assigned_partitions";
 /// Rebalance callbacks served. Labels: stage (`assign`, `revoke`).
 pub const REBALANCES_TOTAL: &str = "neurostream_rebalances_total";
 
+/// Re-delivered messages a worker dropped (offset below the next expected). Labels: topic.
+pub const OFFSET_DUPLICATES_TOTAL: &str = "neurostream_offset_duplicates_total";
+/// Offsets skipped between consecutive messages (compaction, transaction markers, retention,
+/// or a broker fault). Labels: topic.
+pub const OFFSETS_SKIPPED_TOTAL: &str = "neurostream_offsets_skipped_total";
+/// Batches rolled back because another worker owns the partition now. Labels: topic.
+pub const FENCED_BATCHES_TOTAL: &str = "neurostream_fenced_batches_total";
+/// Output rows PostgreSQL refused for a data reason (dead-lettered instead). Labels: topic.
+pub const SINK_REJECTED_ROWS_TOTAL: &str = "neurostream_sink_rejected_rows_total";
+/// Messages Kafka refused for good and that were diverted. Labels: topic, reason
+/// (`dead_letter_truncated`, `output_dead_lettered`).
+pub const PRODUCE_DIVERTED_TOTAL: &str = "neurostream_produce_diverted_total";
+
 /// Registers descriptions for every metric (call once after installing a recorder).
 pub fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
@@ -73,6 +86,31 @@ pub fn describe_metrics() {
         "Partitions assigned to this instance"
     );
     describe_counter!(REBALANCES_TOTAL, Unit::Count, "Rebalance callbacks served");
+    describe_counter!(
+        OFFSET_DUPLICATES_TOTAL,
+        Unit::Count,
+        "Re-delivered messages dropped by their worker"
+    );
+    describe_counter!(
+        OFFSETS_SKIPPED_TOTAL,
+        Unit::Count,
+        "Offsets skipped between consecutive messages"
+    );
+    describe_counter!(
+        FENCED_BATCHES_TOTAL,
+        Unit::Count,
+        "Batches rolled back because the partition has a newer owner"
+    );
+    describe_counter!(
+        SINK_REJECTED_ROWS_TOTAL,
+        Unit::Count,
+        "Output rows PostgreSQL refused, dead-lettered instead"
+    );
+    describe_counter!(
+        PRODUCE_DIVERTED_TOTAL,
+        Unit::Count,
+        "Messages Kafka refused for good, diverted"
+    );
 }
 
 /// One partition's status, for `/status`, `/ready` and the demo's progress line.
@@ -86,6 +124,13 @@ pub struct PartitionStatus {
     pub events: u64,
     /// Messages sent to the dead-letter topic by this instance.
     pub dead_letters: u64,
+    /// The worker restored the checkpoint and is consuming.
+    pub restored: bool,
+    /// What the worker is retrying, while it retries a batch.
+    pub retrying: Option<String>,
+    /// Since when it retries.
+    #[serde(skip)]
+    pub retrying_since: Option<std::time::Instant>,
 }
 
 /// What one durable batch of a partition contained.
@@ -143,7 +188,42 @@ impl Progress {
 
     /// A partition was assigned (`true`) or revoked.
     pub fn set_assigned(&self, topic: &str, partition: i32, assigned: bool) {
-        self.with_partition(topic, partition, |p| p.assigned = assigned);
+        self.with_partition(topic, partition, |p| {
+            p.assigned = assigned;
+            if !assigned {
+                p.restored = false;
+                p.retrying = None;
+                p.retrying_since = None;
+            }
+        });
+    }
+
+    /// The partition's worker restored its checkpoint.
+    pub fn set_restored(&self, topic: &str, partition: i32) {
+        self.with_partition(topic, partition, |p| p.restored = true);
+    }
+
+    /// The partition's worker retries a batch because of `problem` (`None`: it succeeded).
+    pub fn set_retrying(&self, topic: &str, partition: i32, problem: Option<String>) {
+        self.with_partition(topic, partition, |p| {
+            match (&problem, p.retrying_since) {
+                (Some(_), None) => p.retrying_since = Some(std::time::Instant::now()),
+                (None, _) => p.retrying_since = None,
+                _ => {}
+            }
+            p.retrying = problem;
+        });
+    }
+
+    /// Partitions that have been retrying for longer than `limit`, with what they retry.
+    pub fn stalled(&self, limit: std::time::Duration) -> Vec<String> {
+        self.partitions
+            .lock()
+            .expect("progress lock is never poisoned: no code panics while holding it")
+            .iter()
+            .filter(|(_, s)| s.assigned && s.retrying_since.is_some_and(|t| t.elapsed() > limit))
+            .map(|((t, p), s)| format!("{t}/{p}: {}", s.retrying.as_deref().unwrap_or("?")))
+            .collect()
     }
 
     /// A batch became durable.

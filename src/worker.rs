@@ -13,14 +13,16 @@ use rdkafka::message::{Message, OwnedMessage};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
-use crate::kafka::producer::{DeadLetter, OutputProducer};
-use crate::offsets::{self, Offsets, Position};
+use crate::kafka::producer::{
+    classify, DeadLetter, FailureClass, MessageRef, OutputProducer, TRUNCATED_PAYLOAD_BYTES,
+};
+use crate::offsets::{Cursor, Delivery, Offsets, Take};
 use crate::output::Emitted;
 use crate::processor::{Processor, Record};
-use crate::store::{Batch, Checkpoint, PartitionId, Store};
+use crate::store::{Batch, Checkpoint, Epoch, PartitionId, Store, StoreError};
 use crate::telemetry::{self as tm, Progress};
 
 /// Everything a worker needs, passed in.
@@ -89,67 +91,101 @@ impl Pending {
     }
 }
 
+/// How a worker got its partition.
+#[derive(Debug)]
+pub enum Start {
+    /// Claimed during the rebalance: the consumer starts at the checkpoint's next offset.
+    Claimed {
+        /// The ownership epoch.
+        epoch: Epoch,
+        /// The checkpoint read with the claim.
+        checkpoint: Option<Checkpoint>,
+    },
+    /// PostgreSQL did not answer during the rebalance: the partition is assigned paused; the
+    /// worker claims it, then asks the consumer to position and resume it.
+    Unclaimed,
+}
+
+/// Why a flush did not make the batch durable.
+enum Halt {
+    /// Stop requested (revoke, shutdown) while retrying: the next owner replays the batch.
+    Stopped,
+    /// Another worker owns the partition now: this one must stop without writing.
+    Fenced,
+    /// The service must stop (already raised on [`Fatal`]).
+    Fatal,
+}
+
 /// One partition's worker.
 pub struct PartitionWorker {
     id: PartitionId,
     ctx: WorkerContext,
     processor: Processor,
-    /// First offset not reflected in the processor's state (from the checkpoint).
-    expected: Option<i64>,
+    epoch: Epoch,
+    /// Which delivered messages to take.
+    cursor: Cursor,
     pending: Pending,
     /// Next offset after the last processed message (or the checkpoint's).
     position: Option<i64>,
     batch_rows: usize,
     linger: Duration,
+    stop: CancellationToken,
 }
 
 impl PartitionWorker {
-    /// Runs until `stop` is cancelled or the queue closes. `preloaded` is the checkpoint read at
-    /// assignment, if that succeeded; otherwise the worker reads it itself, retrying.
+    /// Runs until `stop` is cancelled, the queue closes, or the partition is fenced.
     pub async fn run(
         id: PartitionId,
         ctx: WorkerContext,
-        preloaded: Option<Option<Checkpoint>>,
-        mut messages_rx: mpsc::Receiver<OwnedMessage>,
+        start: Start,
+        mut deliveries_rx: mpsc::Receiver<Delivery>,
         stop: CancellationToken,
     ) {
-        let checkpoint = match preloaded {
-            Some(c) => c,
-            None => match load_with_retry(&id, &ctx, &stop).await {
-                Some(c) => c,
+        let (epoch, checkpoint, cursor) = match start {
+            Start::Claimed { epoch, checkpoint } => {
+                let next = checkpoint.as_ref().map(|c| c.next_offset);
+                (epoch, checkpoint, Cursor::at(next))
+            }
+            Start::Unclaimed => match claim_with_retry(&id, &ctx, &stop).await {
+                Some((epoch, checkpoint)) => {
+                    let next = checkpoint.as_ref().map(|c| c.next_offset);
+                    ctx.offsets.start_at(&id.topic, id.partition, next);
+                    (epoch, checkpoint, Cursor::positioning(next))
+                }
                 None => return,
             },
         };
         let config = &ctx.config;
         let max_bytes = config.kafka.max_event_bytes;
-        let (processor, expected) = match checkpoint {
+        let processor = match &checkpoint {
             Some(c) => {
                 match Processor::restore(&config.processing, max_bytes, id.partition, &c.state) {
-                    Ok(p) => (p, Some(c.next_offset)),
+                    Ok(p) => p,
                     Err(err) => {
                         ctx.fatal.raise(format!(
-                        "partition {}/{}: {err}; refusing to start from scratch over a checkpoint",
-                        id.topic, id.partition
-                    ));
+                            "partition {}/{}: {err}; refusing to start from scratch over a checkpoint",
+                            id.topic, id.partition
+                        ));
                         return;
                     }
                 }
             }
-            None => (
-                Processor::new(&config.processing, max_bytes, id.partition),
-                None,
-            ),
+            None => Processor::new(&config.processing, max_bytes, id.partition),
         };
-        info!(next_offset = ?expected, "partition worker started");
+        let position = checkpoint.as_ref().map(|c| c.next_offset);
+        info!(next_offset = ?position, epoch, "partition worker started");
+        ctx.progress.set_restored(&id.topic, id.partition);
         let mut worker = PartitionWorker {
             batch_rows: config.sink_batch_rows(),
             linger: Duration::from_millis(config.sink_linger_ms()),
             id,
             ctx,
             processor,
-            expected,
-            position: expected,
+            epoch,
+            cursor,
+            position,
             pending: Pending::default(),
+            stop: stop.clone(),
         };
         // Idle close needs wall-clock ticks; a quarter of the shortest idle interval is precise
         // enough without busy-waking.
@@ -165,25 +201,27 @@ impl PartitionWorker {
                 biased;
                 _ = stop.cancelled() => break,
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
-                    if !worker.flush().await { return; }
+                    if worker.flush().await.is_err() { return; }
                 }
                 _ = ticks.tick(), if tick_every.is_some() => worker.tick(),
-                msg = messages_rx.recv() => match msg {
-                    Some(msg) => {
+                delivery = deliveries_rx.recv() => match delivery {
+                    Some(Delivery::Message(msg)) => {
                         worker.take(&msg);
-                        if worker.pending.rows() >= worker.batch_rows && !worker.flush().await {
+                        if worker.pending.rows() >= worker.batch_rows && worker.flush().await.is_err() {
                             return;
                         }
                     }
+                    Some(Delivery::Positioned) => worker.cursor.positioned(),
                     None => break,
                 },
             }
         }
         // Drain: what was processed becomes durable; what is still queued is left for the next
-        // owner (it starts at the checkpoint written here).
-        drop(messages_rx);
+        // owner (it starts at the checkpoint written here). A stop during the final flush's
+        // retries leaves the batch to the next owner too.
+        drop(deliveries_rx);
         if worker.pending.next_offset.is_some() || worker.pending.rows() > 0 {
-            worker.flush().await;
+            let _ = worker.flush_until(CancellationToken::new()).await;
         }
         info!("partition worker stopped");
     }
@@ -199,21 +237,24 @@ impl PartitionWorker {
 
     fn take(&mut self, msg: &OwnedMessage) {
         let offset = msg.offset();
-        match offsets::position(self.expected, offset) {
-            Position::Behind => return,
-            Position::Gap => {
-                let next = self.expected.expect("a gap implies an expected offset");
-                error!(
-                    expected = next,
-                    got = offset,
-                    "checkpoint is behind the consumed position; seeking back to the checkpoint"
-                );
-                self.ctx
-                    .offsets
-                    .seek(&self.id.topic, self.id.partition, next);
+        match self.cursor.take(offset) {
+            Take::Next => {}
+            Take::Stale => return,
+            Take::Duplicate => {
+                debug!(offset, expected = ?self.cursor.expected(), "re-delivered message dropped");
+                metrics::counter!(tm::OFFSET_DUPLICATES_TOTAL, "topic" => self.id.topic.clone())
+                    .increment(1);
                 return;
             }
-            Position::Next => self.expected = None,
+            Take::AfterGap { skipped } => {
+                warn!(
+                    offset,
+                    skipped,
+                    "offsets skipped before this message (compaction, transaction markers, retention or a broker fault)"
+                );
+                metrics::counter!(tm::OFFSETS_SKIPPED_TOTAL, "topic" => self.id.topic.clone())
+                    .increment(skipped as u64);
+            }
         }
         let record = Record {
             payload: msg.payload(),
@@ -236,6 +277,7 @@ impl PartitionWorker {
                         late.behind_ms
                     ),
                     offset,
+                    truncated_from: None,
                 });
             }
             Err(err) => self.pending.dead.push(DeadLetter {
@@ -244,6 +286,7 @@ impl PartitionWorker {
                 kind: err.kind(),
                 reason: err.to_string(),
                 offset,
+                truncated_from: None,
             }),
         }
         let late = self.processor.late_dropped() - late_before;
@@ -256,75 +299,50 @@ impl PartitionWorker {
         self.pending.since.get_or_insert_with(Instant::now);
     }
 
-    /// Makes the pending batch durable. Returns false when the service must stop.
-    async fn flush(&mut self) -> bool {
+    /// Makes the pending batch durable, giving up when the worker is asked to stop.
+    async fn flush(&mut self) -> Result<(), Halt> {
+        let stop = self.stop.clone();
+        self.flush_until(stop).await
+    }
+
+    /// Makes the pending batch durable: outputs and dead letters to Kafka (acked), then outputs
+    /// and checkpoint to PostgreSQL in one transaction, then the offset.
+    async fn flush_until(&mut self, stop: CancellationToken) -> Result<(), Halt> {
         self.processor.end_batch(&mut self.pending.outputs);
         let next_offset = match self.pending.next_offset {
             Some(next) => next,
             None if self.pending.rows() > 0 => match self.position {
                 Some(position) => position,
-                None => return true,
+                None => return Ok(()),
             },
             None => {
                 self.pending.since = None;
-                return true;
+                return Ok(());
+            }
+        };
+        let all: Vec<MessageRef> = (0..self.pending.outputs.len())
+            .map(MessageRef::Output)
+            .chain((0..self.pending.dead.len()).map(MessageRef::DeadLetter))
+            .collect();
+        let result = self.deliver(all, &stop).await;
+        let result = match result {
+            Ok(()) => self.commit(next_offset, &stop).await,
+            Err(halt) => Err(halt),
+        };
+        self.ctx
+            .progress
+            .set_retrying(&self.id.topic, self.id.partition, None);
+        let rows = match result {
+            Ok(rows) => rows,
+            Err(halt) => {
+                if let Halt::Fenced = halt {
+                    metrics::counter!(tm::FENCED_BATCHES_TOTAL, "topic" => self.id.topic.clone())
+                        .increment(1);
+                }
+                return Err(halt);
             }
         };
         let topic = self.id.topic.clone();
-        let mut backoff = Backoff::new(self.ctx.config.postgres.retry_max_backoff_ms);
-        loop {
-            match self
-                .ctx
-                .producer
-                .send_batch(
-                    &topic,
-                    self.id.partition,
-                    &self.pending.outputs,
-                    &self.pending.dead,
-                )
-                .await
-            {
-                Ok(()) => break,
-                Err(err) => {
-                    warn!(error = %err, "producing outputs failed; retrying the batch");
-                    metrics::counter!(tm::RETRIES_TOTAL, "stage" => "produce").increment(1);
-                    backoff.wait().await;
-                }
-            }
-        }
-        let checkpoint = Checkpoint {
-            next_offset,
-            state: self.processor.snapshot(),
-        };
-        let batch = Batch {
-            id: &self.id,
-            outputs: &self.pending.outputs,
-            checkpoint: &checkpoint,
-        };
-        let mut backoff = Backoff::new(self.ctx.config.postgres.retry_max_backoff_ms);
-        let rows = loop {
-            let started = std::time::Instant::now();
-            match self.ctx.store.commit(&batch).await {
-                Ok(rows) => {
-                    let elapsed = started.elapsed();
-                    metrics::histogram!(tm::SINK_COMMIT_SECONDS).record(elapsed.as_secs_f64());
-                    self.ctx.progress.record_sink_time(elapsed);
-                    break rows;
-                }
-                Err(err) if err.is_retryable() => {
-                    warn!(error = %err, "sink transaction failed; retrying (consumption of this partition waits)");
-                    metrics::counter!(tm::RETRIES_TOTAL, "stage" => "sink").increment(1);
-                    backoff.wait().await;
-                }
-                Err(err) => {
-                    self.ctx.fatal.raise(format!(
-                        "partition {}/{}: {err}",
-                        self.id.topic, self.id.partition
-                    ));
-                    return false;
-                }
-            }
-        };
         self.ctx
             .offsets
             .mark_durable(&topic, self.id.partition, next_offset);
@@ -349,21 +367,203 @@ impl PartitionWorker {
                 .increment(1);
         }
         self.pending = Pending::default();
-        true
+        Ok(())
+    }
+
+    /// Produces `which` until every one is acknowledged. Retriable failures back off; a message
+    /// Kafka refuses for good is diverted (a dead letter truncated, an output dead-lettered); a
+    /// destination that refuses everything is retried with the partition reported as stalled.
+    async fn deliver(
+        &mut self,
+        mut which: Vec<MessageRef>,
+        stop: &CancellationToken,
+    ) -> Result<(), Halt> {
+        let topic = self.id.topic.clone();
+        let mut backoff = Backoff::new(self.ctx.config.postgres.retry_max_backoff_ms);
+        loop {
+            let report = self
+                .ctx
+                .producer
+                .send(
+                    &topic,
+                    self.id.partition,
+                    &self.pending.outputs,
+                    &self.pending.dead,
+                    &which,
+                )
+                .await;
+            if report.is_complete() {
+                return Ok(());
+            }
+            which.clear();
+            let mut wait = None;
+            for (m, err) in report.failed {
+                match (classify(&err), m) {
+                    (FailureClass::Message, MessageRef::DeadLetter(i))
+                        if self.pending.dead[i].truncated_from.is_none()
+                            && self.pending.dead[i]
+                                .payload
+                                .as_ref()
+                                .is_some_and(|p| p.len() > TRUNCATED_PAYLOAD_BYTES) =>
+                    {
+                        warn!(offset = self.pending.dead[i].offset, error = %err, "dead letter refused by Kafka; sending it truncated");
+                        metrics::counter!(tm::PRODUCE_DIVERTED_TOTAL, "topic" => topic.clone(), "reason" => "dead_letter_truncated").increment(1);
+                        self.pending.dead[i] = self.pending.dead[i].truncated();
+                        which.push(m);
+                    }
+                    (FailureClass::Message, MessageRef::Output(i)) => {
+                        let emitted = &self.pending.outputs[i];
+                        warn!(source_offset = emitted.source_offset, error = %err, "output refused by Kafka; sending it to the dead-letter topic");
+                        metrics::counter!(tm::PRODUCE_DIVERTED_TOTAL, "topic" => topic.clone(), "reason" => "output_dead_lettered").increment(1);
+                        let dead = DeadLetter {
+                            key: Some(emitted.output.key().into_bytes()),
+                            payload: Some(emitted.output.to_json()),
+                            kind: "output_rejected",
+                            reason: format!(
+                                "Kafka refused this {} output: {err}",
+                                emitted.output.type_name()
+                            ),
+                            offset: emitted.source_offset,
+                            truncated_from: None,
+                        };
+                        self.pending.dead.push(dead.truncated());
+                        which.push(MessageRef::DeadLetter(self.pending.dead.len() - 1));
+                    }
+                    (class, m) => {
+                        if class != FailureClass::Retriable {
+                            wait = Some(format!(
+                                "Kafka refuses the partition's messages for good: {err}"
+                            ));
+                        } else if wait.is_none() {
+                            wait = Some(format!("producing failed: {err}"));
+                        }
+                        which.push(m);
+                    }
+                }
+            }
+            if let Some(problem) = wait {
+                if problem.contains("for good") {
+                    error!(
+                        problem,
+                        "the batch cannot be delivered; retrying until an operator fixes it"
+                    );
+                } else {
+                    warn!(problem, "producing outputs failed; retrying");
+                }
+                metrics::counter!(tm::RETRIES_TOTAL, "stage" => "produce").increment(1);
+                self.ctx
+                    .progress
+                    .set_retrying(&topic, self.id.partition, Some(problem));
+                tokio::select! {
+                    _ = stop.cancelled() => return Err(Halt::Stopped),
+                    _ = backoff.wait() => {}
+                }
+            }
+        }
+    }
+
+    /// Commits the batch and its checkpoint; rows PostgreSQL refuses are dead-lettered first
+    /// and the batch is committed without them. Returns the rows written.
+    async fn commit(&mut self, next_offset: i64, stop: &CancellationToken) -> Result<u64, Halt> {
+        let checkpoint = Checkpoint {
+            next_offset,
+            state: self.processor.snapshot(),
+        };
+        let mut backoff = Backoff::new(self.ctx.config.postgres.retry_max_backoff_ms);
+        loop {
+            let batch = Batch {
+                id: &self.id,
+                epoch: self.epoch,
+                outputs: &self.pending.outputs,
+                checkpoint: &checkpoint,
+            };
+            let started = std::time::Instant::now();
+            let result = self.ctx.store.commit(&batch).await;
+            match result {
+                Ok(rows) => {
+                    let elapsed = started.elapsed();
+                    metrics::histogram!(tm::SINK_COMMIT_SECONDS).record(elapsed.as_secs_f64());
+                    self.ctx.progress.record_sink_time(elapsed);
+                    return Ok(rows);
+                }
+                Err(StoreError::Rejected(rows)) => {
+                    let topic = self.id.topic.clone();
+                    metrics::counter!(tm::SINK_REJECTED_ROWS_TOTAL, "topic" => topic)
+                        .increment(rows.len() as u64);
+                    let first = self.pending.dead.len();
+                    for row in &rows {
+                        let emitted = &self.pending.outputs[row.index];
+                        warn!(source_offset = emitted.source_offset, reason = %row.reason, "PostgreSQL refused an output row; dead-lettering it");
+                        let dead = DeadLetter {
+                            key: Some(emitted.output.key().into_bytes()),
+                            payload: Some(emitted.output.to_json()),
+                            kind: "sink_rejected",
+                            reason: format!(
+                                "PostgreSQL refused this {} row: {}",
+                                emitted.output.type_name(),
+                                row.reason
+                            ),
+                            offset: emitted.source_offset,
+                            truncated_from: None,
+                        };
+                        self.pending.dead.push(dead.truncated());
+                    }
+                    let new: Vec<MessageRef> = (first..self.pending.dead.len())
+                        .map(MessageRef::DeadLetter)
+                        .collect();
+                    self.deliver(new, stop).await?;
+                    let refused: std::collections::HashSet<usize> =
+                        rows.iter().map(|r| r.index).collect();
+                    let mut index = 0;
+                    self.pending.outputs.retain(|_| {
+                        index += 1;
+                        !refused.contains(&(index - 1))
+                    });
+                }
+                Err(StoreError::Fenced { mine, current }) => {
+                    warn!(
+                        epoch = mine,
+                        owner_epoch = current,
+                        "the partition has a newer owner; this worker stops without writing"
+                    );
+                    return Err(Halt::Fenced);
+                }
+                Err(err) if err.is_retryable() => {
+                    warn!(error = %err, "sink transaction failed; retrying (consumption of this partition waits)");
+                    metrics::counter!(tm::RETRIES_TOTAL, "stage" => "sink").increment(1);
+                    self.ctx.progress.set_retrying(
+                        &self.id.topic,
+                        self.id.partition,
+                        Some(format!("PostgreSQL: {err}")),
+                    );
+                    tokio::select! {
+                        _ = stop.cancelled() => return Err(Halt::Stopped),
+                        _ = backoff.wait() => {}
+                    }
+                }
+                Err(err) => {
+                    self.ctx.fatal.raise(format!(
+                        "partition {}/{}: {err}",
+                        self.id.topic, self.id.partition
+                    ));
+                    return Err(Halt::Fatal);
+                }
+            }
+        }
     }
 }
 
-async fn load_with_retry(
+async fn claim_with_retry(
     id: &PartitionId,
     ctx: &WorkerContext,
     stop: &CancellationToken,
-) -> Option<Option<Checkpoint>> {
+) -> Option<(Epoch, Option<Checkpoint>)> {
     let mut backoff = Backoff::new(ctx.config.postgres.retry_max_backoff_ms);
     loop {
-        match ctx.store.load(id).await {
-            Ok(c) => return Some(c),
+        match ctx.store.claim(id).await {
+            Ok(claimed) => return Some(claimed),
             Err(err) if err.is_retryable() => {
-                warn!(error = %err, "loading the checkpoint failed; retrying");
+                warn!(error = %err, "claiming the partition failed; retrying");
                 metrics::counter!(tm::RETRIES_TOTAL, "stage" => "checkpoint_load").increment(1);
             }
             Err(err) => {

@@ -62,8 +62,10 @@ async fn a_replayed_batch_changes_nothing() {
         state: b"state-10".to_vec(),
     };
     let id = id();
+    let (epoch, _) = store.claim(&id).await.unwrap();
     let batch = Batch {
         id: &id,
+        epoch,
         outputs: &outputs,
         checkpoint: &checkpoint,
     };
@@ -95,6 +97,7 @@ async fn checkpoints_never_move_backwards() {
     let (_, pg) = fresh_db().await;
     let store = Store::Postgres(pg);
     let id = id();
+    let (epoch, _) = store.claim(&id).await.unwrap();
     for (next, state) in [(20, "new"), (10, "stale zombie")] {
         let checkpoint = Checkpoint {
             next_offset: next,
@@ -103,6 +106,7 @@ async fn checkpoints_never_move_backwards() {
         store
             .commit(&Batch {
                 id: &id,
+                epoch,
                 outputs: &[],
                 checkpoint: &checkpoint,
             })
@@ -119,6 +123,7 @@ async fn a_final_replaces_updates_and_the_last_revision_wins_within_a_batch() {
     let (_, pg) = fresh_db().await;
     let store = Store::Postgres(pg.clone());
     let id = id();
+    let (epoch, _) = store.claim(&id).await.unwrap();
     let commit = |outputs: Vec<Emitted>, next: i64| {
         let store = store.clone();
         let id = id.clone();
@@ -130,6 +135,7 @@ async fn a_final_replaces_updates_and_the_last_revision_wins_within_a_batch() {
             store
                 .commit(&Batch {
                     id: &id,
+                    epoch,
                     outputs: &outputs,
                     checkpoint: &checkpoint,
                 })
@@ -156,4 +162,134 @@ async fn retryable_errors_are_classified() {
         neurostream::store::PgStore::connect_lazy("postgres://nobody@127.0.0.1:1/none", 1).unwrap();
     let err = Store::Postgres(store).load(&id()).await.unwrap_err();
     assert!(err.is_retryable(), "{err}");
+}
+
+/// Two workers race on one partition: once the second has claimed it, no batch of the first
+/// commits, and the second starts from the last checkpoint the first could write.
+#[tokio::test]
+async fn a_stale_owner_can_never_commit_after_the_next_owner_claimed() {
+    let (_, pg) = fresh_db().await;
+    let store = Store::Postgres(pg.clone());
+    let id = id();
+    let (old, _) = store.claim(&id).await.unwrap();
+    // The old owner commits batches as fast as it can while the new owner claims.
+    let writer = {
+        let (store, id) = (store.clone(), id.clone());
+        tokio::spawn(async move {
+            let mut committed = Vec::new();
+            for next in 1..=400i64 {
+                let outputs = vec![window("old", next * 1_000, 1, true, 0)];
+                let checkpoint = Checkpoint {
+                    next_offset: next,
+                    state: format!("old-{next}").into_bytes(),
+                };
+                let batch = Batch {
+                    id: &id,
+                    epoch: old,
+                    outputs: &outputs,
+                    checkpoint: &checkpoint,
+                };
+                match store.commit(&batch).await {
+                    Ok(_) => committed.push(next),
+                    Err(neurostream::store::StoreError::Fenced { mine, current }) => {
+                        assert_eq!((mine, current), (old, old + 1));
+                        return (committed, Some(next));
+                    }
+                    Err(err) => panic!("unexpected {err}"),
+                }
+            }
+            (committed, None)
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    let (new, checkpoint) = store.claim(&id).await.unwrap();
+    assert_eq!(new, old + 1);
+    let (committed, fenced_at) = writer.await.unwrap();
+    let fenced_at = fenced_at.expect("the old owner was fenced before it finished");
+    // The new owner read exactly the last batch the old owner committed.
+    let last = *committed
+        .last()
+        .expect("some batches committed before the claim");
+    assert_eq!(fenced_at, last + 1);
+    let checkpoint = checkpoint.unwrap();
+    assert_eq!(checkpoint.next_offset, last);
+    assert_eq!(checkpoint.state, format!("old-{last}").into_bytes());
+    // Nothing of a fenced batch reached the tables.
+    let (rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM window_aggregates")
+        .fetch_one(pg.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, last);
+    // And the new owner commits.
+    let outputs = vec![window("new", 0, 1, true, 0)];
+    let cp = Checkpoint {
+        next_offset: last + 1,
+        state: b"new".to_vec(),
+    };
+    store
+        .commit(&Batch {
+            id: &id,
+            epoch: new,
+            outputs: &outputs,
+            checkpoint: &cp,
+        })
+        .await
+        .unwrap();
+}
+
+/// A row PostgreSQL refuses (here a NUL in a key, which the decoder never lets through) is
+/// named; committing without it then succeeds.
+#[tokio::test]
+async fn refused_rows_are_named_and_the_rest_commits() {
+    let (_, pg) = fresh_db().await;
+    let store = Store::Postgres(pg.clone());
+    let id = id();
+    let (epoch, _) = store.claim(&id).await.unwrap();
+    let mut outputs = vec![
+        window("fine", 0, 1, true, 0),
+        window("nul\0inside", 0, 1, true, 0),
+        window("also fine", 0, 2, true, 0),
+        // Incompressible, over the btree's 2,704-byte index row limit.
+        window(&incompressible(3_000), 0, 1, true, 0),
+    ];
+    let checkpoint = Checkpoint {
+        next_offset: 4,
+        state: b"s".to_vec(),
+    };
+    let batch = Batch {
+        id: &id,
+        epoch,
+        outputs: &outputs,
+        checkpoint: &checkpoint,
+    };
+    let rejected = match store.commit(&batch).await {
+        Err(neurostream::store::StoreError::Rejected(rows)) => rows,
+        other => panic!("expected rejected rows, got {other:?}"),
+    };
+    let indices: Vec<usize> = rejected.iter().map(|r| r.index).collect();
+    assert_eq!(indices, vec![1, 3], "{rejected:?}");
+    assert!(rejected.iter().all(|r| !r.reason.is_empty()));
+    assert_eq!(store.load(&id).await.unwrap(), None, "nothing committed");
+    outputs.remove(3);
+    outputs.remove(1);
+    let batch = Batch {
+        id: &id,
+        epoch,
+        outputs: &outputs,
+        checkpoint: &checkpoint,
+    };
+    assert_eq!(store.commit(&batch).await.unwrap(), 2);
+    assert_eq!(store.load(&id).await.unwrap(), Some(checkpoint));
+}
+
+fn incompressible(len: usize) -> String {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'!' + (x % 90) as u8)
+        })
+        .collect()
 }

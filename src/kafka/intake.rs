@@ -16,7 +16,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtoc
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -24,10 +24,10 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::config::{ClientSetting, Config};
 use crate::kafka::producer::OutputProducer;
-use crate::offsets::{self, Offsets};
-use crate::store::{Checkpoint, PartitionId, Store};
+use crate::offsets::{self, Delivery, OffsetStore, Offsets};
+use crate::store::{Checkpoint, Epoch, PartitionId, Store};
 use crate::telemetry::{self as tm, Progress};
-use crate::worker::{Fatal, PartitionWorker, WorkerContext};
+use crate::worker::{Fatal, PartitionWorker, Start, WorkerContext};
 
 /// The consumer type of the service.
 pub type IntakeConsumer = BaseConsumer<IntakeContext>;
@@ -35,7 +35,7 @@ pub type IntakeConsumer = BaseConsumer<IntakeContext>;
 type TopicPartition = (String, i32);
 
 struct WorkerHandle {
-    messages_tx: mpsc::Sender<OwnedMessage>,
+    deliveries_tx: mpsc::Sender<Delivery>,
     stop: CancellationToken,
     join: JoinHandle<()>,
 }
@@ -61,8 +61,24 @@ pub struct IntakeContext {
     runtime: tokio::runtime::Handle,
     shared: Shared,
     workers: Mutex<HashMap<TopicPartition, WorkerHandle>>,
-    /// Messages held for paused partitions, in offset order.
-    held: Mutex<HashMap<TopicPartition, VecDeque<OwnedMessage>>>,
+    /// Deliveries held for paused partitions, in order.
+    held: Mutex<HashMap<TopicPartition, VecDeque<Delivery>>>,
+    /// Partitions whose workers asked to be positioned ([`OffsetStore::start_at`]).
+    start_requests: Mutex<Vec<(TopicPartition, Option<i64>)>>,
+}
+
+impl OffsetStore for IntakeConsumer {
+    fn store(&self, topic: &str, partition: i32, next_offset: i64) -> Result<(), String> {
+        offsets::store_exact(self, topic, partition, next_offset)
+    }
+
+    fn start_at(&self, topic: &str, partition: i32, next_offset: Option<i64>) {
+        self.context()
+            .start_requests
+            .lock()
+            .expect("start-request lock is never poisoned: no code panics while holding it")
+            .push(((topic.to_string(), partition), next_offset));
+    }
 }
 
 impl ClientContext for IntakeContext {}
@@ -107,9 +123,7 @@ impl IntakeContext {
             .expect("worker map lock is never poisoned: no code panics while holding it")
     }
 
-    fn lock_held(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<TopicPartition, VecDeque<OwnedMessage>>> {
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashMap<TopicPartition, VecDeque<Delivery>>> {
         self.held
             .lock()
             .expect("held-message lock is never poisoned: no code panics while holding it")
@@ -127,28 +141,31 @@ impl IntakeContext {
         let parts = partitions(tpl);
         metrics::counter!(tm::REBALANCES_TOTAL, "stage" => "assign").increment(1);
         info!(partitions = ?parts, "partitions assigned");
-        // Read checkpoints now so fetching starts exactly at them. If PostgreSQL does not answer
-        // quickly, the worker reads its checkpoint itself and skips what it already holds.
+        // Claim the partitions and read their checkpoints now, so fetching starts exactly at
+        // them. A partition PostgreSQL does not answer for quickly is assigned paused; its
+        // worker claims it and asks for it to be positioned (see `offsets`).
         let store = self.shared.store.clone();
         let ids: Vec<PartitionId> = parts.iter().map(|tp| self.id(tp)).collect();
-        let loaded: Vec<Option<Option<Checkpoint>>> = self.runtime.block_on(async {
-            let loads = ids.iter().map(|id| async {
-                match tokio::time::timeout(Duration::from_secs(3), store.load(id)).await {
-                    Ok(Ok(c)) => Some(c),
+        let claims: Vec<Option<(Epoch, Option<Checkpoint>)>> = self.runtime.block_on(async {
+            let claims = ids.iter().map(|id| async {
+                match tokio::time::timeout(Duration::from_secs(3), store.claim(id)).await {
+                    Ok(Ok(claimed)) => Some(claimed),
                     Ok(Err(err)) => {
-                        warn!(partition = id.partition, error = %err, "checkpoint not read at assignment");
+                        warn!(partition = id.partition, error = %err, "partition not claimed at assignment; its worker retries");
                         None
                     }
                     Err(_) => None,
                 }
             });
-            futures::future::join_all(loads).await
+            futures::future::join_all(claims).await
         });
         let starts: Vec<_> = parts
             .iter()
-            .zip(&loaded)
+            .zip(&claims)
             .map(|(tp, c)| {
-                let next = c.as_ref().and_then(|c| c.as_ref().map(|c| c.next_offset));
+                let next = c
+                    .as_ref()
+                    .and_then(|(_, c)| c.as_ref().map(|c| c.next_offset));
                 (tp.0.clone(), tp.1, next)
             })
             .collect();
@@ -161,14 +178,28 @@ impl IntakeContext {
             error!(error = %err, "assign failed");
             return;
         }
-        let offsets = Offsets::new(self.consumer.get().cloned().unwrap_or_default());
+        let weak: Weak<dyn OffsetStore> = match self.consumer.get() {
+            Some(c) => c.clone(),
+            None => Weak::<IntakeConsumer>::new(),
+        };
+        let offsets = Offsets::new(weak);
         let mut workers = self.lock_workers();
-        for (tp, preloaded) in parts.into_iter().zip(loaded) {
+        for (tp, claim) in parts.into_iter().zip(claims) {
             if let Some(old) = workers.remove(&tp) {
-                // Assigned again without a revoke in between: the old worker's view is stale.
+                // Assigned again without a revoke in between: the old worker's view is stale
+                // (and fenced by the new claim).
                 old.stop.cancel();
             }
-            let (messages_tx, messages_rx) =
+            let start = match claim {
+                Some((epoch, checkpoint)) => Start::Claimed { epoch, checkpoint },
+                None => {
+                    if let Err(err) = consumer.pause(&single(&tp)) {
+                        warn!(error = %err, "pause failed");
+                    }
+                    Start::Unclaimed
+                }
+            };
+            let (deliveries_tx, deliveries_rx) =
                 mpsc::channel(self.shared.config.kafka.partition_queue_capacity);
             let stop = CancellationToken::new();
             let ctx = WorkerContext {
@@ -181,14 +212,14 @@ impl IntakeContext {
             };
             let span = info_span!("partition", topic = %tp.0, partition = tp.1);
             let join = self.runtime.spawn(
-                PartitionWorker::run(self.id(&tp), ctx, preloaded, messages_rx, stop.clone())
+                PartitionWorker::run(self.id(&tp), ctx, start, deliveries_rx, stop.clone())
                     .instrument(span),
             );
             self.shared.progress.set_assigned(&tp.0, tp.1, true);
             workers.insert(
                 tp,
                 WorkerHandle {
-                    messages_tx,
+                    deliveries_tx,
                     stop,
                     join,
                 },
@@ -231,7 +262,7 @@ impl IntakeContext {
         let joins = handles.into_iter().map(|(tp, h)| async move {
             let abort = h.join.abort_handle();
             if tokio::time::timeout(deadline, h.join).await.is_err() {
-                warn!(topic = %tp.0, partition = tp.1, "worker missed the revoke deadline; its last batch will be replayed by the next owner");
+                warn!(topic = %tp.0, partition = tp.1, "worker missed the revoke deadline; its last batch will be replayed by the next owner (fencing keeps it from committing later)");
                 abort.abort();
             }
             tp
@@ -250,7 +281,7 @@ impl IntakeContext {
         let tp = (msg.topic().to_string(), msg.partition());
         let mut held = self.lock_held();
         if let Some(queue) = held.get_mut(&tp) {
-            queue.push_back(msg);
+            queue.push_back(Delivery::Message(msg));
             return;
         }
         let workers = self.lock_workers();
@@ -258,16 +289,43 @@ impl IntakeContext {
             debug!(topic = %tp.0, partition = tp.1, "message for a partition without a worker; the owner re-reads it");
             return;
         };
-        match worker.messages_tx.try_send(msg) {
+        match worker.deliveries_tx.try_send(Delivery::Message(msg)) {
             Ok(()) => {}
-            Err(TrySendError::Full(msg)) => {
+            Err(TrySendError::Full(delivery)) => {
                 if let Err(err) = consumer.pause(&single(&tp)) {
                     warn!(error = %err, "pause failed");
                 }
                 metrics::counter!(tm::PARTITION_PAUSES_TOTAL).increment(1);
-                held.insert(tp, VecDeque::from([msg]));
+                held.insert(tp, VecDeque::from([delivery]));
             }
             Err(TrySendError::Closed(_)) => {}
+        }
+    }
+
+    /// Serves workers' requests to position their paused partitions: what was fetched before is
+    /// dropped, the partition is sought (on this thread, never the async runtime), and a
+    /// [`Delivery::Positioned`] marker is held for the worker; the partition resumes once the
+    /// marker is handed over (see [`Self::release_held`]).
+    fn serve_start_requests(&self, consumer: &IntakeConsumer) {
+        let requests = std::mem::take(
+            &mut *self
+                .start_requests
+                .lock()
+                .expect("start-request lock is never poisoned: no code panics while holding it"),
+        );
+        for (tp, next) in requests {
+            if !self.lock_workers().contains_key(&tp) {
+                continue;
+            }
+            if let Some(next) = next {
+                if let Err(err) =
+                    consumer.seek(&tp.0, tp.1, Offset::Offset(next), Duration::from_secs(5))
+                {
+                    warn!(topic = %tp.0, partition = tp.1, error = %err, "seek to the checkpoint failed; the worker drops what is below it and reports gaps");
+                }
+            }
+            self.lock_held()
+                .insert(tp, VecDeque::from([Delivery::Positioned]));
         }
     }
 
@@ -283,11 +341,11 @@ impl IntakeContext {
             let Some(worker) = workers.get(tp) else {
                 return false;
             };
-            while let Some(msg) = queue.pop_front() {
-                match worker.messages_tx.try_send(msg) {
+            while let Some(delivery) = queue.pop_front() {
+                match worker.deliveries_tx.try_send(delivery) {
                     Ok(()) => {}
-                    Err(TrySendError::Full(msg)) => {
-                        queue.push_front(msg);
+                    Err(TrySendError::Full(delivery)) => {
+                        queue.push_front(delivery);
                         return true;
                     }
                     Err(TrySendError::Closed(_)) => return false,
@@ -320,6 +378,7 @@ impl Intake {
             shared,
             workers: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
+            start_requests: Mutex::new(Vec::new()),
         };
         let consumer: IntakeConsumer = ClientSetting::to_client_config(&config.consumer_settings())
             .create_with_context(context)?;
@@ -349,6 +408,7 @@ fn poll_loop(consumer: Arc<IntakeConsumer>, stop: CancellationToken) {
     let ctx = consumer.context();
     ctx.shared.progress.set_running(true);
     while !stop.is_cancelled() {
+        ctx.serve_start_requests(&consumer);
         let holding = ctx.release_held(&consumer);
         let timeout = if holding {
             Duration::from_millis(5)

@@ -1,8 +1,10 @@
 //! The idempotent producer of outputs and dead letters.
 //!
 //! Every message carries `neurostream.source.offset` (and its topic and partition) so downstream
-//! consumers can drop replays. [`OutputProducer::send_batch`] returns only when every message of
-//! the batch is acknowledged by the broker (acks=all), which is what lets the worker checkpoint.
+//! consumers can drop replays. [`OutputProducer::send`] returns once every message of the batch
+//! is acknowledged by the broker (acks=all) or failed; failures are classified ([`classify`]) so
+//! the worker retries what may recover, diverts what never will, and checkpoints only after
+//! every message is delivered.
 
 use std::collections::VecDeque;
 
@@ -27,6 +29,8 @@ pub struct DeadLetter {
     pub reason: String,
     /// Source offset.
     pub offset: i64,
+    /// The original payload size when the payload was cut to fit the broker.
+    pub truncated_from: Option<usize>,
 }
 
 /// Header names (DESIGN.md).
@@ -41,13 +45,87 @@ pub mod headers {
     pub const ERROR: &str = "neurostream.error";
     /// Why a dead letter was rejected (machine-readable kind).
     pub const ERROR_KIND: &str = "neurostream.error.kind";
+    /// Position of an output among the outputs of the same source offset (0, 1, …).
+    pub const SOURCE_SEQ: &str = "neurostream.source.seq";
+    /// On a dead letter whose payload was cut to fit the broker: the original size in bytes.
+    pub const TRUNCATED_FROM: &str = "neurostream.payload.truncated_from";
 }
 
-/// Produce failures; all are retryable from the worker's point of view (the batch is re-sent,
-/// which at worst duplicates messages: at-least-once).
-#[derive(Debug, thiserror::Error)]
-#[error("producing to Kafka failed: {0}")]
-pub struct ProduceError(#[from] pub KafkaError);
+/// A message of a batch: the `i`th output or the `i`th dead letter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MessageRef {
+    /// An output.
+    Output(usize),
+    /// A dead letter.
+    DeadLetter(usize),
+}
+
+/// How a delivery failed, by what the worker should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// The broker or network may recover (timeouts, leader changes, full queues): retry.
+    Retriable,
+    /// This message can never be delivered as it is (too large, invalid, refused by policy):
+    /// divert it (a dead letter is truncated, an output dead-lettered).
+    Message,
+    /// The destination refuses everything (authorization, missing topic): retry with backoff and
+    /// say so loudly (health, log, metric); an operator must act.
+    Destination,
+}
+
+/// Classifies a producer error.
+pub fn classify(err: &KafkaError) -> FailureClass {
+    use RDKafkaErrorCode as C;
+    let code = match err {
+        KafkaError::MessageProduction(code) => *code,
+        _ => return FailureClass::Retriable,
+    };
+    match code {
+        C::MessageSizeTooLarge
+        | C::InvalidMessageSize
+        | C::InvalidMessage
+        | C::InvalidRecord
+        | C::PolicyViolation => FailureClass::Message,
+        C::TopicAuthorizationFailed
+        | C::ClusterAuthorizationFailed
+        | C::UnknownTopic
+        | C::UnknownTopicOrPartition
+        | C::InvalidTopic => FailureClass::Destination,
+        _ => FailureClass::Retriable,
+    }
+}
+
+/// What a [`OutputProducer::send`] left undelivered.
+#[derive(Debug, Default)]
+pub struct SendReport {
+    /// Undelivered messages with their errors.
+    pub failed: Vec<(MessageRef, KafkaError)>,
+}
+
+impl SendReport {
+    /// Whether everything was delivered.
+    pub fn is_complete(&self) -> bool {
+        self.failed.is_empty()
+    }
+}
+
+/// A dead letter's payload is cut to this many bytes when the broker refuses it whole.
+pub const TRUNCATED_PAYLOAD_BYTES: usize = 64 * 1024;
+
+impl DeadLetter {
+    /// The same dead letter with its payload cut to [`TRUNCATED_PAYLOAD_BYTES`] (a header says
+    /// so), for a broker that refuses the original size.
+    pub fn truncated(&self) -> DeadLetter {
+        let mut dead = self.clone();
+        if let Some(p) = &mut dead.payload {
+            if p.len() > TRUNCATED_PAYLOAD_BYTES {
+                dead.truncated_from = Some(p.len());
+                p.truncate(TRUNCATED_PAYLOAD_BYTES);
+            }
+        }
+        dead
+    }
+}
 
 /// Shared producer for all partition workers of one instance.
 #[derive(Clone)]
@@ -77,56 +155,132 @@ impl OutputProducer {
         })
     }
 
-    /// Produces a partition batch (outputs, then dead letters) and waits for every ack.
-    ///
-    /// # Errors
-    /// [`ProduceError`] for the first message that could not be delivered.
-    pub async fn send_batch(
+    /// Produces the messages `which` of a partition batch and waits for every ack; returns the
+    /// ones that failed (classify them with [`classify`]).
+    pub async fn send(
         &self,
         source_topic: &str,
         source_partition: i32,
         outputs: &[Emitted],
         dead_letters: &[DeadLetter],
-    ) -> Result<(), ProduceError> {
+        which: &[MessageRef],
+    ) -> SendReport {
         let partition = source_partition.to_string();
-        let mut in_flight = InFlight::new(usize::MAX);
-        for emitted in outputs {
-            let key = emitted.output.key();
-            let value = emitted.output.to_json();
-            let offset = emitted.source_offset.to_string();
-            let headers = source_headers(source_topic, &partition, &offset);
-            let record = FutureRecord::to(emitted.output.topic(&self.topics))
-                .key(&key)
-                .payload(&value)
-                .headers(headers);
-            in_flight.send(&self.producer, record).await?;
-        }
-        for dead in dead_letters {
-            let offset = dead.offset.to_string();
-            let headers = source_headers(source_topic, &partition, &offset)
-                .insert(Header {
-                    key: headers::ERROR,
-                    value: Some(dead.reason.as_str()),
-                })
-                .insert(Header {
-                    key: headers::ERROR_KIND,
-                    value: Some(dead.kind),
-                });
-            let mut record = FutureRecord::<[u8], [u8]>::to(&self.topics.dlq).headers(headers);
-            if let Some(k) = &dead.key {
-                record = record.key(k.as_slice());
+        let mut report = SendReport::default();
+        let mut deliveries = Vec::with_capacity(which.len());
+        // `neurostream.source.seq` tells apart outputs of one source offset, so a consumer
+        // deduplicating on (topic, partition, offset, seq) drops only exact replays.
+        let mut seqs = Seqs::default();
+        for &m in which {
+            let queued = match m {
+                MessageRef::Output(i) => {
+                    let emitted = &outputs[i];
+                    let key = emitted.output.key();
+                    let value = emitted.output.to_json();
+                    let offset = emitted.source_offset.to_string();
+                    let seq = seqs.next(i, outputs).to_string();
+                    let headers =
+                        source_headers(source_topic, &partition, &offset).insert(Header {
+                            key: headers::SOURCE_SEQ,
+                            value: Some(seq.as_str()),
+                        });
+                    let record = FutureRecord::to(emitted.output.topic(&self.topics))
+                        .key(&key)
+                        .payload(&value)
+                        .headers(headers);
+                    enqueue(&self.producer, record).await
+                }
+                MessageRef::DeadLetter(i) => {
+                    let dead = &dead_letters[i];
+                    let offset = dead.offset.to_string();
+                    let mut headers = source_headers(source_topic, &partition, &offset)
+                        .insert(Header {
+                            key: headers::ERROR,
+                            value: Some(dead.reason.as_str()),
+                        })
+                        .insert(Header {
+                            key: headers::ERROR_KIND,
+                            value: Some(dead.kind),
+                        });
+                    let original = dead.truncated_from.map(|n| n.to_string());
+                    if let Some(n) = &original {
+                        headers = headers.insert(Header {
+                            key: headers::TRUNCATED_FROM,
+                            value: Some(n.as_str()),
+                        });
+                    }
+                    let mut record =
+                        FutureRecord::<[u8], [u8]>::to(&self.topics.dlq).headers(headers);
+                    if let Some(k) = &dead.key {
+                        record = record.key(k.as_slice());
+                    }
+                    if let Some(p) = &dead.payload {
+                        record = record.payload(p.as_slice());
+                    }
+                    enqueue(&self.producer, record).await
+                }
+            };
+            match queued {
+                Ok(delivery) => deliveries.push((m, delivery)),
+                Err(err) => report.failed.push((m, err)),
             }
-            if let Some(p) = &dead.payload {
-                record = record.payload(p.as_slice());
-            }
-            in_flight.send(&self.producer, record).await?;
         }
-        Ok(in_flight.finish().await?)
+        for (m, delivery) in deliveries {
+            if let Err(err) = await_delivery(delivery).await {
+                report.failed.push((m, err));
+            }
+        }
+        report
     }
 
     /// Waits until every queued message is delivered or `timeout` passes.
     pub fn flush(&self, timeout: std::time::Duration) {
         let _ = self.producer.flush(Timeout::After(timeout));
+    }
+}
+
+/// Sequence numbers of outputs within their source offset (outputs of one offset are adjacent).
+#[derive(Default)]
+struct Seqs {
+    last: Option<(usize, i64, u32)>,
+}
+
+impl Seqs {
+    fn next(&mut self, index: usize, outputs: &[Emitted]) -> u32 {
+        let offset = outputs[index].source_offset;
+        // Count from the start of this offset's run, so a resend of a subset numbers the same.
+        let seq = match self.last {
+            Some((i, o, seq)) if o == offset && i + 1 == index => seq + 1,
+            _ => outputs[..index]
+                .iter()
+                .rev()
+                .take_while(|e| e.source_offset == offset)
+                .count() as u32,
+        };
+        self.last = Some((index, offset, seq));
+        seq
+    }
+}
+
+/// Enqueues `record`, waiting while librdkafka's local queue is full.
+async fn enqueue<K, P>(
+    producer: &FutureProducer,
+    mut record: FutureRecord<'_, K, P>,
+) -> Result<DeliveryFuture, KafkaError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    P: rdkafka::message::ToBytes + ?Sized,
+{
+    loop {
+        match producer.send_result(record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                // Local queue full: deliveries are progressing; give them a moment.
+                record = back;
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            Err((err, _)) => return Err(err),
+        }
     }
 }
 
