@@ -23,9 +23,15 @@ pub enum AppError {
     /// The Kafka client could not be created (check brokers and client properties).
     #[error("Kafka client: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// A topic the service needs is missing or cannot be created.
+    #[error(transparent)]
+    Topics(#[from] crate::kafka::TopicError),
     /// The store could not be opened or rejected data.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// PostgreSQL could not be reached within the start-up wait.
+    #[error("cannot reach PostgreSQL: {0}")]
+    Postgres(String),
     /// A worker hit a condition retrying cannot fix.
     #[error("stopped: {0}")]
     Fatal(String),
@@ -53,6 +59,19 @@ pub async fn open_postgres(
                     info!(error = %err, "PostgreSQL not reachable yet; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
+                Err(StoreError::Migrate(sqlx::migrate::MigrateError::Execute(
+                    sqlx::Error::PoolTimedOut,
+                ))) => {
+                    // NB: the pool only says it timed out; one direct connection says why
+                    // (connection refused, authentication, unknown database, ...).
+                    use sqlx::Connection as _;
+                    let why = match sqlx::PgConnection::connect(url).await {
+                        Ok(_) => "the database accepted a direct connection but the pool timed out"
+                            .to_string(),
+                        Err(err) => err.to_string(),
+                    };
+                    return Err(AppError::Postgres(why));
+                }
                 Err(err) => return Err(err.into()),
             }
         }
@@ -70,6 +89,7 @@ pub async fn run(
     progress: Arc<Progress>,
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
+    crate::kafka::prepare_topics(&config).await?;
     let producer = OutputProducer::new(&config)?;
     let fatal = Fatal::default();
     let stop = CancellationToken::new();

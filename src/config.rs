@@ -60,8 +60,17 @@ pub struct KafkaConfig {
     /// Messages buffered per partition between the consumer and its worker; when full, the
     /// partition is paused (backpressure) instead of buffering more.
     pub partition_queue_capacity: usize,
-    /// Larger input messages go to the dead-letter topic with reason `oversized`.
+    /// Larger input messages go to the dead-letter topic with reason `oversized`. The producer's
+    /// `message.max.bytes` is set to this plus 64 KiB so a dead letter of any accepted size fits
+    /// (a broker with a lower limit gets it truncated, with a header saying so).
     pub max_event_bytes: usize,
+    /// Create missing output topics at start-up (input topics must exist). When false, a
+    /// missing output topic is a start-up error naming it.
+    pub create_topics: bool,
+    /// Partitions of the output topics the service creates; unset: the broker's default.
+    pub topic_partitions: Option<i32>,
+    /// Replication factor of the output topics the service creates; unset: the broker's default.
+    pub topic_replication_factor: Option<i32>,
     /// Producer linger; unset: from the profile.
     pub linger_ms: Option<u64>,
     /// Producer batch size in bytes; unset: from the profile.
@@ -92,6 +101,9 @@ impl Default for KafkaConfig {
             revoke_deadline_ms: 15_000,
             partition_queue_capacity: 2_048,
             max_event_bytes: 1 << 20,
+            create_topics: true,
+            topic_partitions: None,
+            topic_replication_factor: None,
             linger_ms: None,
             batch_size_bytes: None,
             compression: None,
@@ -561,14 +573,18 @@ impl Default for PostgresConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Listen address; unset: no HTTP server.
+    /// Listen address; unset: no HTTP server. Failing to bind it stops start-up.
     pub address: Option<SocketAddr>,
+    /// `/health` fails when a partition has been retrying one batch (produce or sink) for
+    /// longer than this.
+    pub stall_timeout_ms: u64,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             address: Some(SocketAddr::from(([0, 0, 0, 0], 9100))),
+            stall_timeout_ms: 60_000,
         }
     }
 }
@@ -781,6 +797,12 @@ impl Config {
         if k.max_event_bytes == 0 || k.max_event_bytes > 64 << 20 {
             p.push("kafka.max_event_bytes must be between 1 and 67108864".into());
         }
+        if k.topic_partitions.is_some_and(|n| n < 1) {
+            p.push("kafka.topic_partitions must be at least 1 when set".into());
+        }
+        if k.topic_replication_factor.is_some_and(|n| n < 1) {
+            p.push("kafka.topic_replication_factor must be at least 1 when set".into());
+        }
         if let Some(c) = &k.compression {
             if !matches!(c.as_str(), "none" | "gzip" | "snappy" | "lz4" | "zstd") {
                 p.push(format!(
@@ -808,6 +830,28 @@ impl Config {
                 p.push(format!(
                     "kafka.consumer.{key} is managed by neurostream; use the typed setting instead"
                 ));
+            }
+        }
+        // librdkafka checks property names and values when they are set: report what it refuses
+        // now, before anything connects.
+        for (client, settings) in [
+            ("kafka.consumer", self.consumer_settings()),
+            ("kafka.producer", self.producer_settings()),
+        ] {
+            for s in &settings {
+                let mut single = rdkafka::ClientConfig::new();
+                single.set(&s.key, &s.value);
+                if let Err(err) = single.create_native_config() {
+                    let why = if is_secret(&s.key) {
+                        "invalid value (masked)".to_string()
+                    } else {
+                        err.to_string()
+                    };
+                    p.push(format!(
+                        "{client}: librdkafka refuses `{}` (from {}): {why}",
+                        s.key, s.source
+                    ));
+                }
             }
         }
         if let Some(d) = self.processing.dimension {
@@ -900,6 +944,9 @@ impl Config {
         }
         if pg.batch_rows == Some(0) {
             p.push("postgres.batch_rows must be at least 1".into());
+        }
+        if self.http.stall_timeout_ms == 0 {
+            p.push("http.stall_timeout_ms must be positive".into());
         }
         if pg.retry_max_backoff_ms == 0 {
             p.push("postgres.retry_max_backoff_ms must be positive".into());
@@ -999,6 +1046,11 @@ impl Config {
                 &format!("profile {}", self.profile),
             ),
         }
+        out.set(
+            "message.max.bytes",
+            &(k.max_event_bytes + 65_536).to_string(),
+            "kafka.max_event_bytes + 64 KiB",
+        );
         self.security(&mut out);
         for (key, value) in &k.producer {
             out.set(key, value, "kafka.producer (raw)");

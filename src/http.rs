@@ -1,13 +1,21 @@
 //! HTTP endpoints: `/metrics` (Prometheus), `/health`, `/ready`, `/status`.
+//!
+//! - `/health` (liveness): 503 while the service shuts down or when a partition has been
+//!   retrying one batch for longer than `http.stall_timeout_ms` (a stuck worker), naming it.
+//! - `/ready`: 200 once consuming with partitions assigned, every assigned partition restored
+//!   from its checkpoint and none stalled.
+//! - `/status`: per-partition progress as JSON.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::{Progress, ProgressSnapshot};
@@ -16,6 +24,8 @@ use crate::telemetry::{Progress, ProgressSnapshot};
 struct AppState {
     metrics: PrometheusHandle,
     progress: Arc<Progress>,
+    stall_timeout: Duration,
+    shutdown: CancellationToken,
 }
 
 /// Installs the Prometheus recorder and returns its handle.
@@ -28,34 +38,78 @@ pub fn install_recorder() -> Result<PrometheusHandle, metrics_exporter_prometheu
     Ok(handle)
 }
 
-/// Serves the endpoints on `addr` until `shutdown`.
+/// Binds the HTTP address (at start-up, so a taken port stops the service with a clear error).
 ///
 /// # Errors
 /// When the address cannot be bound.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Liveness: `None` when healthy, else why not.
+fn unhealthy(progress: &Progress, stall_timeout: Duration, shutting_down: bool) -> Option<String> {
+    if shutting_down {
+        return Some("shutting down".into());
+    }
+    let stalled = progress.stalled(stall_timeout);
+    (!stalled.is_empty()).then(|| format!("stalled partitions: {}", stalled.join("; ")))
+}
+
+/// Readiness: `None` when ready, else why not.
+fn not_ready(progress: &Progress, stall_timeout: Duration) -> Option<String> {
+    let snap = progress.snapshot();
+    let assigned: Vec<_> = snap.partitions.iter().filter(|(_, p)| p.assigned).collect();
+    if !progress.running() || assigned.is_empty() {
+        return Some("no partitions assigned yet".into());
+    }
+    let restoring: Vec<&str> = assigned
+        .iter()
+        .filter(|(_, p)| !p.restored)
+        .map(|(name, _)| name.as_str())
+        .collect();
+    if !restoring.is_empty() {
+        return Some(format!("restoring checkpoints of {}", restoring.join(", ")));
+    }
+    unhealthy(progress, stall_timeout, false)
+}
+
+/// Serves the endpoints on `listener` until `shutdown`.
+///
+/// # Errors
+/// When serving fails.
 pub async fn serve(
-    addr: SocketAddr,
+    listener: TcpListener,
     metrics: PrometheusHandle,
     progress: Arc<Progress>,
+    stall_timeout: Duration,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let state = AppState {
+        metrics,
+        progress,
+        stall_timeout,
+        shutdown: shutdown.clone(),
+    };
     let app = Router::new()
         .route(
             "/metrics",
             get(|State(s): State<AppState>| async move { s.metrics.render() }),
         )
-        .route("/health", get(|| async { "ok" }))
+        .route(
+            "/health",
+            get(|State(s): State<AppState>| async move {
+                match unhealthy(&s.progress, s.stall_timeout, s.shutdown.is_cancelled()) {
+                    None => (StatusCode::OK, "ok".to_string()),
+                    Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+                }
+            }),
+        )
         .route(
             "/ready",
             get(|State(s): State<AppState>| async move {
-                let snap = s.progress.snapshot();
-                let assigned = snap.partitions.values().any(|p| p.assigned);
-                if s.progress.running() && assigned {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "not ready: no partitions assigned yet",
-                    )
+                match not_ready(&s.progress, s.stall_timeout) {
+                    None => (StatusCode::OK, "ready".to_string()),
+                    Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}")),
                 }
             }),
         )
@@ -65,10 +119,37 @@ pub async fn serve(
                 Json::<ProgressSnapshot>(s.progress.snapshot())
             }),
         )
-        .with_state(AppState { metrics, progress });
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+        .with_state(state);
+    let addr = listener.local_addr()?;
     tracing::info!(%addr, "HTTP endpoints listening");
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_and_readiness_follow_the_partitions() {
+        let progress = Progress::default();
+        let limit = Duration::from_millis(20);
+        assert_eq!(unhealthy(&progress, limit, false), None);
+        assert!(unhealthy(&progress, limit, true).is_some());
+        assert!(not_ready(&progress, limit).is_some(), "not consuming yet");
+        progress.set_running(true);
+        progress.set_assigned("t", 0, true);
+        assert!(not_ready(&progress, limit).unwrap().contains("restoring"));
+        progress.set_restored("t", 0);
+        assert_eq!(not_ready(&progress, limit), None);
+        progress.set_retrying("t", 0, Some("PostgreSQL: down".into()));
+        assert_eq!(unhealthy(&progress, limit, false), None, "not stalled yet");
+        std::thread::sleep(Duration::from_millis(30));
+        let why = unhealthy(&progress, limit, false).unwrap();
+        assert!(why.contains("t/0: PostgreSQL: down"), "{why}");
+        assert!(not_ready(&progress, limit).is_some());
+        progress.set_retrying("t", 0, None);
+        assert_eq!(unhealthy(&progress, limit, false), None);
+    }
 }

@@ -38,7 +38,7 @@ enum Command {
         #[arg(long, default_value_t = 200_000)]
         events: u64,
         /// Input partitions.
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(i32).range(1..=256))]
         partitions: i32,
         /// Kafka client and sink profile.
         #[arg(long, value_enum, default_value = "balanced")]
@@ -242,11 +242,15 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
     let progress = Arc::new(Progress::default());
     let shutdown = CancellationToken::new();
     if let Some(addr) = config.http.address {
+        let listener = http::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on http.address {addr}: {e}"))?;
         let handle = http::install_recorder()?;
         let (progress, shutdown) = (progress.clone(), shutdown.clone());
+        let stall = Duration::from_millis(config.http.stall_timeout_ms);
         tokio::spawn(async move {
-            if let Err(err) = http::serve(addr, handle, progress, shutdown).await {
-                tracing::error!(%addr, error = %err, "HTTP endpoints unavailable");
+            if let Err(err) = http::serve(listener, handle, progress, stall, shutdown).await {
+                tracing::error!(%addr, error = %err, "HTTP endpoints failed");
             }
         });
     }

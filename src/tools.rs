@@ -38,6 +38,25 @@ pub async fn produce(config: &Config, opts: ProduceOptions) -> anyhow::Result<u6
         client.set(&s.key, &s.value);
     }
     let producer: FutureProducer = client.create().context("creating the producer")?;
+    // NB: librdkafka queues messages for a missing topic until they time out; say so up front.
+    let exists = {
+        let (producer, topic) = (producer.clone(), opts.topic.clone());
+        tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(Some(&topic), Duration::from_secs(15))
+                .map(|m| {
+                    m.topics()
+                        .iter()
+                        .any(|t| t.name() == topic && t.error().is_none())
+                })
+        })
+        .await?
+        .with_context(|| format!("cannot reach the Kafka brokers `{}`", config.kafka.brokers))?
+    };
+    if !exists {
+        anyhow::bail!("topic `{}` does not exist; create it first", opts.topic);
+    }
     let mut lines: Box<dyn Iterator<Item = std::io::Result<String>>> = match &opts.file {
         Some(path) => Box::new(
             std::io::BufReader::new(

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::config::{ClientSetting, Config};
+use crate::kafka::client_log::ClientLog;
 use crate::kafka::producer::OutputProducer;
 use crate::offsets::{self, Delivery, OffsetStore, Offsets};
 use crate::store::{Checkpoint, Epoch, PartitionId, Store};
@@ -65,6 +66,8 @@ pub struct IntakeContext {
     held: Mutex<HashMap<TopicPartition, VecDeque<Delivery>>>,
     /// Partitions whose workers asked to be positioned ([`OffsetStore::start_at`]).
     start_requests: Mutex<Vec<(TopicPartition, Option<i64>)>>,
+    /// Client log lines and consumer errors, rate-limited.
+    log: ClientLog,
 }
 
 impl OffsetStore for IntakeConsumer {
@@ -81,7 +84,15 @@ impl OffsetStore for IntakeConsumer {
     }
 }
 
-impl ClientContext for IntakeContext {}
+impl ClientContext for IntakeContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        self.log.log(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.log.error(&error, reason);
+    }
+}
 
 impl ConsumerContext for IntakeContext {
     fn rebalance(
@@ -379,6 +390,7 @@ impl Intake {
             workers: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
             start_requests: Mutex::new(Vec::new()),
+            log: ClientLog::default(),
         };
         let consumer: IntakeConsumer = ClientSetting::to_client_config(&config.consumer_settings())
             .create_with_context(context)?;
@@ -417,7 +429,11 @@ fn poll_loop(consumer: Arc<IntakeConsumer>, stop: CancellationToken) {
         };
         match consumer.poll(timeout) {
             Some(Ok(msg)) => ctx.dispatch(&consumer, msg.detach()),
-            Some(Err(err)) => warn!(error = %err, "consumer error"),
+            Some(Err(err)) => {
+                if let Some(held) = ctx.log.admit(&format!("consumer:{err}")) {
+                    warn!(error = %err, held_back = held, "consumer error");
+                }
+            }
             None => {}
         }
     }

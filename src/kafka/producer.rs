@@ -14,6 +14,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
 use crate::config::{ClientSetting, Config, OutputTopics};
+use crate::kafka::client_log::QuietContext;
 use crate::output::Emitted;
 
 /// A message rejected as bad input, on its way to the dead-letter topic.
@@ -130,7 +131,7 @@ impl DeadLetter {
 /// Shared producer for all partition workers of one instance.
 #[derive(Clone)]
 pub struct OutputProducer {
-    producer: FutureProducer,
+    producer: FutureProducer<QuietContext>,
     topics: OutputTopics,
 }
 
@@ -148,7 +149,8 @@ impl OutputProducer {
     /// # Errors
     /// [`KafkaError`] when librdkafka rejects a property.
     pub fn new(config: &Config) -> Result<Self, KafkaError> {
-        let producer = ClientSetting::to_client_config(&config.producer_settings()).create()?;
+        let producer = ClientSetting::to_client_config(&config.producer_settings())
+            .create_with_context(QuietContext::default())?;
         Ok(Self {
             producer,
             topics: config.kafka.topics.clone(),
@@ -264,7 +266,7 @@ impl Seqs {
 
 /// Enqueues `record`, waiting while librdkafka's local queue is full.
 async fn enqueue<K, P>(
-    producer: &FutureProducer,
+    producer: &FutureProducer<QuietContext>,
     mut record: FutureRecord<'_, K, P>,
 ) -> Result<DeliveryFuture, KafkaError>
 where
