@@ -673,35 +673,147 @@ pub fn load(file: Option<&Path>) -> Result<Loaded, ConfigErrors> {
 /// See [`load`].
 pub fn load_figment(figment: Figment) -> Result<Loaded, ConfigErrors> {
     let mut problems = Vec::new();
-    match figment.extract::<serde_json::Value>() {
-        Ok(raw) => {
-            let schema = serde_json::to_value(Config::schema_example())
-                .expect("the default configuration serialises");
-            unknown_keys(&raw, &schema, "", &mut problems);
-        }
-        Err(err) => problems.extend(err.into_iter().map(|e| e.to_string())),
-    }
-    let config = match figment.extract::<Config>() {
-        Ok(config) => Some(config),
+    let schema = serde_json::to_value(Config::schema_example())
+        .expect("the default configuration serialises");
+    let mut raw = match figment.extract::<serde_json::Value>() {
+        Ok(raw) => raw,
         Err(err) => {
-            for e in err {
-                let text = e.to_string();
-                // Unknown keys were already listed, with their full path, above.
-                if !text.contains("unknown field") {
-                    problems.push(text);
-                }
-            }
-            None
+            problems.extend(err.into_iter().map(|e| describe_error(&figment, &e)));
+            return Err(ConfigErrors(problems));
         }
     };
-    if let Some(config) = &config {
-        if let Err(ConfigErrors(more)) = config.validate() {
-            problems.extend(more);
+    unknown_keys(&raw, &schema, "", &mut problems);
+    // serde stops at the first type error; to report them all, each broken value is replaced by
+    // its default (unknown keys are removed: listed above) and the extraction repeated.
+    let mut broken: Vec<String> = Vec::new();
+    let config = loop {
+        match Figment::from(Serialized::defaults(&raw)).extract::<Config>() {
+            Ok(config) => break Some(config),
+            Err(err) => {
+                let mut repaired = false;
+                for e in err {
+                    let unknown = match &e.kind {
+                        figment::error::Kind::UnknownField(key, _) => Some(key.clone()),
+                        _ => None,
+                    };
+                    if unknown.is_none() {
+                        problems.push(describe_error(&figment, &e));
+                        broken.push(e.path.join("."));
+                    }
+                    repaired |= repair(&mut raw, &schema, &e.path, unknown.as_deref());
+                }
+                if !repaired || broken.len() > 256 {
+                    break None;
+                }
+            }
         }
+    };
+    let Some(config) = config else {
+        return Err(ConfigErrors(problems));
+    };
+    if let Err(ConfigErrors(more)) = config.validate() {
+        // A value that had the wrong type was replaced by its default: its checks say nothing.
+        problems.extend(more.into_iter().filter(|m| {
+            !broken
+                .iter()
+                .any(|b| !b.is_empty() && m.starts_with(b.as_str()))
+        }));
     }
-    match config {
-        Some(config) if problems.is_empty() => Ok(Loaded { config, figment }),
-        _ => Err(ConfigErrors(problems)),
+    if problems.is_empty() {
+        Ok(Loaded { config, figment })
+    } else {
+        Err(ConfigErrors(problems))
+    }
+}
+
+/// One extraction error as a user reads it: the key's path and where the value came from
+/// (figment's own message names its internal profile).
+fn describe_error(figment: &Figment, e: &figment::Error) -> String {
+    let path = e.path.join(".");
+    let source = if path.is_empty() {
+        String::new()
+    } else {
+        match source_of(figment, &path).as_str() {
+            "default" => String::new(),
+            s => format!(" (from {s})"),
+        }
+    };
+    if path.is_empty() {
+        format!("{}{source}", e.kind)
+    } else {
+        format!("{path}: {}{source}", e.kind)
+    }
+}
+
+/// Replaces the value at `path` in `raw` by the schema's default (or removes it); returns
+/// whether anything changed.
+fn repair(
+    raw: &mut serde_json::Value,
+    schema: &serde_json::Value,
+    path: &[String],
+    unknown: Option<&str>,
+) -> bool {
+    use serde_json::Value;
+    let Some((last, parents)) = path.split_last() else {
+        // An unknown top-level key, or the whole document has the wrong shape.
+        return match (unknown, raw) {
+            (Some(key), Value::Object(map)) => map.remove(key).is_some(),
+            _ => false,
+        };
+    };
+    let mut value = raw;
+    let mut default = Some(schema);
+    for seg in parents {
+        default = default.and_then(|d| match d {
+            Value::Array(items) => items.first(),
+            d => d.get(seg),
+        });
+        value = match value {
+            Value::Object(map) => match map.get_mut(seg) {
+                Some(v) => v,
+                None => return false,
+            },
+            Value::Array(items) => match seg.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                Some(v) => v,
+                None => return false,
+            },
+            _ => return false,
+        };
+    }
+    let default = default.and_then(|d| match d {
+        Value::Array(items) => items.first(),
+        d => d.get(last),
+    });
+    match (unknown, value) {
+        (Some(key), Value::Object(map)) if key == last => map.remove(key).is_some(),
+        (Some(key), v) => {
+            // The error's path ends at the struct holding the unknown key.
+            let target = match v {
+                Value::Object(map) => map.get_mut(last),
+                Value::Array(items) => last.parse::<usize>().ok().and_then(|i| items.get_mut(i)),
+                _ => None,
+            };
+            match target {
+                Some(Value::Object(map)) => map.remove(key).is_some(),
+                _ => false,
+            }
+        }
+        (None, Value::Object(map)) => match default {
+            Some(d) => map.insert(last.clone(), d.clone()).as_ref() != Some(d),
+            None => map.remove(last).is_some(),
+        },
+        (None, Value::Array(items)) => match (last.parse::<usize>(), default) {
+            (Ok(i), Some(d)) if i < items.len() && items[i] != *d => {
+                items[i] = d.clone();
+                true
+            }
+            (Ok(i), _) if i < items.len() => {
+                items.remove(i);
+                true
+            }
+            _ => false,
+        },
+        _ => false,
     }
 }
 
@@ -1295,6 +1407,46 @@ mod tests {
             text.contains("unknown key `processing.windows[0].sise_ms`"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn type_errors_do_not_hide_each_other_or_the_range_checks() {
+        let err = from_toml(
+            r#"
+            profile = "fast"
+            [kafka]
+            max_event_bytes = "big"
+            bogus = 1
+            [processing]
+            dimension = "x"
+            max_key_bytes = 99999
+            [[processing.windows]]
+            size_ms = "long"
+            [[processing.windows]]
+            size_ms = 0
+            [postgres]
+            pool_max = 0
+            "#,
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for expected in [
+            "profile: unknown variant",
+            "kafka.max_event_bytes: invalid type",
+            "unknown key `kafka.bogus`",
+            "processing.dimension: invalid type",
+            "processing.windows.0.size_ms: invalid type",
+            "processing.max_key_bytes must be within",
+            "processing.windows[1].size_ms must be within",
+            "postgres.pool_max must be at least 1",
+        ] {
+            assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
+        }
+        assert!(
+            !text.contains("default."),
+            "figment's profile leaks: {text}"
+        );
+        assert_eq!(err.0.len(), 8, "{text}");
     }
 
     #[test]
