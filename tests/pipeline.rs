@@ -1,5 +1,5 @@
-//! The pipeline end to end against real brokers (the in-process mock cluster and a Tansu
-//! process) and a real PostgreSQL server: exactness, dead letters, crash recovery, rebalancing.
+//! The pipeline end to end against real brokers (the in-process mock cluster and Apache Kafka)
+//! and a real PostgreSQL server: exactness, dead letters, crash recovery, rebalancing.
 
 mod common;
 
@@ -159,8 +159,8 @@ async fn end_to_end_exact_with_dead_letters_mock() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn end_to_end_exact_with_dead_letters_tansu() {
-    if let Some(broker) = Broker::tansu() {
+async fn end_to_end_exact_with_dead_letters_kafka() {
+    if let Some(broker) = Broker::kafka() {
         end_to_end(broker).await;
     }
 }
@@ -225,8 +225,8 @@ async fn crash_mid_stream_then_restart_is_exact_mock() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crash_mid_stream_then_restart_is_exact_tansu() {
-    if let Some(broker) = Broker::tansu() {
+async fn crash_mid_stream_then_restart_is_exact_kafka() {
+    if let Some(broker) = Broker::kafka() {
         crash_and_restart(broker).await;
     }
 }
@@ -309,8 +309,8 @@ async fn rebalance_hands_partitions_over_exactly_mock() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rebalance_hands_partitions_over_exactly_tansu() {
-    if let Some(broker) = Broker::tansu() {
+async fn rebalance_hands_partitions_over_exactly_kafka() {
+    if let Some(broker) = Broker::kafka() {
         rebalance(broker).await;
     }
 }

@@ -1,10 +1,10 @@
 //! Test harness: a private PostgreSQL server per test binary (a fresh database per test) and
-//! Kafka-protocol brokers: librdkafka's in-process mock cluster, and a real Tansu broker process.
+//! Kafka brokers: librdkafka's in-process mock cluster, and Apache Kafka itself (KRaft, from the
+//! Maven Central jars `.ci/install-kafka.sh` installs; see [`kafka`]).
 #![allow(dead_code)]
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+pub mod kafka;
+
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -54,30 +54,12 @@ pub fn unique() -> String {
     )
 }
 
-/// A Kafka-protocol broker for one test.
+/// A Kafka broker for one test.
 pub enum Broker {
     /// librdkafka's in-process mock cluster.
     Mock(MockCluster<'static, rdkafka::producer::DefaultProducerContext>),
-    /// A Tansu broker process on loopback.
-    Tansu { child: Child, brokers: String },
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Broker::Tansu { child, .. } = self {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn tansu_binary() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("NEUROSTREAM_TANSU_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    let home = std::env::var_os("HOME")?;
-    let p = PathBuf::from(home).join(".cache/neurostream/tansu/bin/tansu");
-    p.exists().then_some(p)
+    /// Apache Kafka: a private single-node KRaft cluster.
+    Kafka(kafka::KafkaCluster),
 }
 
 impl Broker {
@@ -86,55 +68,18 @@ impl Broker {
         Broker::Mock(MockCluster::new(1).expect("mock cluster starts"))
     }
 
-    /// A Tansu process, or `None` (test skipped) when it is not installed and not required.
-    ///
-    /// `.ci/run` installs Tansu and sets `NEUROSTREAM_REQUIRE_TANSU=1`, so CI never skips.
-    pub fn tansu() -> Option<Broker> {
-        let Some(bin) = tansu_binary() else {
-            if std::env::var_os("NEUROSTREAM_REQUIRE_TANSU").is_some() {
-                panic!("NEUROSTREAM_REQUIRE_TANSU is set but no tansu binary was found");
-            }
-            eprintln!("SKIPPED: tansu not installed (see .ci/run); set NEUROSTREAM_TANSU_BIN");
-            return None;
-        };
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/", "--silent"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tansu starts");
-        let started = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "tansu did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Some(Broker::Tansu {
-            child,
-            brokers: format!("127.0.0.1:{port}"),
-        })
+    /// A private Apache Kafka node, or `None` (test skipped) when the jars are not installed
+    /// and not required. `.ci/run` installs them and sets `NEUROSTREAM_REQUIRE_KAFKA=1`, so CI
+    /// never skips.
+    pub fn kafka() -> Option<Broker> {
+        kafka::KafkaCluster::start_or_skip(1).map(Broker::Kafka)
     }
 
     /// Bootstrap servers.
     pub fn brokers(&self) -> String {
         match self {
             Broker::Mock(m) => m.bootstrap_servers(),
-            Broker::Tansu { brokers, .. } => brokers.clone(),
+            Broker::Kafka(k) => k.bootstrap(),
         }
     }
 
@@ -142,11 +87,7 @@ impl Broker {
     pub async fn create_topic(&self, name: &str, partitions: i32) {
         match self {
             Broker::Mock(m) => m.create_topic(name, partitions, 1).unwrap(),
-            Broker::Tansu { brokers, .. } => {
-                neurostream::kafka::ensure_topics(brokers, &[name], partitions)
-                    .await
-                    .unwrap()
-            }
+            Broker::Kafka(k) => k.create_topic(name, partitions, 1).await,
         }
     }
 }
@@ -219,9 +160,7 @@ pub fn stream(partition: i32, n: usize) -> Vec<Vec<u8>> {
 
 /// Produces `messages[p]` to partition `p` of `topic`, in order, acked.
 ///
-/// NB: one message per record batch. Tansu 0.6 answers a fetch at an offset inside a
-/// multi-message batch with nothing (real Kafka returns the containing batch), and the service
-/// fetches mid-batch whenever it resumes a paused partition or restarts at a checkpoint.
+/// NB: one message per record batch, so resuming mid-batch is exercised at every offset.
 pub async fn produce(brokers: &str, topic: &str, messages: &[Vec<Vec<u8>>]) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
