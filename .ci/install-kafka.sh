@@ -2,7 +2,8 @@
 # Installs Apache Kafka 4.3.1 (broker, KRaft storage tool, kafka-tools) as plain jars from Maven
 # Central into one libs/ directory, for tests/common/kafka.rs, and prints that directory:
 #
-#     export NEUROSTREAM_KAFKA_LIBS="$(bash .ci/install-kafka.sh)"
+#     libs="$(bash .ci/install-kafka.sh)"   # a failure stops a `set -e` script here,
+#     export NEUROSTREAM_KAFKA_LIBS="$libs"  # but not inside `export X="$(...)"`
 #
 # Why jars from Maven: no Docker and no download site here, only package registries; the broker
 # runs as `java -cp 'libs/*' kafka.Kafka server.properties` (KRaft, no ZooKeeper).
@@ -11,12 +12,15 @@
 # marker holding the pom's checksum makes a second run a no-op, and a changed pom reinstalls.
 # Needs java 17+ and mvn (both on this machine kind; installed with apt-get if missing, as root).
 #
-# Measured on the 2-core CI machine kind (Java 17, Maven 3.8.7):
-#   download, empty ~/.m2 (plugin + 47 jars): ~22 s; second run (marker): ~0.01 s
-#   libs/: 47 jars, 44 MB (Kafka Connect excluded; ~57 MB in ~/.m2)
-#   KRaft node start to ready (answers metadata listing all brokers), incl. storage format:
-#     1 node ~4.5 s; 3 nodes ~6 s (formats and JVMs run in parallel)
-#   RSS per broker JVM (-Xmx256m, serial GC, C1): ~300 MB idle after start, ~330 MB after tests
+# Measured on the 2-core CI machine kind (Java 17, Maven 3.8.7, 2026-11):
+#   download on an empty ~/.m2 (dependency plugin + 47 jars): 19-22 s; later runs (marker): 0.01 s
+#   libs/: 47 jars, 44 MB (Kafka Connect, which kafka-tools drags in, excluded); ~/.m2: 57 MB
+#   start to ready (every broker answers metadata listing all brokers), storage format included:
+#     1 node 3-4.5 s, 3 nodes 6.5-8 s alone; 9-15 s when the 1- and 3-node tests start together
+#   restart of a killed node 2.5-5 s; new partition leader 3-5 s after SIGKILL of the old one
+#   RSS per broker JVM (-Xms32m -Xmx256m, serial GC, C1 only): 270-300 MB, ~77 threads;
+#   a ConsumerGroupCommand run: ~100 MB, 1.2-1.5 s
+#   tests/kafka_harness.rs (1-node and 3-node tests in parallel): 21-31 s
 set -euo pipefail
 
 KAFKA_VERSION=4.3.1
@@ -53,8 +57,10 @@ mkdir -p "$dir"
 tmp="$dir/libs.tmp.$$"
 rm -rf "$tmp"
 trap 'rm -rf "$tmp"' EXIT
-# -B: no colour codes; Maven's own output goes to stderr, so stdout is only the path.
-mvn -B -q -f "$pom" dependency:copy-dependencies -DoutputDirectory="$tmp" >&2
+# Maven's own output goes to stderr, so stdout is only the path. Debian's Maven 3.8.7 prints
+# bare colour resets even with -B -q: stripped. (pipefail keeps Maven's exit status.)
+mvn -B -q -f "$pom" dependency:copy-dependencies -DoutputDirectory="$tmp" 2>&1 \
+    | sed -e 's/\x1b\[[0-9;]*m//g' -e '/^[[:space:]]*$/d' >&2
 if ! ls "$tmp"/kafka_2.13-"$KAFKA_VERSION".jar "$tmp"/kafka-tools-"$KAFKA_VERSION".jar >/dev/null 2>&1; then
     say "Maven finished but the Kafka jars are missing from $tmp"
     exit 1

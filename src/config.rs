@@ -573,7 +573,8 @@ impl Default for PostgresConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Listen address; unset: no HTTP server. Failing to bind it stops start-up.
+    /// Listen address; `""` turns the HTTP server off. Failing to bind it stops start-up.
+    #[serde(with = "optional_address")]
     pub address: Option<SocketAddr>,
     /// `/health` fails when a partition has been retrying one batch (produce or sink) for
     /// longer than this.
@@ -1347,6 +1348,31 @@ fn source_of(figment: &Figment, path: &str) -> String {
             )
         }
         _ => "default".into(),
+    }
+}
+
+/// `http.address`: a socket address, or `""` for none (TOML has no null).
+mod optional_address {
+    use std::net::SocketAddr;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(addr: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match addr {
+            Some(a) => s.collect_str(a),
+            None => s.serialize_str(""),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        text.trim()
+            .parse()
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("`{text}` is not host:port ({e})")))
     }
 }
 

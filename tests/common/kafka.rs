@@ -20,7 +20,7 @@
 use std::collections::hash_map::RandomState;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -34,18 +34,20 @@ use rdkafka::ClientConfig;
 /// The Kafka release that `.ci/install-kafka.sh` installs (`.ci/kafka/pom.xml`).
 pub const KAFKA_VERSION: &str = "4.3.1";
 
-/// How long a node may take from `java` to answering metadata (about 4 s here; CI may be slower).
+/// How long a node may take from `java` to answering metadata: 3-8 s here, 10-15 s while other
+/// JVMs start on the same 2 cores; the margin is for a loaded CI machine.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Heap per broker JVM. The tests move a few MB; 256 MiB leaves room for the 3-node test's
-/// replication and recovery, and three brokers stay under 1 GiB of RSS on the 2-core CI machine.
+/// Maximum heap per broker JVM. The tests move a few MB; 256 MiB leaves room for replication
+/// and log recovery, and three brokers stay under 1 GiB of RSS (~270-300 MB each, most of it
+/// metaspace, code and thread stacks rather than heap).
 const BROKER_HEAP: &str = "-Xmx256m";
 
 /// The main class of `kafka-consumer-groups.sh` in Kafka 4.x (it moved out of `kafka.admin`).
 const CONSUMER_GROUP_COMMAND: &str = "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand";
 
 /// Broker log4j2 configuration: WARN and above to the JVM's stdout, which goes to the node's
-/// `server.log`. At INFO a broker writes some 300 lines at start-up alone; the WARN lines are
+/// `server.log`. At INFO a broker writes hundreds of lines at start-up alone; the WARN lines are
 /// the ones a failing test needs (they are in the log tail of every panic here).
 const LOG4J2_PROPERTIES: &str = "\
 status = warn
@@ -56,6 +58,10 @@ appender.out.layout.pattern = [%d] %p %m (%c)%n
 rootLogger.level = WARN
 rootLogger.appenderRef.out.ref = OUT
 ";
+
+/// One row of `kafka-consumer-groups --describe`: `(topic, partition, committed offset,
+/// log-end offset, lag)`; `None` where the tool prints `-`.
+pub type OffsetRow = (String, i32, Option<i64>, i64, Option<i64>);
 
 /// The `libs/` directory holding Kafka's jars: `NEUROSTREAM_KAFKA_LIBS` if set, else
 /// `$NEUROSTREAM_KAFKA_HOME/libs`, else `$HOME/.cache/neurostream/kafka-4.3.1/libs` (where
@@ -71,8 +77,8 @@ pub fn kafka_libs() -> Option<PathBuf> {
             .join(format!("kafka-{KAFKA_VERSION}"))
             .join("libs")
     };
-    // A half-copied directory would fail later with a ClassNotFoundException in a broker log;
-    // the install script writes the broker jar among the last, and checks completeness itself.
+    // The install script moves a complete libs/ into place in one rename, so the broker jar
+    // being there means the rest is too.
     let has_broker = fs::read_dir(&libs).ok()?.flatten().any(|e| {
         let name = e.file_name();
         let name = name.to_string_lossy();
@@ -131,9 +137,9 @@ impl KafkaCluster {
         fs::write(root.join("log4j2.properties"), LOG4J2_PROPERTIES)
             .unwrap_or_else(|e| panic!("cannot write to {}: {e}", root.display()));
 
-        // All 2N ports are taken at once and held until every node's config is written, so no
-        // two listeners get the same port; the tiny window between release and the broker's
-        // bind is the usual free-port race, not worth a retry loop in tests.
+        // All 2N ports are bound at once, so no two listeners get the same one, then released;
+        // the window until the brokers bind them is the usual free-port race, not worth a retry
+        // loop in tests.
         let ports = free_ports(2 * nodes);
         let mut cluster = KafkaCluster {
             libs,
@@ -312,7 +318,8 @@ impl KafkaCluster {
     }
 
     /// The node id leading `topic`'s `partition` in the cluster metadata, read from a running
-    /// node; `-1` while there is no leader (between a leader's death and the election). Panics
+    /// node; `-1` while there is no leader. A killed leader is still named until the controller
+    /// fences it (`broker.session.timeout.ms`, 3 s here): poll until the answer changes. Panics
     /// when the metadata cannot be read within 10 s or lacks that partition.
     pub fn leader_of(&self, topic: &str, partition: i32) -> i32 {
         let probe = probe_client(&self.live_bootstrap());
@@ -360,8 +367,13 @@ impl KafkaCluster {
             self.nodes[i].child.is_none(),
             "Kafka node {node_id} is still running: kill it first"
         );
+        let started = Instant::now();
         self.spawn_node(i);
-        self.wait_ready(i, Instant::now() + READY_TIMEOUT);
+        self.wait_ready(i, started + READY_TIMEOUT);
+        eprintln!(
+            "kafka: node {node_id} restarted, ready in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
     }
 
     /// `(topic, partition, committed offset, log-end offset, lag)` for every partition of
@@ -372,10 +384,7 @@ impl KafkaCluster {
     /// not know is `-1`. Empty when the group does not exist, or is rebalancing (the tool then
     /// prints no table): poll if the group may be between generations. Blocks for the tool's
     /// JVM (~1.5 s); panics when the tool fails for another reason.
-    pub fn committed_offsets(
-        &self,
-        group: &str,
-    ) -> Vec<(String, i32, Option<i64>, i64, Option<i64>)> {
+    pub fn committed_offsets(&self, group: &str) -> Vec<OffsetRow> {
         // A coordinator moving after a kill answers COORDINATOR_NOT_AVAILABLE for a moment;
         // the tool gives up at once, so try a few times.
         let mut last = String::new();
@@ -472,6 +481,9 @@ impl KafkaCluster {
             .unwrap_or_else(|e| panic!("cannot clone a log file handle: {e}"));
         let mut cmd = self.java(&[
             BROKER_HEAP,
+            // A small initial heap: the default (1/64 of RAM, here all 256 MiB) is committed
+            // and touched up front, ~60 MB more RSS per broker for nothing.
+            "-Xms32m",
             // Test brokers serve a few MB on a 2-core machine: the serial GC adds no GC
             // threads, and C1-only JIT saves a second of CPU at start with no visible cost
             // at these rates.
@@ -632,10 +644,7 @@ fn probe_client(bootstrap: &str) -> BaseConsumer {
 ///
 /// Columns are found by their header names; only the first six are read, which hold no spaces
 /// (the client id, last, may).
-pub(crate) fn parse_group_table(
-    stdout: &str,
-    group: &str,
-) -> Vec<(String, i32, Option<i64>, i64, Option<i64>)> {
+pub(crate) fn parse_group_table(stdout: &str, group: &str) -> Vec<OffsetRow> {
     let mut lines = stdout
         .lines()
         .skip_while(|l| !l.trim_start().starts_with("GROUP "));
@@ -774,11 +783,13 @@ fn random_u64() -> u64 {
 /// A `sh` loop that SIGKILLs the cluster's JVMs once this test process is gone. `Drop` does it
 /// normally, but a cluster kept in a `static` is never dropped, and an aborted or killed test
 /// binary drops nothing: without this, brokers would outlive `cargo test` and hold ports and
-/// memory. It polls every second and exits when the cluster's directory is removed.
+/// memory. It polls every second, and exits when `Drop` removes the cluster's directory (or
+/// kills it, to keep the logs after a panic); after killing the JVMs it removes that directory.
 fn spawn_watchdog(root: &Path) -> Option<Child> {
     let script = r#"
 while kill -0 "$1" 2>/dev/null && [ -d "$2" ]; do sleep 1; done
 for f in "$2"/node-*/pid; do [ -f "$f" ] && kill -9 "$(cat "$f")" 2>/dev/null; done
+rm -rf "$2"
 exit 0
 "#;
     let child = Command::new("sh")
