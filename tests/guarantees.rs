@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use common::kafka::KafkaCluster;
 use common::*;
-use neurostream::config::{Config, Profile, WindowConfig};
+use neurostream::config::{Config, WindowConfig};
 use neurostream::output::Output;
 use neurostream::processor::{Processor, Record};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -224,28 +224,10 @@ async fn send(brokers: &str, topic: &str, partitions: &[Vec<(Msg, Option<&'stati
     }
 }
 
-fn service_config(brokers: &str, db_url: &str, partitions: usize) -> (Config, u16) {
-    let id = unique();
-    let mut c = Config::default();
-    c.kafka.brokers = brokers.to_string();
-    c.kafka.group_id = format!("g_{id}");
-    c.kafka.input_topics = vec![format!("in_{id}")];
-    let t = &mut c.kafka.topics;
-    t.clusters = format!("clusters_{id}");
-    t.drift = format!("drift_{id}");
-    t.outliers = format!("outliers_{id}");
-    t.windows = format!("windows_{id}");
-    t.status = format!("status_{id}");
-    t.dlq = format!("dlq_{id}");
-    c.kafka.session_timeout_ms = 6_000;
-    c.kafka.revoke_deadline_ms = 5_000;
-    c.kafka.partition_queue_capacity = 64;
-    c.kafka.max_event_bytes = 1 << 20;
-    c.kafka.topic_partitions = Some(partitions as i32);
-    c.profile = Profile::Latency;
-    c.postgres.url = Some(db_url.to_string());
+fn service_config(brokers: &str, db_url: &str) -> (Config, u16) {
+    let mut c = base_config(brokers, db_url);
+    c.kafka.topic_partitions = Some(1);
     c.postgres.batch_rows = Some(40);
-    c.postgres.linger_ms = Some(20);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -427,7 +409,7 @@ async fn gauntlet_every_poison_is_dead_lettered_and_nothing_stops_the_service() 
     };
     let brokers = kafka.bootstrap();
     let (url, store) = fresh_db().await;
-    let (config, port) = service_config(&brokers, &url, 1);
+    let (config, port) = service_config(&brokers, &url);
     let input = config.kafka.input_topics[0].clone();
     create_topic_with(&brokers, &input, 2, "2000000").await;
     // The dead-letter topic refuses messages over 500,000 bytes: the service must truncate.

@@ -87,20 +87,36 @@ impl Broker {
     pub async fn create_topic(&self, name: &str, partitions: i32) {
         match self {
             Broker::Mock(m) => m.create_topic(name, partitions, 1).unwrap(),
-            Broker::Kafka(k) => k.create_topic(name, partitions, 1).await,
+            Broker::Kafka(k) => {
+                let replication = k.node_ids().len().min(3) as i32;
+                k.create_topic(name, partitions, replication).await
+            }
         }
     }
 }
 
 /// A service configuration for `broker` with unique topic and group names, its topics created.
 pub async fn config_for(broker: &Broker, partitions: i32, db_url: &str) -> Config {
+    let c = base_config(&broker.brokers(), db_url);
+    broker
+        .create_topic(&c.kafka.input_topics[0], partitions)
+        .await;
+    for topic in c.kafka.topics.all() {
+        broker.create_topic(topic, 1).await;
+    }
+    c
+}
+
+/// A service configuration for `brokers` and `db_url` with unique topic and group names (no
+/// topic created), quick rebalances, small batches, no HTTP, and two tumbling windows.
+pub fn base_config(brokers: &str, db_url: &str) -> Config {
     neurostream::telemetry::init_logging(&neurostream::config::LogConfig {
         level: "warn".into(),
         ..Default::default()
     });
     let id = unique();
     let mut c = Config::default();
-    c.kafka.brokers = broker.brokers();
+    c.kafka.brokers = brokers.to_string();
     c.kafka.group_id = format!("g_{id}");
     c.kafka.input_topics = vec![format!("in_{id}")];
     let t = &mut c.kafka.topics;
@@ -132,12 +148,6 @@ pub async fn config_for(broker: &Broker, partitions: i32, db_url: &str) -> Confi
             ..WindowConfig::default()
         },
     ];
-    broker
-        .create_topic(&c.kafka.input_topics[0], partitions)
-        .await;
-    for topic in c.kafka.topics.all() {
-        broker.create_topic(topic, 1).await;
-    }
     c.validate().unwrap();
     c
 }
