@@ -16,7 +16,6 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::kafka::KafkaCluster;
@@ -33,7 +32,10 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 const WAIT: Duration = Duration::from_secs(240);
 
 /// One three-broker cluster at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Output payloads by (source partition, source offset, seq).
+type BySource = BTreeMap<(i32, i64, u32), Vec<Vec<u8>>>;
 
 fn spawn_run(config_path: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_neurostream"))
@@ -106,10 +108,7 @@ async fn produce_paced(brokers: String, topic: String, messages: Vec<Vec<Vec<u8>
 
 /// Every message of `topic`: (source partition, source offset, seq) → payloads seen, and the
 /// total read.
-fn outputs_by_source(
-    brokers: &str,
-    topic: &str,
-) -> (BTreeMap<(i32, i64, u32), Vec<Vec<u8>>>, usize) {
+fn outputs_by_source(brokers: &str, topic: &str) -> (BySource, usize) {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("reader_{}", unique()))
@@ -120,7 +119,7 @@ fn outputs_by_source(
     tpl.add_partition_offset(topic, 0, Offset::Beginning)
         .unwrap();
     consumer.assign(&tpl).unwrap();
-    let mut out: BTreeMap<(i32, i64, u32), Vec<Vec<u8>>> = BTreeMap::new();
+    let mut out = BySource::new();
     let mut read = 0;
     let mut idle = Instant::now();
     while idle.elapsed() < Duration::from_secs(5) {
@@ -197,7 +196,7 @@ async fn failover_an_input_leader_killed_mid_stream_keeps_rows_exact() {
         println!("SKIPPED: Apache Kafka jars not installed (run .ci/install-kafka.sh)");
         return;
     }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     let (url, store) = fresh_db().await;
     let (mut kafka, config) = cluster_and_config(2, &url).await;
     let topic = config.kafka.input_topics[0].clone();
@@ -249,7 +248,7 @@ async fn soak_kills_rebalances_outages_and_failover_leave_every_row_exact() {
         println!("SKIPPED: Apache Kafka jars not installed (run .ci/install-kafka.sh)");
         return;
     }
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = SERIAL.lock().await;
     // NB: durable settings: with synchronous_commit=off a crash loses acknowledged commits.
     let mut pg = PgServer::start(Durability::Default).unwrap();
     let url = pg.url("postgres");
