@@ -12,11 +12,13 @@
 //! - [`clustering`]: the processor's clustering stage: engine decisions to outputs.
 //! - [`offline`]: `neurostream process`, the processor over JSON lines.
 //! - [`kafka`]: the Kafka edge: consumer group and rebalances ([`kafka::intake`]), the
-//!   idempotent output producer ([`kafka::producer`]), topic administration.
+//!   idempotent output producer with failure classes ([`kafka::producer`]), rate-limited client
+//!   logs ([`kafka::client_log`]), topic checks and creation at start-up.
 //! - [`worker`]: one task per assigned partition: batches, flushes, checkpoints.
-//! - [`offsets`]: all offset handling (start at checkpoints, store only after durable).
-//! - [`store`]: PostgreSQL sink (COPY → upsert + checkpoint in one transaction) and the
-//!   in-memory fallback.
+//! - [`offsets`]: all offset handling (start at checkpoints, store exactly the next offset only
+//!   after it is durable, drop re-deliveries, report gaps).
+//! - [`store`]: PostgreSQL sink (COPY → upsert + checkpoint in one fenced transaction, refused
+//!   rows named) and the in-memory fallback.
 //! - [`pgserver`]: a private PostgreSQL server for the demo and tests.
 //! - [`app`]: the service: wires everything and runs until shutdown.
 //! - [`http`]: `/metrics`, `/health`, `/ready`, `/status`.
