@@ -238,9 +238,9 @@ fn database_url(config: &config::Config) -> anyhow::Result<&str> {
 
 async fn run(config: config::Config) -> anyhow::Result<()> {
     let url = database_url(&config)?;
-    let store = Store::Postgres(app::open_postgres(&config, url, Duration::from_secs(60)).await?);
     let progress = Arc::new(Progress::default());
     let shutdown = CancellationToken::new();
+    // The port first: a taken port is a start-up error, reported before waiting on anything.
     if let Some(addr) = config.http.address {
         let listener = http::bind(addr)
             .await
@@ -254,6 +254,7 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
             }
         });
     }
+    let store = Store::Postgres(app::open_postgres(&config, url, Duration::from_secs(60)).await?);
     {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {

@@ -293,3 +293,33 @@ fn incompressible(len: usize) -> String {
         })
         .collect()
 }
+
+/// "Active in the last hour" is event time: clusters of a replayed 2001 stream are active when
+/// they were updated within an hour of the partition's latest update, whatever the wall clock.
+#[tokio::test]
+async fn clusters_active_last_hour_uses_event_time() {
+    let (_, pg) = fresh_db().await;
+    for (id, updated) in [
+        (1, "2001-01-01 12:00+00"),
+        (2, "2001-01-01 11:30+00"),
+        (3, "2001-01-01 10:00+00"),
+    ] {
+        sqlx::query(
+            "INSERT INTO clusters (source_topic, partition, cluster_id, centroid, weight, radius,
+                                   status, created_at, updated_at, source_offset)
+             VALUES ('events', 0, $1, '{0}', 1, 1, 'active', $2::timestamptz, $2::timestamptz, $1)",
+        )
+        .bind(id as i64)
+        .bind(updated)
+        .execute(pg.pool())
+        .await
+        .unwrap();
+    }
+    let mut active: Vec<(i64,)> =
+        sqlx::query_as("SELECT cluster_id FROM clusters_active_last_hour")
+            .fetch_all(pg.pool())
+            .await
+            .unwrap();
+    active.sort();
+    assert_eq!(active, vec![(1,), (2,)]);
+}

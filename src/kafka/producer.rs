@@ -376,3 +376,51 @@ impl InFlight {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::{Output, StatusRecord};
+
+    fn at(offset: i64) -> Emitted {
+        Emitted {
+            source_offset: offset,
+            output: Output::AlgorithmStatus(StatusRecord {
+                partition: 0,
+                algorithm: "ncs".into(),
+                active_clusters: 0,
+                clustering_quality: 0.0,
+                current_threshold: 0.0,
+                drift_detected: false,
+                points_processed: 0,
+                points_per_second: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn outputs_of_one_source_offset_are_numbered_the_same_in_any_resend() {
+        let outputs = vec![at(5), at(5), at(6), at(7), at(7), at(7)];
+        let mut seqs = Seqs::default();
+        let all: Vec<u32> = (0..outputs.len()).map(|i| seqs.next(i, &outputs)).collect();
+        assert_eq!(all, vec![0, 1, 0, 0, 1, 2]);
+        // A resend of a subset numbers each output as the first send did.
+        let mut seqs = Seqs::default();
+        let subset: Vec<u32> = [1, 4, 5].iter().map(|&i| seqs.next(i, &outputs)).collect();
+        assert_eq!(subset, vec![1, 1, 2]);
+    }
+
+    #[test]
+    fn failures_are_classified_by_what_can_fix_them() {
+        use RDKafkaErrorCode as C;
+        let class = |c| classify(&KafkaError::MessageProduction(c));
+        assert_eq!(class(C::MessageSizeTooLarge), FailureClass::Message);
+        assert_eq!(
+            class(C::TopicAuthorizationFailed),
+            FailureClass::Destination
+        );
+        assert_eq!(class(C::UnknownTopicOrPartition), FailureClass::Destination);
+        assert_eq!(class(C::MessageTimedOut), FailureClass::Retriable);
+        assert_eq!(class(C::NotLeaderForPartition), FailureClass::Retriable);
+    }
+}
