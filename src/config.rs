@@ -579,6 +579,9 @@ pub struct HttpConfig {
     /// `/health` fails when a partition has been retrying one batch (produce or sink) for
     /// longer than this.
     pub stall_timeout_ms: u64,
+    /// `/ready` waits until every assigned partition is at most this many messages behind its
+    /// high watermark (from the consumer's statistics, every 5 s).
+    pub ready_max_lag: i64,
 }
 
 impl Default for HttpConfig {
@@ -586,6 +589,7 @@ impl Default for HttpConfig {
         Self {
             address: Some(SocketAddr::from(([0, 0, 0, 0], 9100))),
             stall_timeout_ms: 60_000,
+            ready_max_lag: 10_000,
         }
     }
 }
@@ -1058,6 +1062,9 @@ impl Config {
         if pg.batch_rows == Some(0) {
             p.push("postgres.batch_rows must be at least 1".into());
         }
+        if self.http.ready_max_lag < 0 {
+            p.push("http.ready_max_lag must not be negative".into());
+        }
         if self.http.stall_timeout_ms == 0 {
             p.push("http.stall_timeout_ms must be positive".into());
         }
@@ -1123,6 +1130,11 @@ impl Config {
             k.fetch_min_bytes,
             s.fetch_min_bytes,
             "kafka.fetch_min_bytes",
+        );
+        out.set(
+            "statistics.interval.ms",
+            "5000",
+            "neurostream (high watermarks for /ready and the lag gauge)",
         );
         self.security(&mut out);
         for (key, value) in &k.consumer {

@@ -24,8 +24,17 @@ use crate::telemetry::{Progress, ProgressSnapshot};
 struct AppState {
     metrics: PrometheusHandle,
     progress: Arc<Progress>,
-    stall_timeout: Duration,
+    limits: Limits,
     shutdown: CancellationToken,
+}
+
+/// When the service stops being healthy or ready.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A partition retrying one batch longer than this is stuck (`/health` fails).
+    pub stall_timeout: Duration,
+    /// A partition further behind its high watermark is not caught up (`/ready` fails).
+    pub ready_max_lag: i64,
 }
 
 /// Installs the Prometheus recorder and returns its handle.
@@ -56,7 +65,7 @@ fn unhealthy(progress: &Progress, stall_timeout: Duration, shutting_down: bool) 
 }
 
 /// Readiness: `None` when ready, else why not.
-fn not_ready(progress: &Progress, stall_timeout: Duration) -> Option<String> {
+fn not_ready(progress: &Progress, limits: Limits) -> Option<String> {
     let snap = progress.snapshot();
     let assigned: Vec<_> = snap.partitions.iter().filter(|(_, p)| p.assigned).collect();
     if !progress.running() || assigned.is_empty() {
@@ -70,7 +79,11 @@ fn not_ready(progress: &Progress, stall_timeout: Duration) -> Option<String> {
     if !restoring.is_empty() {
         return Some(format!("restoring checkpoints of {}", restoring.join(", ")));
     }
-    unhealthy(progress, stall_timeout, false)
+    let lagging = progress.lagging(limits.ready_max_lag);
+    if !lagging.is_empty() {
+        return Some(format!("catching up: {}", lagging.join(", ")));
+    }
+    unhealthy(progress, limits.stall_timeout, false)
 }
 
 /// Serves the endpoints on `listener` until `shutdown`.
@@ -81,13 +94,13 @@ pub async fn serve(
     listener: TcpListener,
     metrics: PrometheusHandle,
     progress: Arc<Progress>,
-    stall_timeout: Duration,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let state = AppState {
         metrics,
         progress,
-        stall_timeout,
+        limits,
         shutdown: shutdown.clone(),
     };
     let app = Router::new()
@@ -98,7 +111,11 @@ pub async fn serve(
         .route(
             "/health",
             get(|State(s): State<AppState>| async move {
-                match unhealthy(&s.progress, s.stall_timeout, s.shutdown.is_cancelled()) {
+                match unhealthy(
+                    &s.progress,
+                    s.limits.stall_timeout,
+                    s.shutdown.is_cancelled(),
+                ) {
                     None => (StatusCode::OK, "ok".to_string()),
                     Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
                 }
@@ -107,7 +124,7 @@ pub async fn serve(
         .route(
             "/ready",
             get(|State(s): State<AppState>| async move {
-                match not_ready(&s.progress, s.stall_timeout) {
+                match not_ready(&s.progress, s.limits) {
                     None => (StatusCode::OK, "ready".to_string()),
                     Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}")),
                 }
@@ -135,20 +152,35 @@ mod tests {
     fn health_and_readiness_follow_the_partitions() {
         let progress = Progress::default();
         let limit = Duration::from_millis(20);
+        let limits = Limits {
+            stall_timeout: limit,
+            ready_max_lag: 100,
+        };
         assert_eq!(unhealthy(&progress, limit, false), None);
         assert!(unhealthy(&progress, limit, true).is_some());
-        assert!(not_ready(&progress, limit).is_some(), "not consuming yet");
+        assert!(not_ready(&progress, limits).is_some(), "not consuming yet");
         progress.set_running(true);
         progress.set_assigned("t", 0, true);
-        assert!(not_ready(&progress, limit).unwrap().contains("restoring"));
-        progress.set_restored("t", 0);
-        assert_eq!(not_ready(&progress, limit), None);
+        progress.set_high_watermark("t", 0, 1_000);
+        assert!(not_ready(&progress, limits).unwrap().contains("restoring"));
+        progress.set_restored("t", 0, Some(850));
+        let why = not_ready(&progress, limits).unwrap();
+        assert!(why.contains("catching up: t/0 (150 behind)"), "{why}");
+        progress.record_batch(
+            "t",
+            0,
+            &crate::telemetry::BatchCounts {
+                next_offset: 950,
+                ..Default::default()
+            },
+        );
+        assert_eq!(not_ready(&progress, limits), None);
         progress.set_retrying("t", 0, Some("PostgreSQL: down".into()));
         assert_eq!(unhealthy(&progress, limit, false), None, "not stalled yet");
         std::thread::sleep(Duration::from_millis(30));
         let why = unhealthy(&progress, limit, false).unwrap();
         assert!(why.contains("t/0: PostgreSQL: down"), "{why}");
-        assert!(not_ready(&progress, limit).is_some());
+        assert!(not_ready(&progress, limits).is_some());
         progress.set_retrying("t", 0, None);
         assert_eq!(unhealthy(&progress, limit, false), None);
     }

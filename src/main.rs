@@ -247,9 +247,12 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("cannot listen on http.address {addr}: {e}"))?;
         let handle = http::install_recorder()?;
         let (progress, shutdown) = (progress.clone(), shutdown.clone());
-        let stall = Duration::from_millis(config.http.stall_timeout_ms);
+        let limits = http::Limits {
+            stall_timeout: Duration::from_millis(config.http.stall_timeout_ms),
+            ready_max_lag: config.http.ready_max_lag,
+        };
         tokio::spawn(async move {
-            if let Err(err) = http::serve(listener, handle, progress, stall, shutdown).await {
+            if let Err(err) = http::serve(listener, handle, progress, limits, shutdown).await {
                 tracing::error!(%addr, error = %err, "HTTP endpoints failed");
             }
         });

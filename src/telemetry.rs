@@ -45,6 +45,10 @@ pub const SINK_REJECTED_ROWS_TOTAL: &str = "neurostream_sink_rejected_rows_total
 /// (`dead_letter_truncated`, `output_dead_lettered`).
 pub const PRODUCE_DIVERTED_TOTAL: &str = "neurostream_produce_diverted_total";
 
+/// Messages between a partition's durable position and its high watermark. Labels: topic,
+/// partition.
+pub const CONSUMER_LAG: &str = "neurostream_consumer_lag_messages";
+
 /// Registers descriptions for every metric (call once after installing a recorder).
 pub fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
@@ -86,6 +90,11 @@ pub fn describe_metrics() {
         "Partitions assigned to this instance"
     );
     describe_counter!(REBALANCES_TOTAL, Unit::Count, "Rebalance callbacks served");
+    describe_gauge!(
+        CONSUMER_LAG,
+        Unit::Count,
+        "Messages between the durable position and the high watermark"
+    );
     describe_counter!(
         OFFSET_DUPLICATES_TOTAL,
         Unit::Count,
@@ -126,11 +135,24 @@ pub struct PartitionStatus {
     pub dead_letters: u64,
     /// The worker restored the checkpoint and is consuming.
     pub restored: bool,
+    /// The partition's high watermark (log end), from the consumer's statistics.
+    pub high_watermark: Option<i64>,
+    /// Messages between the durable position and the high watermark.
+    pub lag: Option<i64>,
     /// What the worker is retrying, while it retries a batch.
     pub retrying: Option<String>,
     /// Since when it retries.
     #[serde(skip)]
     pub retrying_since: Option<std::time::Instant>,
+}
+
+impl PartitionStatus {
+    fn update_lag(&mut self) {
+        self.lag = self
+            .high_watermark
+            .filter(|_| self.restored)
+            .map(|hw| (hw - self.next_offset).max(0));
+    }
 }
 
 /// What one durable batch of a partition contained.
@@ -198,9 +220,35 @@ impl Progress {
         });
     }
 
-    /// The partition's worker restored its checkpoint.
-    pub fn set_restored(&self, topic: &str, partition: i32) {
-        self.with_partition(topic, partition, |p| p.restored = true);
+    /// The partition's worker restored its checkpoint (`next_offset`: where it starts, when
+    /// known).
+    pub fn set_restored(&self, topic: &str, partition: i32, next_offset: Option<i64>) {
+        self.with_partition(topic, partition, |p| {
+            p.restored = true;
+            if let Some(next) = next_offset {
+                p.next_offset = p.next_offset.max(next);
+            }
+            p.update_lag();
+        });
+    }
+
+    /// The partition's high watermark, from the consumer's statistics.
+    pub fn set_high_watermark(&self, topic: &str, partition: i32, high_watermark: i64) {
+        self.with_partition(topic, partition, |p| {
+            p.high_watermark = Some(high_watermark);
+            p.update_lag();
+        });
+    }
+
+    /// Assigned partitions lagging more than `max` messages behind their high watermark.
+    pub fn lagging(&self, max: i64) -> Vec<String> {
+        self.partitions
+            .lock()
+            .expect("progress lock is never poisoned: no code panics while holding it")
+            .iter()
+            .filter(|(_, s)| s.assigned && s.lag.is_some_and(|l| l > max))
+            .map(|((t, p), s)| format!("{t}/{p} ({} behind)", s.lag.unwrap_or(0)))
+            .collect()
     }
 
     /// The partition's worker retries a batch because of `problem` (`None`: it succeeded).
@@ -237,6 +285,7 @@ impl Progress {
             p.next_offset = p.next_offset.max(batch.next_offset);
             p.events += batch.events;
             p.dead_letters += batch.dead_letters;
+            p.update_lag();
         });
     }
 

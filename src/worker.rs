@@ -174,7 +174,7 @@ impl PartitionWorker {
         };
         let position = checkpoint.as_ref().map(|c| c.next_offset);
         info!(next_offset = ?position, epoch, "partition worker started");
-        ctx.progress.set_restored(&id.topic, id.partition);
+        ctx.progress.set_restored(&id.topic, id.partition, position);
         let mut worker = PartitionWorker {
             batch_rows: config.sink_batch_rows(),
             linger: Duration::from_millis(config.sink_linger_ms()),

@@ -40,7 +40,10 @@ type BySource = BTreeMap<(i32, i64, u32), Vec<Vec<u8>>>;
 fn spawn_run(config_path: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_neurostream"))
         .args(["--config", config_path.to_str().unwrap(), "run"])
-        .env("RUST_LOG", "error,librdkafka=off")
+        .env(
+            "RUST_LOG",
+            std::env::var("NS_SOAK_LOG").unwrap_or("error,librdkafka=off".into()),
+        )
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -92,6 +92,26 @@ impl ClientContext for IntakeContext {
     fn error(&self, error: KafkaError, reason: &str) {
         self.log.error(&error, reason);
     }
+
+    /// High watermarks for `/ready` and the lag gauge (`statistics.interval.ms`).
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let progress = &self.shared.progress;
+        for (name, topic) in &statistics.topics {
+            for (partition, p) in &topic.partitions {
+                // -1 is librdkafka's internal "unassigned" partition.
+                if *partition >= 0 && p.hi_offset >= 0 {
+                    progress.set_high_watermark(name, *partition, p.hi_offset);
+                }
+            }
+        }
+        for (name, status) in progress.snapshot().partitions {
+            if let (true, Some(lag)) = (status.assigned, status.lag) {
+                let (topic, partition) = name.rsplit_once('/').unwrap_or((&name, ""));
+                metrics::gauge!(tm::CONSUMER_LAG, "topic" => topic.to_string(), "partition" => partition.to_string())
+                    .set(lag as f64);
+            }
+        }
+    }
 }
 
 impl ConsumerContext for IntakeContext {

@@ -606,6 +606,10 @@ share.coordinator.state.topic.replication.factor={rf}
 share.coordinator.state.topic.min.isr={min_isr}
 share.coordinator.state.topic.num.partitions=1
 group.initial.rebalance.delay.ms=0
+# NB: the tests produce with synthetic timestamps (1970). Time-based retention (7 days) would
+# delete those segments at the broker's first retention check, 30 s after start, and a lagging
+# consumer would jump to the new log start (the service reports it as skipped offsets).
+log.retention.ms=-1
 # A killed broker is fenced, and its partitions get new leaders, after this session timeout
 # (default 9 s): 3 s keeps the failover tests short.
 broker.session.timeout.ms=3000
