@@ -554,6 +554,9 @@ pub struct PostgresConfig {
     pub migrate_on_start: bool,
     /// Ceiling of the exponential retry backoff while PostgreSQL is unavailable.
     pub retry_max_backoff_ms: u64,
+    /// A batch transaction still unfinished after this long (a hung connection, a lock held
+    /// elsewhere) is abandoned, rolled back and retried.
+    pub commit_timeout_ms: u64,
 }
 
 impl Default for PostgresConfig {
@@ -565,6 +568,7 @@ impl Default for PostgresConfig {
             linger_ms: None,
             migrate_on_start: true,
             retry_max_backoff_ms: 5_000,
+            commit_timeout_ms: 60_000,
         }
     }
 }
@@ -1067,6 +1071,9 @@ impl Config {
         }
         if self.http.stall_timeout_ms == 0 {
             p.push("http.stall_timeout_ms must be positive".into());
+        }
+        if pg.commit_timeout_ms == 0 {
+            p.push("postgres.commit_timeout_ms must be positive".into());
         }
         if pg.retry_max_backoff_ms == 0 {
             p.push("postgres.retry_max_backoff_ms must be positive".into());

@@ -98,6 +98,10 @@ pub enum StoreError {
         /// The current owner's epoch (0: never claimed).
         current: Epoch,
     },
+    /// The transaction took longer than `postgres.commit_timeout_ms` and was abandoned (rolled
+    /// back): retry with backoff.
+    #[error("PostgreSQL transaction exceeded postgres.commit_timeout_ms; rolled back, will retry")]
+    TimedOut,
     /// Migrations failed.
     #[error("migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -106,7 +110,7 @@ pub enum StoreError {
 impl StoreError {
     /// Whether a retry may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Retryable(_))
+        matches!(self, StoreError::Retryable(_) | StoreError::TimedOut)
     }
 }
 
@@ -393,17 +397,18 @@ impl PgStore {
                     .execute(&mut *tx)
                     .await?;
                 let single = std::slice::from_ref(output);
-                match write_outputs(&mut tx, &batch.id.topic, single).await {
+                let written = write_outputs(&mut tx, &batch.id.topic, single).await;
+                // Every row is rolled back (this transaction only looks): the staging tables
+                // stay empty, so each row is tried alone.
+                sqlx::query("ROLLBACK TO SAVEPOINT neurostream_row")
+                    .execute(&mut *tx)
+                    .await?;
+                match written {
                     Ok(_) => {}
-                    Err(err) if is_data_error(&err) => {
-                        sqlx::query("ROLLBACK TO SAVEPOINT neurostream_row")
-                            .execute(&mut *tx)
-                            .await?;
-                        rejected.push(RejectedRow {
-                            index,
-                            reason: err.to_string(),
-                        });
-                    }
+                    Err(err) if is_data_error(&err) => rejected.push(RejectedRow {
+                        index,
+                        reason: err.to_string(),
+                    }),
                     Err(err) => return Err(StoreError::from(err)),
                 }
             }
@@ -589,17 +594,43 @@ fn copy_window_row(out: &mut String, topic: &str, w: &WindowAggregate, offset: i
         timestamp(w.window_start),
         timestamp(w.window_end),
         w.count,
-        w.sum
+        Pg(w.sum)
     );
     for x in [w.mean, w.std, w.min, w.max] {
         match x {
             Some(x) => {
-                let _ = write!(out, "{x}\t");
+                let _ = write!(out, "{}\t", Pg(x));
             }
             None => out.push_str("\\N\t"),
         }
     }
     let _ = writeln!(out, "{}\t{}\t{}", w.is_final, w.revision, offset);
+}
+
+/// A float as PostgreSQL reads it back exactly: shortest round-trip scientific notation (plain
+/// `{}` writes 1e-300 as 302 characters), and PostgreSQL's spellings of the non-finite values.
+struct Pg(f64);
+
+impl std::fmt::Display for Pg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            x if x.is_nan() => f.write_str("NaN"),
+            x if x == f64::INFINITY => f.write_str("Infinity"),
+            x if x == f64::NEG_INFINITY => f.write_str("-Infinity"),
+            x => write!(f, "{x:e}"),
+        }
+    }
+}
+
+fn copy_floats(out: &mut String, items: &[f64]) {
+    out.push('{');
+    for (i, x) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{}", Pg(*x));
+    }
+    out.push('}');
 }
 
 fn copy_array<T: std::fmt::Display>(out: &mut String, items: &[T]) {
@@ -627,14 +658,14 @@ fn copy_cluster_row(out: &mut String, topic: &str, c: &ClusterUpdate, offset: i6
         "\t{}\t{}\t{}\t{}\t",
         c.partition, c.cluster_id, offset, c.event
     );
-    copy_array(out, &c.centroid);
+    copy_floats(out, &c.centroid);
     let _ = writeln!(
         out,
         "\t{}\t{}\t{}\t{}\t{}\t{}",
-        c.weight,
-        c.radius,
-        c.quality,
-        c.drift_coefficient,
+        Pg(c.weight),
+        Pg(c.radius),
+        Pg(c.quality),
+        Pg(c.drift_coefficient),
         timestamp(c.created_at),
         timestamp(c.updated_at)
     );
@@ -649,7 +680,7 @@ fn copy_drift_row(out: &mut String, topic: &str, d: &DriftRecord, offset: i64) {
     );
     copy_array(out, &d.affected_clusters);
     out.push('\t');
-    let _ = write!(out, "{}\t", d.statistic);
+    let _ = write!(out, "{}\t", Pg(d.statistic));
     copy_text(out, &d.recommendation);
     let _ = writeln!(out, "\t{}", timestamp(d.detected_at));
 }
@@ -661,8 +692,8 @@ fn copy_outlier_row(out: &mut String, topic: &str, o: &OutlierRecord) {
     out.push('\t');
     copy_text(out, &o.key);
     let _ = write!(out, "\t{}\t", timestamp(o.ts));
-    copy_array(out, &o.features);
-    let _ = write!(out, "\t{}\t", o.outlier_score);
+    copy_floats(out, &o.features);
+    let _ = write!(out, "\t{}\t", Pg(o.outlier_score));
     copy_text(out, &o.reason);
     out.push('\n');
 }
@@ -702,6 +733,29 @@ mod tests {
         let mut s = String::new();
         copy_text(&mut s, "a\tb\nc\\d");
         assert_eq!(s, "a\\tb\\nc\\\\d");
+    }
+
+    #[test]
+    fn floats_are_short_and_exact() {
+        for x in [
+            1e-300,
+            5e-324,
+            -1e100,
+            0.1,
+            42.0,
+            -0.0,
+            1.7976931348623157e308,
+        ] {
+            let text = Pg(x).to_string();
+            assert!(text.len() <= 24, "{text}");
+            assert_eq!(
+                text.parse::<f64>().unwrap().to_bits(),
+                x.to_bits(),
+                "{text}"
+            );
+        }
+        assert_eq!(Pg(f64::NAN).to_string(), "NaN");
+        assert_eq!(Pg(f64::NEG_INFINITY).to_string(), "-Infinity");
     }
 
     #[test]

@@ -139,9 +139,10 @@ pub struct PartitionStatus {
     pub high_watermark: Option<i64>,
     /// Messages between the durable position and the high watermark.
     pub lag: Option<i64>,
-    /// What the worker is retrying, while it retries a batch.
+    /// What the worker is waiting for or retrying while it makes a batch durable (producing,
+    /// committing, or the last error of a retry).
     pub retrying: Option<String>,
-    /// Since when it retries.
+    /// Since when it waits or retries (one batch).
     #[serde(skip)]
     pub retrying_since: Option<std::time::Instant>,
 }

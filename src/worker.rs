@@ -13,12 +13,10 @@ use rdkafka::message::{Message, OwnedMessage};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::kafka::producer::{
-    classify, DeadLetter, FailureClass, MessageRef, OutputProducer, TRUNCATED_PAYLOAD_BYTES,
-};
+use crate::kafka::producer::{classify, DeadLetter, FailureClass, MessageRef, OutputProducer};
 use crate::offsets::{Cursor, Delivery, Offsets, Take};
 use crate::output::Emitted;
 use crate::processor::{Processor, Record};
@@ -124,6 +122,8 @@ pub struct PartitionWorker {
     epoch: Epoch,
     /// Which delivered messages to take.
     cursor: Cursor,
+    /// Messages dropped since the last taken one for being below the expected offset.
+    duplicates_run: u64,
     pending: Pending,
     /// Next offset after the last processed message (or the checkpoint's).
     position: Option<i64>,
@@ -183,6 +183,7 @@ impl PartitionWorker {
             processor,
             epoch,
             cursor,
+            duplicates_run: 0,
             position,
             pending: Pending::default(),
             stop: stop.clone(),
@@ -237,13 +238,24 @@ impl PartitionWorker {
 
     fn take(&mut self, msg: &OwnedMessage) {
         let offset = msg.offset();
-        match self.cursor.take(offset) {
+        let verdict = self.cursor.take(offset);
+        if verdict != Take::Duplicate && self.duplicates_run > 0 {
+            warn!(
+                dropped = self.duplicates_run,
+                "dropped messages below the next expected offset (already processed, or the log was truncated or recreated below the checkpoint)"
+            );
+            metrics::counter!(tm::OFFSET_DUPLICATES_TOTAL, "topic" => self.id.topic.clone())
+                .increment(self.duplicates_run);
+            self.duplicates_run = 0;
+        }
+        match verdict {
             Take::Next => {}
             Take::Stale => return,
             Take::Duplicate => {
-                debug!(offset, expected = ?self.cursor.expected(), "re-delivered message dropped");
-                metrics::counter!(tm::OFFSET_DUPLICATES_TOTAL, "topic" => self.id.topic.clone())
-                    .increment(1);
+                if self.duplicates_run == 0 {
+                    warn!(offset, expected = ?self.cursor.expected(), "message below the next expected offset; dropping until the expected offset arrives");
+                }
+                self.duplicates_run += 1;
                 return;
             }
             Take::AfterGap { skipped } => {
@@ -268,26 +280,24 @@ impl PartitionWorker {
             Ok(None) => self.pending.events += 1,
             Ok(Some(late)) => {
                 self.pending.events += 1;
-                self.pending.dead.push(DeadLetter {
-                    key: msg.key().map(<[u8]>::to_vec),
-                    payload: msg.payload().map(<[u8]>::to_vec),
-                    kind: "late",
-                    reason: format!(
+                self.pending.dead.push(DeadLetter::new(
+                    msg.key().map(<[u8]>::to_vec),
+                    msg.payload().map(<[u8]>::to_vec),
+                    "late",
+                    format!(
                         "late: event time is {} ms behind stream time and its window has closed",
                         late.behind_ms
                     ),
                     offset,
-                    truncated_from: None,
-                });
+                ));
             }
-            Err(err) => self.pending.dead.push(DeadLetter {
-                key: msg.key().map(<[u8]>::to_vec),
-                payload: msg.payload().map(<[u8]>::to_vec),
-                kind: err.kind(),
-                reason: err.to_string(),
+            Err(err) => self.pending.dead.push(DeadLetter::new(
+                msg.key().map(<[u8]>::to_vec),
+                msg.payload().map(<[u8]>::to_vec),
+                err.kind(),
+                err.to_string(),
                 offset,
-                truncated_from: None,
-            }),
+            )),
         }
         let late = self.processor.late_dropped() - late_before;
         if late > 0 {
@@ -381,6 +391,11 @@ impl PartitionWorker {
         let topic = self.id.topic.clone();
         let mut backoff = Backoff::new(self.ctx.config.postgres.retry_max_backoff_ms);
         loop {
+            self.ctx.progress.set_retrying(
+                &topic,
+                self.id.partition,
+                Some("producing the batch to Kafka".into()),
+            );
             let report = self
                 .ctx
                 .producer
@@ -399,34 +414,43 @@ impl PartitionWorker {
             let mut wait = None;
             for (m, err) in report.failed {
                 match (classify(&err), m) {
-                    (FailureClass::Message, MessageRef::DeadLetter(i))
-                        if self.pending.dead[i].truncated_from.is_none()
-                            && self.pending.dead[i]
-                                .payload
-                                .as_ref()
-                                .is_some_and(|p| p.len() > TRUNCATED_PAYLOAD_BYTES) =>
-                    {
-                        warn!(offset = self.pending.dead[i].offset, error = %err, "dead letter refused by Kafka; sending it truncated");
-                        metrics::counter!(tm::PRODUCE_DIVERTED_TOTAL, "topic" => topic.clone(), "reason" => "dead_letter_truncated").increment(1);
-                        self.pending.dead[i] = self.pending.dead[i].truncated();
-                        which.push(m);
+                    (FailureClass::Fatal, _) => {
+                        self.ctx.fatal.raise(format!(
+                            "the Kafka producer failed for good and must be recreated: {err}"
+                        ));
+                        return Err(Halt::Fatal);
+                    }
+                    (FailureClass::Message, MessageRef::DeadLetter(i)) => {
+                        let dead = &self.pending.dead[i];
+                        match dead.shrink() {
+                            Some(smaller) => {
+                                warn!(offset = dead.offset, error = %err, "dead letter refused by Kafka; sending it smaller");
+                                metrics::counter!(tm::PRODUCE_DIVERTED_TOTAL, "topic" => topic.clone(), "reason" => "dead_letter_truncated").increment(1);
+                                self.pending.dead[i] = smaller;
+                                which.push(m);
+                            }
+                            None => {
+                                // Even a stub (reason and source coordinates only) is refused:
+                                // retrying cannot help, and stalling would stop the partition.
+                                error!(offset = dead.offset, kind = dead.kind, reason = %dead.reason, error = %err, "Kafka refuses even a stub of this dead letter; it is lost (logged here)");
+                                metrics::counter!(tm::PRODUCE_DIVERTED_TOTAL, "topic" => topic.clone(), "reason" => "dead_letter_lost").increment(1);
+                            }
+                        }
                     }
                     (FailureClass::Message, MessageRef::Output(i)) => {
                         let emitted = &self.pending.outputs[i];
                         warn!(source_offset = emitted.source_offset, error = %err, "output refused by Kafka; sending it to the dead-letter topic");
                         metrics::counter!(tm::PRODUCE_DIVERTED_TOTAL, "topic" => topic.clone(), "reason" => "output_dead_lettered").increment(1);
-                        let dead = DeadLetter {
-                            key: Some(emitted.output.key().into_bytes()),
-                            payload: Some(emitted.output.to_json()),
-                            kind: "output_rejected",
-                            reason: format!(
+                        self.pending.dead.push(DeadLetter::new(
+                            Some(emitted.output.key().into_bytes()),
+                            Some(emitted.output.to_json()),
+                            "output_rejected",
+                            format!(
                                 "Kafka refused this {} output: {err}",
                                 emitted.output.type_name()
                             ),
-                            offset: emitted.source_offset,
-                            truncated_from: None,
-                        };
-                        self.pending.dead.push(dead.truncated());
+                            emitted.source_offset,
+                        ));
                         which.push(MessageRef::DeadLetter(self.pending.dead.len() - 1));
                     }
                     (class, m) => {
@@ -478,7 +502,17 @@ impl PartitionWorker {
                 checkpoint: &checkpoint,
             };
             let started = std::time::Instant::now();
-            let result = self.ctx.store.commit(&batch).await;
+            self.ctx.progress.set_retrying(
+                &self.id.topic,
+                self.id.partition,
+                Some("committing the batch to PostgreSQL".into()),
+            );
+            let timeout = Duration::from_millis(self.ctx.config.postgres.commit_timeout_ms);
+            let result = match tokio::time::timeout(timeout, self.ctx.store.commit(&batch)).await {
+                Ok(result) => result,
+                // Dropping the transaction rolls it back (the connection is closed).
+                Err(_) => Err(StoreError::TimedOut),
+            };
             match result {
                 Ok(rows) => {
                     let elapsed = started.elapsed();
@@ -494,19 +528,17 @@ impl PartitionWorker {
                     for row in &rows {
                         let emitted = &self.pending.outputs[row.index];
                         warn!(source_offset = emitted.source_offset, reason = %row.reason, "PostgreSQL refused an output row; dead-lettering it");
-                        let dead = DeadLetter {
-                            key: Some(emitted.output.key().into_bytes()),
-                            payload: Some(emitted.output.to_json()),
-                            kind: "sink_rejected",
-                            reason: format!(
+                        self.pending.dead.push(DeadLetter::new(
+                            Some(emitted.output.key().into_bytes()),
+                            Some(emitted.output.to_json()),
+                            "sink_rejected",
+                            format!(
                                 "PostgreSQL refused this {} row: {}",
                                 emitted.output.type_name(),
                                 row.reason
                             ),
-                            offset: emitted.source_offset,
-                            truncated_from: None,
-                        };
-                        self.pending.dead.push(dead.truncated());
+                            emitted.source_offset,
+                        ));
                     }
                     let new: Vec<MessageRef> = (first..self.pending.dead.len())
                         .map(MessageRef::DeadLetter)

@@ -323,3 +323,44 @@ async fn clusters_active_last_hour_uses_event_time() {
     active.sort();
     assert_eq!(active, vec![(1,), (2,)]);
 }
+
+/// Extreme floats the decoder accepts round-trip through COPY exactly.
+#[tokio::test]
+async fn extreme_floats_round_trip_exactly() {
+    let (_, pg) = fresh_db().await;
+    let store = Store::Postgres(pg.clone());
+    let id = id();
+    let (epoch, _) = store.claim(&id).await.unwrap();
+    let values = [5e-324, 1e-300, -1e100, 1e100, 0.1, -0.0];
+    let outputs: Vec<Emitted> = values
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            let mut e = window(&format!("k{i}"), 0, 1, true, 0);
+            if let Output::WindowAggregate(w) = &mut e.output {
+                (w.sum, w.mean, w.min, w.max) = (x, Some(x), Some(x), Some(x));
+            }
+            e
+        })
+        .collect();
+    let checkpoint = Checkpoint {
+        next_offset: 1,
+        state: vec![],
+    };
+    let batch = Batch {
+        id: &id,
+        epoch,
+        outputs: &outputs,
+        checkpoint: &checkpoint,
+    };
+    store.commit(&batch).await.unwrap();
+    let rows: Vec<(String, f64, Option<f64>)> =
+        sqlx::query_as("SELECT key, sum, min FROM window_aggregates ORDER BY key")
+            .fetch_all(pg.pool())
+            .await
+            .unwrap();
+    for (i, (_, sum, min)) in rows.iter().enumerate() {
+        assert_eq!(sum.to_bits(), values[i].to_bits(), "row {i}");
+        assert_eq!(min.unwrap().to_bits(), values[i].to_bits(), "row {i}");
+    }
+}

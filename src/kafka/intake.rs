@@ -221,15 +221,19 @@ impl IntakeContext {
                 // (and fenced by the new claim).
                 old.stop.cancel();
             }
-            let start = match claim {
-                Some((epoch, checkpoint)) => Start::Claimed { epoch, checkpoint },
-                None => {
-                    if let Err(err) = consumer.pause(&single(&tp)) {
-                        warn!(error = %err, "pause failed");
-                    }
-                    Start::Unclaimed
-                }
+            // NB: librdkafka keeps a partition's pause across unassign and assign
+            // (confluentinc/librdkafka#1849): a partition paused by backpressure before a
+            // rebalance would stay paused for good. Every assigned partition is set explicitly.
+            let (start, paused) = match claim {
+                Some((epoch, checkpoint)) => (
+                    Start::Claimed { epoch, checkpoint },
+                    consumer.resume(&single(&tp)),
+                ),
+                None => (Start::Unclaimed, consumer.pause(&single(&tp))),
             };
+            if let Err(err) = paused {
+                warn!(error = %err, "pause/resume at assignment failed");
+            }
             let (deliveries_tx, deliveries_rx) =
                 mpsc::channel(self.shared.config.kafka.partition_queue_capacity);
             let stop = CancellationToken::new();

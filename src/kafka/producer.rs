@@ -26,12 +26,96 @@ pub struct DeadLetter {
     pub payload: Option<Vec<u8>>,
     /// Short reason (`not_json`, `oversized`, …).
     pub kind: &'static str,
-    /// Human-readable reason.
+    /// Human-readable reason, at most [`MAX_REASON_BYTES`].
     pub reason: String,
     /// Source offset.
     pub offset: i64,
     /// The original payload size when the payload was cut to fit the broker.
     pub truncated_from: Option<usize>,
+    /// How often it was shrunk because Kafka refused it (0: as received).
+    shrunk: u8,
+}
+
+/// The longest `neurostream.error` header: reasons quote the offending value, which may be
+/// nearly as large as the message itself.
+pub const MAX_REASON_BYTES: usize = 1_024;
+
+/// A dead letter's payload is cut to this many bytes when the broker refuses it whole.
+pub const TRUNCATED_PAYLOAD_BYTES: usize = 64 * 1024;
+
+/// A refused dead letter's key is cut to this many bytes.
+pub const TRUNCATED_KEY_BYTES: usize = 1_024;
+
+impl DeadLetter {
+    /// A dead letter of `payload` (key `key`) at source offset `offset`; `reason` is cut to
+    /// [`MAX_REASON_BYTES`].
+    pub fn new(
+        key: Option<Vec<u8>>,
+        payload: Option<Vec<u8>>,
+        kind: &'static str,
+        reason: String,
+        offset: i64,
+    ) -> Self {
+        Self {
+            key,
+            payload,
+            kind,
+            reason: cap_text(reason, MAX_REASON_BYTES),
+            offset,
+            truncated_from: None,
+            shrunk: 0,
+        }
+    }
+
+    /// A smaller version for a broker that refused this one for its size or shape, or `None`
+    /// when nothing is left to cut: first the payload cut to [`TRUNCATED_PAYLOAD_BYTES`] and the
+    /// key to [`TRUNCATED_KEY_BYTES`], then a stub without payload and key (the headers keep the
+    /// reason, the source coordinates and the original size).
+    pub fn shrink(&self) -> Option<DeadLetter> {
+        let mut dead = self.clone();
+        dead.shrunk += 1;
+        let size = self.payload.as_ref().map_or(0, Vec::len);
+        match self.shrunk {
+            0 if size > TRUNCATED_PAYLOAD_BYTES
+                || self
+                    .key
+                    .as_ref()
+                    .is_some_and(|k| k.len() > TRUNCATED_KEY_BYTES) =>
+            {
+                if let Some(p) = &mut dead.payload {
+                    if p.len() > TRUNCATED_PAYLOAD_BYTES {
+                        dead.truncated_from = Some(p.len());
+                        p.truncate(TRUNCATED_PAYLOAD_BYTES);
+                    }
+                }
+                if let Some(k) = &mut dead.key {
+                    k.truncate(TRUNCATED_KEY_BYTES);
+                }
+                Some(dead)
+            }
+            0 | 1 if self.payload.is_some() || self.key.is_some() => {
+                dead.truncated_from = Some(self.truncated_from.unwrap_or(size));
+                dead.payload = None;
+                dead.key = None;
+                dead.shrunk = 2;
+                Some(dead)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, marked with `…` when cut.
+fn cap_text(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max.saturating_sub(3);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 /// Header names (DESIGN.md).
@@ -64,6 +148,9 @@ pub enum MessageRef {
 /// How a delivery failed, by what the worker should do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureClass {
+    /// The idempotent producer hit a fatal error: no message can be produced until it is
+    /// recreated, so the service stops (and restarts) with the message.
+    Fatal,
     /// The broker or network may recover (timeouts, leader changes, full queues): retry.
     Retriable,
     /// This message can never be delivered as it is (too large, invalid, refused by policy):
@@ -82,6 +169,7 @@ pub fn classify(err: &KafkaError) -> FailureClass {
         _ => return FailureClass::Retriable,
     };
     match code {
+        C::Fatal => FailureClass::Fatal,
         C::MessageSizeTooLarge
         | C::InvalidMessageSize
         | C::InvalidMessage
@@ -107,24 +195,6 @@ impl SendReport {
     /// Whether everything was delivered.
     pub fn is_complete(&self) -> bool {
         self.failed.is_empty()
-    }
-}
-
-/// A dead letter's payload is cut to this many bytes when the broker refuses it whole.
-pub const TRUNCATED_PAYLOAD_BYTES: usize = 64 * 1024;
-
-impl DeadLetter {
-    /// The same dead letter with its payload cut to [`TRUNCATED_PAYLOAD_BYTES`] (a header says
-    /// so), for a broker that refuses the original size.
-    pub fn truncated(&self) -> DeadLetter {
-        let mut dead = self.clone();
-        if let Some(p) = &mut dead.payload {
-            if p.len() > TRUNCATED_PAYLOAD_BYTES {
-                dead.truncated_from = Some(p.len());
-                p.truncate(TRUNCATED_PAYLOAD_BYTES);
-            }
-        }
-        dead
     }
 }
 
@@ -411,10 +481,36 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_dead_letter_shrinks_to_a_stub_then_gives_up() {
+        let big = DeadLetter::new(
+            Some(vec![b'k'; 5_000]),
+            Some(vec![b'x'; 1_000_000]),
+            "not_json",
+            "é".repeat(2_000),
+            7,
+        );
+        assert!(big.reason.len() <= MAX_REASON_BYTES && big.reason.ends_with('…'));
+        let cut = big.shrink().unwrap();
+        assert_eq!(cut.payload.as_ref().unwrap().len(), TRUNCATED_PAYLOAD_BYTES);
+        assert_eq!(cut.key.as_ref().unwrap().len(), TRUNCATED_KEY_BYTES);
+        assert_eq!(cut.truncated_from, Some(1_000_000));
+        let stub = cut.shrink().unwrap();
+        assert_eq!((stub.payload.as_ref(), stub.key.as_ref()), (None, None));
+        assert_eq!(stub.truncated_from, Some(1_000_000));
+        assert_eq!(stub.shrink(), None);
+        // A small dead letter refused for its shape goes straight to the stub.
+        let small = DeadLetter::new(None, Some(b"{}".to_vec()), "late", "late".into(), 1);
+        let stub = small.shrink().unwrap();
+        assert_eq!((stub.payload, stub.truncated_from), (None, Some(2)));
+        assert_eq!(stub.shrunk, 2);
+    }
+
+    #[test]
     fn failures_are_classified_by_what_can_fix_them() {
         use RDKafkaErrorCode as C;
         let class = |c| classify(&KafkaError::MessageProduction(c));
         assert_eq!(class(C::MessageSizeTooLarge), FailureClass::Message);
+        assert_eq!(class(C::Fatal), FailureClass::Fatal);
         assert_eq!(
             class(C::TopicAuthorizationFailed),
             FailureClass::Destination
