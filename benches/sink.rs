@@ -12,6 +12,7 @@ const ROWS: usize = 5_000;
 fn batch(round: i64) -> Vec<Emitted> {
     (0..ROWS)
         .map(|i| Emitted {
+            seq: 0,
             source_offset: round,
             output: Output::WindowAggregate(WindowAggregate {
                 partition: 0,

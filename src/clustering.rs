@@ -153,6 +153,7 @@ impl ClusteringStage {
                 }
                 if r.is_outlier {
                     out.push(Emitted {
+                        seq: 0,
                         source_offset: offset,
                         output: Output::Outlier(outlier(
                             partition,
@@ -248,6 +249,7 @@ impl ClusteringStage {
                 o.outlier_score = a.outlier_score;
                 o.reason = reason.unwrap_or("score").to_string();
                 out.push(Emitted {
+                    seq: 0,
                     source_offset: offset,
                     output: Output::Outlier(o),
                 });
@@ -312,6 +314,7 @@ impl ClusteringStage {
                     self.created_ts.remove(&id);
                     self.last_emit.remove(&id);
                     out.push(Emitted {
+                        seq: 0,
                         source_offset: offset,
                         output: Output::ClusterUpdate(last),
                     });
@@ -321,6 +324,7 @@ impl ClusteringStage {
             self.last_emit.insert(id, ts);
             self.last_state.insert(id, update.clone());
             out.push(Emitted {
+                seq: 0,
                 source_offset: offset,
                 output: Output::ClusterUpdate(update),
             });
@@ -360,6 +364,7 @@ impl ClusteringStage {
                 _ => "minor change in the distance distribution: no action needed",
             };
             out.push(Emitted {
+                seq: 0,
                 source_offset: offset,
                 output: Output::DriftDetection(DriftRecord {
                     partition,
@@ -387,6 +392,7 @@ impl ClusteringStage {
         };
         let drift = std::mem::take(&mut self.drift_since_status);
         Emitted {
+            seq: 0,
             source_offset: offset,
             output: Output::AlgorithmStatus(StatusRecord {
                 partition,

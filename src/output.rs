@@ -12,6 +12,10 @@ pub struct Emitted {
     pub source_offset: i64,
     /// The output itself.
     pub output: Output,
+    /// Position among the outputs of the same source offset (0, 1, …), numbered by the
+    /// processor across batches and checkpoints (the `neurostream.source.seq` header).
+    #[serde(default)]
+    pub seq: u32,
 }
 
 /// Every output message kind; serialised with its `type` tag.

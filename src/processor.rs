@@ -46,6 +46,31 @@ struct Snapshot {
     #[serde(default)]
     clustering: Option<ClusteringStage>,
     windows: Vec<WindowerState>,
+    #[serde(default)]
+    seq: SeqCounter,
+}
+
+/// Numbers outputs within their source offset, across batches and checkpoints, so (source
+/// offset, seq) identifies an output and a replay numbers it the same.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+struct SeqCounter {
+    /// The source offset of the last numbered output.
+    offset: i64,
+    /// The next number for that offset.
+    next: u32,
+}
+
+impl SeqCounter {
+    fn number(&mut self, outputs: &mut [Emitted]) {
+        for e in outputs {
+            if e.source_offset != self.offset {
+                self.offset = e.source_offset;
+                self.next = 0;
+            }
+            e.seq = self.next;
+            self.next += 1;
+        }
+    }
 }
 
 const SNAPSHOT_VERSION: u32 = 2;
@@ -71,6 +96,8 @@ pub struct Processor {
     wall_ms: Option<i64>,
     /// Offset of the last record processed (the source offset of tick and batch-end outputs).
     last_offset: i64,
+    /// Output numbering within source offsets.
+    seq: SeqCounter,
 }
 
 impl Processor {
@@ -93,6 +120,10 @@ impl Processor {
             counters: ProcessorCounters::default(),
             wall_ms: None,
             last_offset: -1,
+            seq: SeqCounter {
+                offset: -1,
+                next: 0,
+            },
         }
     }
 
@@ -124,6 +155,7 @@ impl Processor {
         p.dimension = config.dimension.or(snap.dimension);
         p.counters = snap.counters;
         p.last_offset = snap.last_offset;
+        p.seq = snap.seq;
         if config.clustering.enabled {
             if let Some(stage) = snap.clustering {
                 p.clustering = Some(stage.with_config(config.clustering.clone()));
@@ -146,6 +178,7 @@ impl Processor {
             last_offset: self.last_offset,
             clustering: self.clustering.clone(),
             windows: self.windows.iter().map(Windower::snapshot).collect(),
+            seq: self.seq,
         })
         .expect("MessagePack encodes every value of the processor state (plain data, string map keys or integers)")
     }
@@ -182,6 +215,18 @@ impl Processor {
     /// # Errors
     /// [`DecodeError::DimensionMismatch`] when its features do not match the partition's dimension.
     pub fn apply(
+        &mut self,
+        event: &Event,
+        offset: i64,
+        out: &mut Vec<Emitted>,
+    ) -> Result<Option<Late>, DecodeError> {
+        let from = out.len();
+        let result = self.apply_unnumbered(event, offset, out);
+        self.seq.number(&mut out[from..]);
+        result
+    }
+
+    fn apply_unnumbered(
         &mut self,
         event: &Event,
         offset: i64,
@@ -226,21 +271,31 @@ impl Processor {
     /// Idle close: lets windows whose partition was quiet for their `idle_close_ms` advance
     /// stream time with the wall clock.
     pub fn tick(&mut self, wall_ms: i64, out: &mut Vec<Emitted>) {
+        let from = out.len();
         for w in &mut self.windows {
             w.tick(wall_ms, self.last_offset, self.partition, out);
         }
+        self.seq.number(&mut out[from..]);
     }
 
     /// End of a processing batch: emits coalesced window updates.
     pub fn end_batch(&mut self, out: &mut Vec<Emitted>) {
+        let from = out.len();
         for w in &mut self.windows {
             w.end_batch(self.last_offset, self.partition, out);
         }
+        self.seq.number(&mut out[from..]);
     }
 
     /// End of input: closes every open window with its final (an update the final would
     /// immediately supersede is emitted only in `emit = "both"` mode).
     pub fn close_all(&mut self, out: &mut Vec<Emitted>) {
+        let from = out.len();
+        self.close_all_unnumbered(out);
+        self.seq.number(&mut out[from..]);
+    }
+
+    fn close_all_unnumbered(&mut self, out: &mut Vec<Emitted>) {
         if let Some(stage) = &mut self.clustering {
             stage.finish(self.partition, self.last_offset, out);
         }
@@ -363,6 +418,34 @@ mod tests {
         out.extend(run(&mut second, &input, 137));
         assert_eq!(out, all);
         assert_eq!(second.snapshot(), straight.snapshot());
+    }
+
+    #[test]
+    fn outputs_are_numbered_within_their_offset_across_batches_and_checkpoints() {
+        let input = lines(400);
+        let mut p = Processor::new(&config(), 1 << 20, 3);
+        let mut out = run(&mut p, &input[..200], 0);
+        p.end_batch(&mut out);
+        let snap = p.snapshot();
+        let mut q = Processor::restore(&config(), 1 << 20, 3, &snap).unwrap();
+        q.end_batch(&mut out);
+        out.extend(run(&mut q, &input, 200));
+        let mut seen = std::collections::HashSet::new();
+        for e in &out {
+            assert!(
+                seen.insert((e.source_offset, e.seq)),
+                "(offset, seq) repeats: {e:?}"
+            );
+        }
+        // Numbers are dense per offset.
+        let mut by_offset = std::collections::BTreeMap::<i64, Vec<u32>>::new();
+        for e in &out {
+            by_offset.entry(e.source_offset).or_default().push(e.seq);
+        }
+        for (offset, seqs) in by_offset {
+            let want: Vec<u32> = (0..seqs.len() as u32).collect();
+            assert_eq!(seqs, want, "offset {offset}");
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use neurostream::store::{Batch, Checkpoint, PartitionId, Store};
 
 fn window(key: &str, start: i64, count: u64, is_final: bool, revision: u32) -> Emitted {
     Emitted {
+        seq: 0,
         source_offset: start,
         output: Output::WindowAggregate(WindowAggregate {
             partition: 0,

@@ -240,9 +240,6 @@ impl OutputProducer {
         let partition = source_partition.to_string();
         let mut report = SendReport::default();
         let mut deliveries = Vec::with_capacity(which.len());
-        // `neurostream.source.seq` tells apart outputs of one source offset, so a consumer
-        // deduplicating on (topic, partition, offset, seq) drops only exact replays.
-        let mut seqs = Seqs::default();
         for &m in which {
             let queued = match m {
                 MessageRef::Output(i) => {
@@ -250,7 +247,9 @@ impl OutputProducer {
                     let key = emitted.output.key();
                     let value = emitted.output.to_json();
                     let offset = emitted.source_offset.to_string();
-                    let seq = seqs.next(i, outputs).to_string();
+                    // `neurostream.source.seq` tells apart outputs of one source offset, so a
+                    // consumer deduplicating on (topic, partition, offset, seq) drops only replays.
+                    let seq = emitted.seq.to_string();
                     let headers =
                         source_headers(source_topic, &partition, &offset).insert(Header {
                             key: headers::SOURCE_SEQ,
@@ -308,29 +307,6 @@ impl OutputProducer {
     /// Waits until every queued message is delivered or `timeout` passes.
     pub fn flush(&self, timeout: std::time::Duration) {
         let _ = self.producer.flush(Timeout::After(timeout));
-    }
-}
-
-/// Sequence numbers of outputs within their source offset (outputs of one offset are adjacent).
-#[derive(Default)]
-struct Seqs {
-    last: Option<(usize, i64, u32)>,
-}
-
-impl Seqs {
-    fn next(&mut self, index: usize, outputs: &[Emitted]) -> u32 {
-        let offset = outputs[index].source_offset;
-        // Count from the start of this offset's run, so a resend of a subset numbers the same.
-        let seq = match self.last {
-            Some((i, o, seq)) if o == offset && i + 1 == index => seq + 1,
-            _ => outputs[..index]
-                .iter()
-                .rev()
-                .take_while(|e| e.source_offset == offset)
-                .count() as u32,
-        };
-        self.last = Some((index, offset, seq));
-        seq
     }
 }
 
@@ -450,35 +426,6 @@ impl InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::output::{Output, StatusRecord};
-
-    fn at(offset: i64) -> Emitted {
-        Emitted {
-            source_offset: offset,
-            output: Output::AlgorithmStatus(StatusRecord {
-                partition: 0,
-                algorithm: "ncs".into(),
-                active_clusters: 0,
-                clustering_quality: 0.0,
-                current_threshold: 0.0,
-                drift_detected: false,
-                points_processed: 0,
-                points_per_second: None,
-            }),
-        }
-    }
-
-    #[test]
-    fn outputs_of_one_source_offset_are_numbered_the_same_in_any_resend() {
-        let outputs = vec![at(5), at(5), at(6), at(7), at(7), at(7)];
-        let mut seqs = Seqs::default();
-        let all: Vec<u32> = (0..outputs.len()).map(|i| seqs.next(i, &outputs)).collect();
-        assert_eq!(all, vec![0, 1, 0, 0, 1, 2]);
-        // A resend of a subset numbers each output as the first send did.
-        let mut seqs = Seqs::default();
-        let subset: Vec<u32> = [1, 4, 5].iter().map(|&i| seqs.next(i, &outputs)).collect();
-        assert_eq!(subset, vec![1, 1, 2]);
-    }
 
     #[test]
     fn a_refused_dead_letter_shrinks_to_a_stub_then_gives_up() {

@@ -154,6 +154,7 @@ impl FixedWindower {
                     let agg =
                         self.aggregate(partition, start, event.key.clone(), &agg, true, revision);
                     out.push(Emitted {
+                        seq: 0,
                         source_offset: offset,
                         output: Output::WindowAggregate(agg),
                     });
@@ -166,6 +167,7 @@ impl FixedWindower {
                     let agg =
                         self.aggregate(partition, start, event.key.clone(), &slot.agg, true, 0);
                     out.push(Emitted {
+                        seq: 0,
                         source_offset: offset,
                         output: Output::WindowAggregate(agg),
                     });
@@ -218,6 +220,7 @@ impl FixedWindower {
             let agg = slot.agg.clone();
             let output = self.aggregate(partition, start, key, &agg, false, revision);
             out.push(Emitted {
+                seq: 0,
                 source_offset: offset,
                 output: Output::WindowAggregate(output),
             });
@@ -246,6 +249,7 @@ impl FixedWindower {
                     );
                     slot.emitted += 1;
                     out.push(Emitted {
+                        seq: 0,
                         source_offset: offset,
                         output: Output::WindowAggregate(output),
                     });
@@ -255,6 +259,7 @@ impl FixedWindower {
                 slot.emitted += 1;
                 slot.changed = false;
                 out.push(Emitted {
+                    seq: 0,
                     source_offset: offset,
                     output: Output::WindowAggregate(output),
                 });

@@ -312,6 +312,7 @@ impl SlidingWindower {
             self.emitted.insert((start, key.clone()), revision + 1);
             let output = self.aggregate(partition, start, key, &agg, false, revision);
             out.push(Emitted {
+                seq: 0,
                 source_offset: offset,
                 output: Output::WindowAggregate(output),
             });
@@ -343,12 +344,14 @@ impl SlidingWindower {
                 let update = self.aggregate(partition, start, key.clone(), &agg, false, revision);
                 revision += 1;
                 out.push(Emitted {
+                    seq: 0,
                     source_offset: offset,
                     output: Output::WindowAggregate(update),
                 });
             }
             let output = self.aggregate(partition, start, key, &agg, true, revision);
             out.push(Emitted {
+                seq: 0,
                 source_offset: offset,
                 output: Output::WindowAggregate(output),
             });
