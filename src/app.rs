@@ -108,7 +108,9 @@ pub async fn run(
     }
     stop.cancel();
     intake.join().await;
-    producer.flush(Duration::from_secs(10));
+    // NB: librdkafka's flush blocks; not on the async runtime.
+    let flushing = producer.clone();
+    let _ = tokio::task::spawn_blocking(move || flushing.flush(Duration::from_secs(10))).await;
     match fatal.reason() {
         Some(reason) => {
             error!(%reason, "stopped on a fatal error");

@@ -663,7 +663,7 @@ pub fn figment(file: Option<&Path>) -> Figment {
 /// Loads and validates the configuration.
 ///
 /// # Errors
-/// [`ConfigErrors`] listing every unknown key, the first type error and every failed check.
+/// [`ConfigErrors`] listing every unknown key, every type error and every failed check.
 pub fn load(file: Option<&Path>) -> Result<Loaded, ConfigErrors> {
     if let Some(path) = file {
         if !path.exists() {
@@ -707,7 +707,7 @@ pub fn load_figment(figment: Figment) -> Result<Loaded, ConfigErrors> {
                     };
                     if unknown.is_none() {
                         problems.push(describe_error(&figment, &e));
-                        broken.push(e.path.join("."));
+                        broken.push(display_path(&e.path));
                     }
                     repaired |= repair(&mut raw, &schema, &e.path, unknown.as_deref());
                 }
@@ -735,14 +735,30 @@ pub fn load_figment(figment: Figment) -> Result<Loaded, ConfigErrors> {
     }
 }
 
+/// A key path as the checks name it: `processing.windows[0].size_ms`.
+fn display_path(path: &[String]) -> String {
+    let mut out = String::new();
+    for seg in path {
+        if seg.parse::<usize>().is_ok() {
+            out.push_str(&format!("[{seg}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(seg);
+        }
+    }
+    out
+}
+
 /// One extraction error as a user reads it: the key's path and where the value came from
 /// (figment's own message names its internal profile).
 fn describe_error(figment: &Figment, e: &figment::Error) -> String {
-    let path = e.path.join(".");
+    let path = display_path(&e.path);
     let source = if path.is_empty() {
         String::new()
     } else {
-        match source_of(figment, &path).as_str() {
+        match source_of(figment, &e.path.join(".")).as_str() {
             "default" => String::new(),
             s => format!(" (from {s})"),
         }
@@ -1038,6 +1054,11 @@ impl Config {
             if w.allowed_lateness_ms > 0 && w.late != LatePolicy::Update {
                 p.push(format!(
                     "{at}.allowed_lateness_ms only applies with late = \"update\""
+                ));
+            }
+            if w.grace_ms > MAX_WINDOW_MS || w.allowed_lateness_ms > MAX_WINDOW_MS {
+                p.push(format!(
+                    "{at}.grace_ms and allowed_lateness_ms must be at most {MAX_WINDOW_MS} (100 years)"
                 ));
             }
             if w.idle_close_ms == Some(0) {
@@ -1480,7 +1501,7 @@ mod tests {
             "kafka.max_event_bytes: invalid type",
             "unknown key `kafka.bogus`",
             "processing.dimension: invalid type",
-            "processing.windows.0.size_ms: invalid type",
+            "processing.windows[0].size_ms: invalid type",
             "processing.max_key_bytes must be within",
             "processing.windows[1].size_ms must be within",
             "postgres.pool_max must be at least 1",

@@ -268,6 +268,15 @@ impl Processor {
         self.wall_ms = Some(wall_ms);
     }
 
+    /// Restarts idle windows' quiet period at `wall_ms`, after a time the input was not
+    /// watched (restored from a checkpoint, or a long flush): idle close must not mistake a
+    /// restart or a backlog for a quiet partition.
+    pub fn resume_idle_clocks(&mut self, wall_ms: i64) {
+        for w in &mut self.windows {
+            w.resume_idle_clock(wall_ms);
+        }
+    }
+
     /// Idle close: lets windows whose partition was quiet for their `idle_close_ms` advance
     /// stream time with the wall clock.
     pub fn tick(&mut self, wall_ms: i64, out: &mut Vec<Emitted>) {
@@ -466,6 +475,41 @@ mod tests {
         assert_eq!(err.kind(), "dimension_mismatch");
         assert_eq!(p.counters().rejected, 1);
         assert_eq!(p.counters().events, 1);
+    }
+
+    #[test]
+    fn a_restart_does_not_count_as_quiet_time() {
+        let config = ProcessingConfig {
+            clustering: ClusteringConfig {
+                enabled: false,
+                ..ClusteringConfig::default()
+            },
+            windows: vec![WindowConfig {
+                size_ms: 10,
+                idle_close_ms: Some(1_000),
+                ..WindowConfig::default()
+            }],
+            ..ProcessingConfig::default()
+        };
+        let mut p = Processor::new(&config, 1 << 20, 0);
+        let mut out = Vec::new();
+        p.set_wall_clock(50_000);
+        let rec = Record {
+            payload: Some(br#"{"key":"a","ts":5}"#),
+            key: None,
+            timestamp_ms: None,
+            offset: 0,
+        };
+        p.process(rec, &mut out).unwrap();
+        let snap = p.snapshot();
+        // Restored ten minutes later: the window stays open until the partition is quiet for
+        // idle_close_ms after the restart.
+        let mut q = Processor::restore(&config, 1 << 20, 0, &snap).unwrap();
+        q.resume_idle_clocks(650_000);
+        q.tick(650_500, &mut out);
+        assert!(out.is_empty(), "{out:?}");
+        q.tick(651_000, &mut out);
+        assert_eq!(out.len(), 1, "closes after a real quiet second");
     }
 
     #[test]

@@ -172,6 +172,8 @@ impl PartitionWorker {
             }
             None => Processor::new(&config.processing, max_bytes, id.partition),
         };
+        let mut processor = processor;
+        processor.resume_idle_clocks(wall_clock_ms());
         let position = checkpoint.as_ref().map(|c| c.next_offset);
         info!(next_offset = ?position, epoch, "partition worker started");
         ctx.progress.set_restored(&id.topic, id.partition, position);
@@ -204,7 +206,7 @@ impl PartitionWorker {
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
                     if worker.flush().await.is_err() { return; }
                 }
-                _ = ticks.tick(), if tick_every.is_some() => worker.tick(),
+                // Deliveries before ticks: a backlog is never mistaken for a quiet partition.
                 delivery = deliveries_rx.recv() => match delivery {
                     Some(Delivery::Message(msg)) => {
                         worker.take(&msg);
@@ -215,6 +217,7 @@ impl PartitionWorker {
                     Some(Delivery::Positioned) => worker.cursor.positioned(),
                     None => break,
                 },
+                _ = ticks.tick(), if tick_every.is_some() => worker.tick(),
             }
         }
         // Drain: what was processed becomes durable; what is still queued is left for the next
@@ -312,7 +315,13 @@ impl PartitionWorker {
     /// Makes the pending batch durable, giving up when the worker is asked to stop.
     async fn flush(&mut self) -> Result<(), Halt> {
         let stop = self.stop.clone();
-        self.flush_until(stop).await
+        let started = Instant::now();
+        let result = self.flush_until(stop).await;
+        if started.elapsed() > Duration::from_secs(1) {
+            // The input was not watched meanwhile (a sink outage): quiet time restarts now.
+            self.processor.resume_idle_clocks(wall_clock_ms());
+        }
+        result
     }
 
     /// Makes the pending batch durable: outputs and dead letters to Kafka (acked), then outputs

@@ -24,7 +24,7 @@ pub struct FixedWindower {
     /// Events that were late for this window and not admitted.
     late_dropped: u64,
     /// Wall clock of the last event, for idle close.
-    idle: IdleClock,
+    pub(super) idle: IdleClock,
 }
 
 fn flatten_slots(map: &BTreeMap<i64, HashMap<String, Slot>>) -> Vec<(i64, String, Slot)> {

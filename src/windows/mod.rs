@@ -232,6 +232,15 @@ impl IdleClock {
         }
     }
 
+    /// Restarts the quiet period at `wall_ms`: the input was not watched since the last event
+    /// (a restart from a checkpoint, a worker blocked on its sink), so that time says nothing
+    /// about the partition being quiet.
+    pub fn resume(&mut self, wall_ms: i64) {
+        if let Some(last) = &mut self.last_event_wall_ms {
+            *last = (*last).max(wall_ms);
+        }
+    }
+
     /// The stream time idle close moves to at `wall_ms`, when the partition has been quiet for
     /// `idle_ms` and that is later than `stream_time`.
     pub fn advanced(&self, idle_ms: Option<u64>, wall_ms: i64, stream_time: i64) -> Option<i64> {
@@ -284,6 +293,11 @@ impl Windower {
     /// Idle close on the wall clock.
     pub fn tick(&mut self, wall_ms: i64, offset: i64, partition: i32, out: &mut Vec<Emitted>) {
         each!(self, w => w.tick(wall_ms, offset, partition, out))
+    }
+
+    /// See [`IdleClock::resume`].
+    pub fn resume_idle_clock(&mut self, wall_ms: i64) {
+        each!(self, w => w.idle.resume(wall_ms))
     }
 
     /// End of a processing batch: coalesced updates.

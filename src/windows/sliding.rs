@@ -158,7 +158,7 @@ pub struct SlidingWindower {
     /// Emissions of open windows so far (`emit = update|both`).
     emitted: HashMap<(i64, String), u32>,
     late_dropped: u64,
-    idle: IdleClock,
+    pub(super) idle: IdleClock,
 }
 
 impl SlidingWindower {
