@@ -91,6 +91,21 @@ pub async fn run(
 ) -> Result<(), AppError> {
     crate::kafka::prepare_topics(&config).await?;
     let producer = OutputProducer::new(&config)?;
+    progress.set_profile(&config.profile.to_string());
+    for topic in &config.kafka.input_topics {
+        crate::telemetry::register_topic(topic);
+    }
+    let queue_gauge = {
+        let producer = producer.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                every.tick().await;
+                metrics::gauge!(crate::telemetry::PRODUCER_QUEUE_MESSAGES)
+                    .set(producer.queued() as f64);
+            }
+        })
+    };
     let fatal = Fatal::default();
     let stop = CancellationToken::new();
     let shared = Shared {
@@ -108,6 +123,7 @@ pub async fn run(
     }
     stop.cancel();
     intake.join().await;
+    queue_gauge.abort();
     // NB: librdkafka's flush blocks; not on the async runtime.
     let flushing = producer.clone();
     let _ = tokio::task::spawn_blocking(move || flushing.flush(Duration::from_secs(10))).await;

@@ -380,6 +380,20 @@ impl ClusteringStage {
     }
 
     fn status(&mut self, partition: i32, offset: i64) -> Emitted {
+        let drift = std::mem::take(&mut self.drift_since_status);
+        Emitted {
+            seq: 0,
+            source_offset: offset,
+            output: Output::AlgorithmStatus(self.status_record(partition, drift)),
+        }
+    }
+
+    /// The algorithm's status now (`drift_detected`: since the last `algorithm_status`).
+    pub fn current_status(&self, partition: i32) -> StatusRecord {
+        self.status_record(partition, self.drift_since_status)
+    }
+
+    fn status_record(&self, partition: i32, drift: bool) -> StatusRecord {
         let (algorithm, active, quality, threshold) = match &self.engine {
             Some(Engine::V8(v8)) => (
                 "ncs-v8",
@@ -390,20 +404,15 @@ impl ClusteringStage {
             Some(Engine::Ncs(ncs)) => ("ncs", ncs.len() as u64, ncs.silhouette(), ncs.acceptance()),
             None => (self.config.algorithm.as_str(), 0, 0.0, 0.0),
         };
-        let drift = std::mem::take(&mut self.drift_since_status);
-        Emitted {
-            seq: 0,
-            source_offset: offset,
-            output: Output::AlgorithmStatus(StatusRecord {
-                partition,
-                algorithm: algorithm.into(),
-                active_clusters: active,
-                clustering_quality: quality,
-                current_threshold: threshold,
-                drift_detected: drift,
-                points_processed: self.points,
-                points_per_second: None,
-            }),
+        StatusRecord {
+            partition,
+            algorithm: algorithm.into(),
+            active_clusters: active,
+            clustering_quality: quality,
+            current_threshold: threshold,
+            drift_detected: drift,
+            points_processed: self.points,
+            points_per_second: None,
         }
     }
 

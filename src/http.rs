@@ -42,9 +42,31 @@ pub struct Limits {
 /// # Errors
 /// When a recorder is already installed.
 pub fn install_recorder() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
-    let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    use metrics_exporter_prometheus::Matcher;
+    let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+    for m in crate::telemetry::CATALOGUE {
+        if m.kind == crate::telemetry::MetricKind::Histogram {
+            builder =
+                builder.set_buckets_for_metric(Matcher::Full(m.name.to_string()), m.buckets)?;
+        }
+    }
+    let handle = builder.install_recorder()?;
     crate::telemetry::describe_metrics();
     Ok(handle)
+}
+
+/// Drains recorded histogram samples into their buckets every second, so memory stays bounded
+/// between scrapes (the exporter keeps raw samples until its upkeep runs).
+pub fn spawn_upkeep(handle: PrometheusHandle, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = every.tick() => handle.run_upkeep(),
+            }
+        }
+    });
 }
 
 /// Binds the HTTP address (at start-up, so a taken port stops the service with a clear error).

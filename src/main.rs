@@ -246,6 +246,7 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on http.address {addr}: {e}"))?;
         let handle = http::install_recorder()?;
+        http::spawn_upkeep(handle.clone(), shutdown.clone());
         let (progress, shutdown) = (progress.clone(), shutdown.clone());
         let limits = http::Limits {
             stall_timeout: Duration::from_millis(config.http.stall_timeout_ms),
@@ -262,7 +263,11 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             wait_for_signal().await;
+            tracing::info!("signal received: draining partitions (a second signal exits at once)");
             shutdown.cancel();
+            wait_for_signal().await;
+            eprintln!("second signal: exiting without draining (the checkpoints stay consistent)");
+            std::process::exit(130);
         });
     }
     app::run(Arc::new(config), store, progress, shutdown).await?;

@@ -346,6 +346,21 @@ impl Processor {
         self.windows.iter().map(Windower::late_dropped).sum()
     }
 
+    /// Keys with window state and open (key, window) pairs, summed over the windows.
+    pub fn state_size(&self) -> (usize, usize) {
+        self.windows
+            .iter()
+            .map(Windower::state_size)
+            .fold((0, 0), |(k, o), (k2, o2)| (k.max(k2), o + o2))
+    }
+
+    /// The clustering status now, when clustering is on.
+    pub fn status(&self) -> Option<crate::output::StatusRecord> {
+        self.clustering
+            .as_ref()
+            .map(|c| c.current_status(self.partition))
+    }
+
     /// The partition this processor serves.
     pub fn partition(&self) -> i32 {
         self.partition

@@ -11,115 +11,219 @@ use serde::Serialize;
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Input messages accepted by the processor. Labels: topic, partition.
-pub const EVENTS_TOTAL: &str = "neurostream_events_total";
-/// Input messages sent to the dead-letter topic. Labels: topic, reason.
-pub const DEAD_LETTERS_TOTAL: &str = "neurostream_dead_letters_total";
-/// Events dropped because their window had closed. Labels: topic, partition.
-pub const LATE_EVENTS_TOTAL: &str = "neurostream_late_events_dropped_total";
-/// Messages produced to output topics. Labels: topic.
-pub const OUTPUT_MESSAGES_TOTAL: &str = "neurostream_output_messages_total";
-/// Rows upserted into PostgreSQL. Labels: topic.
-pub const SINK_ROWS_TOTAL: &str = "neurostream_sink_rows_total";
-/// Seconds per sink transaction (outputs + checkpoint).
-pub const SINK_COMMIT_SECONDS: &str = "neurostream_sink_commit_seconds";
-/// Retries of a failed stage. Labels: stage (`produce`, `sink`, `checkpoint_load`).
-pub const RETRIES_TOTAL: &str = "neurostream_retries_total";
-/// Partition pauses because a worker's queue was full (backpressure).
-pub const PARTITION_PAUSES_TOTAL: &str = "neurostream_partition_pauses_total";
-/// Partitions currently assigned to this instance.
-pub const ASSIGNED_PARTITIONS: &str = "neurostream_assigned_partitions";
-/// Rebalance callbacks served. Labels: stage (`assign`, `revoke`).
-pub const REBALANCES_TOTAL: &str = "neurostream_rebalances_total";
+/// What kind of metric a catalogue entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    /// Only goes up.
+    Counter,
+    /// A value now.
+    Gauge,
+    /// A distribution with the entry's buckets.
+    Histogram,
+}
 
-/// Re-delivered messages a worker dropped (offset below the next expected). Labels: topic.
-pub const OFFSET_DUPLICATES_TOTAL: &str = "neurostream_offset_duplicates_total";
-/// Offsets skipped between consecutive messages (compaction, transaction markers, retention,
-/// or a broker fault). Labels: topic.
-pub const OFFSETS_SKIPPED_TOTAL: &str = "neurostream_offsets_skipped_total";
-/// Batches rolled back because another worker owns the partition now. Labels: topic.
-pub const FENCED_BATCHES_TOTAL: &str = "neurostream_fenced_batches_total";
-/// Output rows PostgreSQL refused for a data reason (dead-lettered instead). Labels: topic.
-pub const SINK_REJECTED_ROWS_TOTAL: &str = "neurostream_sink_rejected_rows_total";
-/// Messages Kafka refused for good and that were diverted. Labels: topic, reason
-/// (`dead_letter_truncated`, `output_dead_lettered`).
-pub const PRODUCE_DIVERTED_TOTAL: &str = "neurostream_produce_diverted_total";
+/// One metric of the catalogue: name, kind, labels, meaning, and buckets for histograms.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricSpec {
+    /// The Prometheus name.
+    pub name: &'static str,
+    /// Counter, gauge or histogram.
+    pub kind: MetricKind,
+    /// Its label names (a small fixed set).
+    pub labels: &'static [&'static str],
+    /// What it measures.
+    pub help: &'static str,
+    /// Histogram buckets (empty for counters and gauges).
+    pub buckets: &'static [f64],
+}
 
-/// Messages between a partition's durable position and its high watermark. Labels: topic,
-/// partition.
-pub const CONSUMER_LAG: &str = "neurostream_consumer_lag_messages";
+macro_rules! catalogue {
+    ($( $(#[$doc:meta])* $id:ident = $name:literal, $kind:ident, [$($label:literal),*], $help:literal $(, $buckets:expr)? ; )*) => {
+        $( $(#[$doc])* pub const $id: &str = $name; )*
+        /// Every metric the service exports, in one list (the README's table is checked against it).
+        pub const CATALOGUE: &[MetricSpec] = &[
+            $( MetricSpec {
+                name: $name,
+                kind: MetricKind::$kind,
+                labels: &[$($label),*],
+                help: $help,
+                buckets: catalogue!(@buckets $($buckets)?),
+            }, )*
+        ];
+    };
+    (@buckets $b:expr) => { $b };
+    (@buckets) => { &[] };
+}
 
-/// Registers descriptions for every metric (call once after installing a recorder).
+/// Latency buckets in seconds: 1 ms … 60 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Per-message processing buckets in seconds: 1 µs … 10 ms.
+const PROCESSING_BUCKETS: &[f64] = &[
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 1e-2,
+];
+/// Sink transaction buckets in seconds: 1 ms … 30 s.
+const COMMIT_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+/// Rows per sink batch.
+const ROW_BUCKETS: &[f64] = &[
+    1.0, 10.0, 50.0, 100.0, 500.0, 1_000.0, 5_000.0, 20_000.0, 100_000.0,
+];
+
+catalogue! {
+    /// Version of the running binary (value 1).
+    BUILD_INFO = "neurostream_build_info", Gauge, ["version"], "Version of the running binary (value 1)";
+    /// Messages taken by partition workers (events and rejected alike).
+    MESSAGES_CONSUMED_TOTAL = "neurostream_messages_consumed_total", Counter, ["topic", "partition"], "Messages taken by partition workers";
+    /// Events processed and made durable.
+    EVENTS_TOTAL = "neurostream_events_total", Counter, ["topic", "partition"], "Events processed and made durable";
+    /// Messages sent to the dead-letter topic, by kind.
+    DEAD_LETTERS_TOTAL = "neurostream_dead_letters_total", Counter, ["topic", "reason"], "Messages sent to the dead-letter topic, by kind";
+    /// Events dropped because their window had closed (`late = "drop"`).
+    LATE_EVENTS_TOTAL = "neurostream_late_events_dropped_total", Counter, ["topic"], "Events dropped because their window had closed";
+    /// Messages produced to output topics.
+    OUTPUT_MESSAGES_TOTAL = "neurostream_output_messages_total", Counter, ["topic"], "Messages produced to output topics";
+    /// Outlier records emitted.
+    OUTLIERS_TOTAL = "neurostream_outliers_total", Counter, ["topic"], "Outlier records emitted";
+    /// Drift alerts emitted, by severity.
+    DRIFT_ALERTS_TOTAL = "neurostream_drift_alerts_total", Counter, ["topic", "severity"], "Drift alerts emitted, by severity";
+    /// Live clusters of a partition.
+    ACTIVE_CLUSTERS = "neurostream_active_clusters", Gauge, ["topic", "partition"], "Live clusters of a partition";
+    /// Messages between a partition's durable position and its high watermark.
+    CONSUMER_LAG = "neurostream_consumer_lag_messages", Gauge, ["topic", "partition"], "Messages between the durable position and the high watermark";
+    /// Kafka message timestamp to outputs acknowledged and checkpoint committed, per event.
+    END_TO_END_LATENCY_SECONDS = "neurostream_end_to_end_latency_seconds", Histogram, ["topic"], "Kafka message timestamp to outputs acknowledged and checkpoint committed, per event", LATENCY_BUCKETS;
+    /// Processor time per message (one message in 16 is timed).
+    PROCESSING_LATENCY_SECONDS = "neurostream_processing_latency_seconds", Histogram, ["topic"], "Processor time per message (one in 16 timed)", PROCESSING_BUCKETS;
+    /// Seconds per sink transaction (outputs + checkpoint).
+    SINK_COMMIT_SECONDS = "neurostream_sink_commit_seconds", Histogram, [], "Sink transaction duration (outputs + checkpoint)", COMMIT_BUCKETS;
+    /// Output rows per sink transaction.
+    SINK_BATCH_ROWS = "neurostream_sink_batch_rows", Histogram, [], "Output rows per sink transaction", ROW_BUCKETS;
+    /// Rows upserted into PostgreSQL.
+    SINK_ROWS_TOTAL = "neurostream_sink_rows_total", Counter, ["topic"], "Rows inserted or changed in PostgreSQL";
+    /// Output rows PostgreSQL refused for a data reason (dead-lettered instead).
+    SINK_REJECTED_ROWS_TOTAL = "neurostream_sink_rejected_rows_total", Counter, ["topic"], "Output rows PostgreSQL refused, dead-lettered instead";
+    /// Size of the partition's last checkpoint (processor snapshot).
+    CHECKPOINT_BYTES = "neurostream_checkpoint_bytes", Gauge, ["topic", "partition"], "Size of the partition's last checkpoint";
+    /// Keys with state in a partition's windows.
+    STATE_KEYS = "neurostream_state_keys", Gauge, ["topic", "partition"], "Keys with state in the partition's windows";
+    /// Open windows (per key) of a partition.
+    STATE_OPEN_WINDOWS = "neurostream_state_open_windows", Gauge, ["topic", "partition"], "Open windows (per key) of the partition";
+    /// How long the partition has been producing, committing or retrying its current batch.
+    BATCH_RETRYING_SECONDS = "neurostream_batch_retrying_seconds", Gauge, ["topic", "partition"], "How long the partition has been on its current batch (0 when idle)";
+    /// Retries of a failed stage.
+    RETRIES_TOTAL = "neurostream_retries_total", Counter, ["stage"], "Retries of a failed stage (produce, sink, checkpoint_load)";
+    /// Partition pauses because a worker's queue was full (backpressure).
+    PARTITION_PAUSES_TOTAL = "neurostream_partition_pauses_total", Counter, [], "Partitions paused by backpressure";
+    /// Partitions currently assigned to this instance.
+    ASSIGNED_PARTITIONS = "neurostream_assigned_partitions", Gauge, [], "Partitions assigned to this instance";
+    /// Rebalance callbacks served.
+    REBALANCES_TOTAL = "neurostream_rebalances_total", Counter, ["stage"], "Rebalance callbacks served (assign, revoke)";
+    /// Workers that missed the revoke deadline (their last batch is replayed by the next owner).
+    REVOKE_DEADLINE_MISSES_TOTAL = "neurostream_revoke_deadline_misses_total", Counter, [], "Workers that missed the revoke deadline";
+    /// Messages in the producer's queue, waiting for the broker's acknowledgement.
+    PRODUCER_QUEUE_MESSAGES = "neurostream_producer_queue_messages", Gauge, [], "Messages in the producer's queue awaiting acknowledgement";
+    /// Re-delivered messages a worker dropped (offset below the next expected).
+    OFFSET_DUPLICATES_TOTAL = "neurostream_offset_duplicates_total", Counter, ["topic"], "Messages below the next expected offset, dropped";
+    /// Offsets skipped between consecutive messages (compaction, transaction markers, retention).
+    OFFSETS_SKIPPED_TOTAL = "neurostream_offsets_skipped_total", Counter, ["topic"], "Offsets skipped between consecutive messages";
+    /// Batches rolled back because another worker owns the partition now.
+    FENCED_BATCHES_TOTAL = "neurostream_fenced_batches_total", Counter, ["topic"], "Batches rolled back because the partition has a newer owner";
+    /// Messages Kafka refused for good and that were diverted.
+    PRODUCE_DIVERTED_TOTAL = "neurostream_produce_diverted_total", Counter, ["topic", "reason"], "Messages Kafka refused for good, diverted (dead_letter_truncated, output_dead_lettered, dead_letter_lost)";
+}
+
+/// Registers descriptions for every metric and the label-free and fixed-label series at zero
+/// (call once after installing a recorder), so `/metrics` lists them from start-up.
 pub fn describe_metrics() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(EVENTS_TOTAL, Unit::Count, "Input events processed");
-    describe_counter!(
-        DEAD_LETTERS_TOTAL,
-        Unit::Count,
-        "Input messages sent to the dead-letter topic"
-    );
-    describe_counter!(
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    for m in CATALOGUE {
+        match m.kind {
+            MetricKind::Counter => describe_counter!(m.name, m.help),
+            MetricKind::Gauge => describe_gauge!(m.name, m.help),
+            MetricKind::Histogram => describe_histogram!(m.name, m.help),
+        }
+    }
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    metrics::counter!(PARTITION_PAUSES_TOTAL).absolute(0);
+    metrics::counter!(REVOKE_DEADLINE_MISSES_TOTAL).absolute(0);
+    metrics::gauge!(ASSIGNED_PARTITIONS).set(0.0);
+    metrics::gauge!(PRODUCER_QUEUE_MESSAGES).set(0.0);
+    for stage in ["produce", "sink", "checkpoint_load"] {
+        metrics::counter!(RETRIES_TOTAL, "stage" => stage).absolute(0);
+    }
+    for stage in ["assign", "revoke"] {
+        metrics::counter!(REBALANCES_TOTAL, "stage" => stage).absolute(0);
+    }
+}
+
+/// The dead-letter kinds (the `reason` label of [`DEAD_LETTERS_TOTAL`]).
+pub const DEAD_LETTER_KINDS: &[&str] = &[
+    "empty",
+    "oversized",
+    "not_json",
+    "invalid_field",
+    "missing_timestamp",
+    "timestamp_out_of_range",
+    "future_timestamp",
+    "nul_character",
+    "key_too_long",
+    "dimension_mismatch",
+    "late",
+    "sink_rejected",
+    "output_rejected",
+];
+
+/// Registers an input topic's series at zero.
+pub fn register_topic(topic: &str) {
+    let t = topic.to_string();
+    for reason in DEAD_LETTER_KINDS {
+        metrics::counter!(DEAD_LETTERS_TOTAL, "topic" => t.clone(), "reason" => *reason)
+            .absolute(0);
+    }
+    for severity in ["low", "medium", "high"] {
+        metrics::counter!(DRIFT_ALERTS_TOTAL, "topic" => t.clone(), "severity" => severity)
+            .absolute(0);
+    }
+    for reason in [
+        "dead_letter_truncated",
+        "output_dead_lettered",
+        "dead_letter_lost",
+    ] {
+        metrics::counter!(PRODUCE_DIVERTED_TOTAL, "topic" => t.clone(), "reason" => reason)
+            .absolute(0);
+    }
+    for name in [
         LATE_EVENTS_TOTAL,
-        Unit::Count,
-        "Events dropped because their window had closed"
-    );
-    describe_counter!(
         OUTPUT_MESSAGES_TOTAL,
-        Unit::Count,
-        "Messages produced to output topics"
-    );
-    describe_counter!(
+        OUTLIERS_TOTAL,
         SINK_ROWS_TOTAL,
-        Unit::Count,
-        "Rows upserted into PostgreSQL"
-    );
-    describe_histogram!(
-        SINK_COMMIT_SECONDS,
-        Unit::Seconds,
-        "Sink transaction duration"
-    );
-    describe_counter!(RETRIES_TOTAL, Unit::Count, "Retries of a failed stage");
-    describe_counter!(
-        PARTITION_PAUSES_TOTAL,
-        Unit::Count,
-        "Partitions paused by backpressure"
-    );
-    describe_gauge!(
-        ASSIGNED_PARTITIONS,
-        Unit::Count,
-        "Partitions assigned to this instance"
-    );
-    describe_counter!(REBALANCES_TOTAL, Unit::Count, "Rebalance callbacks served");
-    describe_gauge!(
-        CONSUMER_LAG,
-        Unit::Count,
-        "Messages between the durable position and the high watermark"
-    );
-    describe_counter!(
-        OFFSET_DUPLICATES_TOTAL,
-        Unit::Count,
-        "Re-delivered messages dropped by their worker"
-    );
-    describe_counter!(
-        OFFSETS_SKIPPED_TOTAL,
-        Unit::Count,
-        "Offsets skipped between consecutive messages"
-    );
-    describe_counter!(
-        FENCED_BATCHES_TOTAL,
-        Unit::Count,
-        "Batches rolled back because the partition has a newer owner"
-    );
-    describe_counter!(
         SINK_REJECTED_ROWS_TOTAL,
-        Unit::Count,
-        "Output rows PostgreSQL refused, dead-lettered instead"
-    );
-    describe_counter!(
-        PRODUCE_DIVERTED_TOTAL,
-        Unit::Count,
-        "Messages Kafka refused for good, diverted"
-    );
+        OFFSET_DUPLICATES_TOTAL,
+        OFFSETS_SKIPPED_TOTAL,
+        FENCED_BATCHES_TOTAL,
+    ] {
+        metrics::counter!(name, "topic" => t.clone()).absolute(0);
+    }
+}
+
+/// Registers an assigned partition's series at zero.
+pub fn register_partition(topic: &str, partition: i32) {
+    let (t, p) = (topic.to_string(), partition.to_string());
+    for name in [MESSAGES_CONSUMED_TOTAL, EVENTS_TOTAL] {
+        metrics::counter!(name, "topic" => t.clone(), "partition" => p.clone()).absolute(0);
+    }
+    for name in [
+        ACTIVE_CLUSTERS,
+        CHECKPOINT_BYTES,
+        STATE_KEYS,
+        STATE_OPEN_WINDOWS,
+        BATCH_RETRYING_SECONDS,
+    ] {
+        metrics::gauge!(name, "topic" => t.clone(), "partition" => p.clone()).set(0.0);
+    }
 }
 
 /// One partition's status, for `/status`, `/ready` and the demo's progress line.
@@ -145,6 +249,14 @@ pub struct PartitionStatus {
     /// Since when it waits or retries (one batch).
     #[serde(skip)]
     pub retrying_since: Option<std::time::Instant>,
+    /// The clustering status after the last durable batch (the `algorithm_status` record).
+    pub algorithm_status: Option<crate::output::StatusRecord>,
+    /// Event time of the partition's last drift alert.
+    pub last_drift_at: Option<i64>,
+    /// Points clustered per second over the last batches.
+    pub points_per_second: Option<f64>,
+    /// Processor time per message, milliseconds: p50, p95, p99 of recent samples.
+    pub processing_latency_ms: Option<[f64; 3]>,
 }
 
 impl PartitionStatus {
@@ -180,12 +292,28 @@ pub struct Progress {
     outputs: AtomicU64,
     sink_micros: AtomicU64,
     running: AtomicBool,
+    profile: Mutex<String>,
     partitions: Mutex<BTreeMap<(String, i32), PartitionStatus>>,
+}
+
+/// What a durable batch changed in a partition's status (see [`Progress::record_status`]).
+#[derive(Debug, Clone, Default)]
+pub struct StatusUpdate {
+    /// The clustering status now.
+    pub algorithm_status: Option<crate::output::StatusRecord>,
+    /// Event time of the batch's last drift alert, if it raised one.
+    pub drift_at: Option<i64>,
+    /// Points clustered per second.
+    pub points_per_second: Option<f64>,
+    /// Processor time per message, milliseconds: p50, p95, p99.
+    pub processing_latency_ms: Option<[f64; 3]>,
 }
 
 /// A copy of [`Progress`] at one moment.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ProgressSnapshot {
+    /// The effective profile.
+    pub profile: String,
     /// Events processed (durable or not).
     pub events: u64,
     /// Dead letters produced.
@@ -231,6 +359,47 @@ impl Progress {
             }
             p.update_lag();
         });
+    }
+
+    /// The effective profile (for `/status`).
+    pub fn set_profile(&self, profile: &str) {
+        *self
+            .profile
+            .lock()
+            .expect("progress lock is never poisoned: no code panics while holding it") =
+            profile.to_string();
+    }
+
+    /// A durable batch's effect on the partition's status.
+    pub fn record_status(&self, topic: &str, partition: i32, update: StatusUpdate) {
+        self.with_partition(topic, partition, |p| {
+            if update.algorithm_status.is_some() {
+                p.algorithm_status = update.algorithm_status;
+            }
+            if update.drift_at.is_some() {
+                p.last_drift_at = update.drift_at;
+            }
+            if update.points_per_second.is_some() {
+                p.points_per_second = update.points_per_second;
+            }
+            if update.processing_latency_ms.is_some() {
+                p.processing_latency_ms = update.processing_latency_ms;
+            }
+        });
+    }
+
+    /// Seconds each assigned partition has been on its current batch (0 when idle).
+    pub fn batch_ages(&self) -> Vec<(String, i32, f64)> {
+        self.partitions
+            .lock()
+            .expect("progress lock is never poisoned: no code panics while holding it")
+            .iter()
+            .filter(|(_, s)| s.assigned)
+            .map(|((t, p), s)| {
+                let age = s.retrying_since.map_or(0.0, |t| t.elapsed().as_secs_f64());
+                (t.clone(), *p, age)
+            })
+            .collect()
     }
 
     /// The partition's high watermark, from the consumer's statistics.
@@ -316,6 +485,11 @@ impl Progress {
             .map(|((t, p), s)| (format!("{t}/{p}"), s.clone()))
             .collect();
         ProgressSnapshot {
+            profile: self
+                .profile
+                .lock()
+                .expect("progress lock is never poisoned: no code panics while holding it")
+                .clone(),
             events: self.events.load(Ordering::Relaxed),
             dead_letters: self.dead_letters.load(Ordering::Relaxed),
             rows: self.rows.load(Ordering::Relaxed),

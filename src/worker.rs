@@ -77,6 +77,10 @@ struct Pending {
     outputs: Vec<Emitted>,
     dead: Vec<DeadLetter>,
     events: u64,
+    /// Messages taken (events and rejected).
+    consumed: u64,
+    /// Kafka timestamps of the batch's events, for the end-to-end latency.
+    timestamps: Vec<i64>,
     /// Offset after the last message taken into this batch.
     next_offset: Option<i64>,
     /// When the first message of this batch was taken.
@@ -130,6 +134,67 @@ pub struct PartitionWorker {
     batch_rows: usize,
     linger: Duration,
     stop: CancellationToken,
+    metrics: WorkerMetrics,
+}
+
+/// A worker's metric handles (labels resolved once) and recent samples for `/status`.
+struct WorkerMetrics {
+    consumed: metrics::Counter,
+    events: metrics::Counter,
+    end_to_end: metrics::Histogram,
+    processing: metrics::Histogram,
+    active_clusters: metrics::Gauge,
+    checkpoint_bytes: metrics::Gauge,
+    state_keys: metrics::Gauge,
+    state_open_windows: metrics::Gauge,
+    /// Messages taken, to time one in [`WorkerMetrics::SAMPLE_EVERY`].
+    taken: u64,
+    /// The latest processing-time samples, seconds.
+    samples: std::collections::VecDeque<f64>,
+    /// When the previous batch became durable, and the points clustered by then.
+    last_batch: Option<(Instant, u64)>,
+}
+
+impl WorkerMetrics {
+    const SAMPLE_EVERY: u64 = 16;
+    const SAMPLES: usize = 1_024;
+
+    fn new(id: &PartitionId) -> Self {
+        tm::register_partition(&id.topic, id.partition);
+        let (t, p) = (id.topic.clone(), id.partition.to_string());
+        Self {
+            consumed: metrics::counter!(tm::MESSAGES_CONSUMED_TOTAL, "topic" => t.clone(), "partition" => p.clone()),
+            events: metrics::counter!(tm::EVENTS_TOTAL, "topic" => t.clone(), "partition" => p.clone()),
+            end_to_end: metrics::histogram!(tm::END_TO_END_LATENCY_SECONDS, "topic" => t.clone()),
+            processing: metrics::histogram!(tm::PROCESSING_LATENCY_SECONDS, "topic" => t.clone()),
+            active_clusters: metrics::gauge!(tm::ACTIVE_CLUSTERS, "topic" => t.clone(), "partition" => p.clone()),
+            checkpoint_bytes: metrics::gauge!(tm::CHECKPOINT_BYTES, "topic" => t.clone(), "partition" => p.clone()),
+            state_keys: metrics::gauge!(tm::STATE_KEYS, "topic" => t.clone(), "partition" => p.clone()),
+            state_open_windows: metrics::gauge!(tm::STATE_OPEN_WINDOWS, "topic" => t, "partition" => p),
+            taken: 0,
+            samples: std::collections::VecDeque::with_capacity(Self::SAMPLES),
+            last_batch: None,
+        }
+    }
+
+    fn sample(&mut self, seconds: f64) {
+        self.processing.record(seconds);
+        if self.samples.len() == Self::SAMPLES {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(seconds);
+    }
+
+    /// p50, p95, p99 of the recent samples, in milliseconds.
+    fn quantiles_ms(&self) -> Option<[f64; 3]> {
+        if self.samples.is_empty() {
+            return None;
+        }
+        let mut sorted: Vec<f64> = self.samples.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let at = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize] * 1e3;
+        Some([at(0.5), at(0.95), at(0.99)])
+    }
 }
 
 impl PartitionWorker {
@@ -177,6 +242,7 @@ impl PartitionWorker {
         let position = checkpoint.as_ref().map(|c| c.next_offset);
         info!(next_offset = ?position, epoch, "partition worker started");
         ctx.progress.set_restored(&id.topic, id.partition, position);
+        let id_for_metrics = id.clone();
         let mut worker = PartitionWorker {
             batch_rows: config.sink_batch_rows(),
             linger: Duration::from_millis(config.sink_linger_ms()),
@@ -189,6 +255,7 @@ impl PartitionWorker {
             position,
             pending: Pending::default(),
             stop: stop.clone(),
+            metrics: WorkerMetrics::new(&id_for_metrics),
         };
         // Idle close needs wall-clock ticks; a quarter of the shortest idle interval is precise
         // enough without busy-waking.
@@ -279,7 +346,20 @@ impl PartitionWorker {
         };
         let late_before = self.processor.late_dropped();
         self.processor.set_wall_clock(wall_clock_ms());
-        match self.processor.process(record, &mut self.pending.outputs) {
+        self.pending.consumed += 1;
+        self.metrics.taken += 1;
+        let timed =
+            (self.metrics.taken % WorkerMetrics::SAMPLE_EVERY == 0).then(std::time::Instant::now);
+        let processed = self.processor.process(record, &mut self.pending.outputs);
+        if let Some(started) = timed {
+            self.metrics.sample(started.elapsed().as_secs_f64());
+        }
+        if processed.is_ok() {
+            if let Some(ts) = record.timestamp_ms {
+                self.pending.timestamps.push(ts);
+            }
+        }
+        match processed {
             Ok(None) => self.pending.events += 1,
             Ok(Some(late)) => {
                 self.pending.events += 1;
@@ -351,8 +431,8 @@ impl PartitionWorker {
         self.ctx
             .progress
             .set_retrying(&self.id.topic, self.id.partition, None);
-        let rows = match result {
-            Ok(rows) => rows,
+        let (rows, checkpoint_bytes) = match result {
+            Ok(done) => done,
             Err(halt) => {
                 if let Halt::Fenced = halt {
                     metrics::counter!(tm::FENCED_BATCHES_TOTAL, "topic" => self.id.topic.clone())
@@ -377,16 +457,69 @@ impl PartitionWorker {
                 rows,
             },
         );
-        metrics::counter!(tm::EVENTS_TOTAL, "topic" => topic.clone()).increment(p.events);
-        metrics::counter!(tm::OUTPUT_MESSAGES_TOTAL, "topic" => topic.clone())
-            .increment(p.outputs.len() as u64);
-        metrics::counter!(tm::SINK_ROWS_TOTAL, "topic" => topic.clone()).increment(rows);
-        for dead in &p.dead {
-            metrics::counter!(tm::DEAD_LETTERS_TOTAL, "topic" => topic.clone(), "reason" => dead.kind)
-                .increment(1);
-        }
+        self.record_batch_metrics(&topic, rows, checkpoint_bytes);
         self.pending = Pending::default();
         Ok(())
+    }
+
+    /// Metrics and `/status` of a batch that just became durable (counted per batch).
+    fn record_batch_metrics(&mut self, topic: &str, rows: u64, checkpoint_bytes: usize) {
+        let p = &self.pending;
+        let m = &mut self.metrics;
+        let now = wall_clock_ms();
+        for ts in &p.timestamps {
+            m.end_to_end.record((now - ts).max(0) as f64 / 1e3);
+        }
+        m.consumed.increment(p.consumed);
+        m.events.increment(p.events);
+        metrics::counter!(tm::OUTPUT_MESSAGES_TOTAL, "topic" => topic.to_string())
+            .increment(p.outputs.len() as u64);
+        metrics::counter!(tm::SINK_ROWS_TOTAL, "topic" => topic.to_string()).increment(rows);
+        metrics::histogram!(tm::SINK_BATCH_ROWS).record(rows as f64);
+        for dead in &p.dead {
+            metrics::counter!(tm::DEAD_LETTERS_TOTAL, "topic" => topic.to_string(), "reason" => dead.kind)
+                .increment(1);
+        }
+        let (mut outliers, mut drift_at) = (0, None);
+        for e in &p.outputs {
+            match &e.output {
+                crate::output::Output::Outlier(_) => outliers += 1,
+                crate::output::Output::DriftDetection(d) => {
+                    metrics::counter!(tm::DRIFT_ALERTS_TOTAL, "topic" => topic.to_string(), "severity" => d.severity.clone())
+                        .increment(1);
+                    drift_at = Some(d.detected_at);
+                }
+                _ => {}
+            }
+        }
+        if outliers > 0 {
+            metrics::counter!(tm::OUTLIERS_TOTAL, "topic" => topic.to_string()).increment(outliers);
+        }
+        m.checkpoint_bytes.set(checkpoint_bytes as f64);
+        let (keys, open) = self.processor.state_size();
+        m.state_keys.set(keys as f64);
+        m.state_open_windows.set(open as f64);
+        let mut status = self.processor.status();
+        let points = status.as_ref().map_or(0, |s| s.points_processed);
+        let rate = m.last_batch.and_then(|(at, before)| {
+            let secs = at.elapsed().as_secs_f64();
+            (secs > 0.0).then(|| points.saturating_sub(before) as f64 / secs)
+        });
+        m.last_batch = Some((Instant::now(), points));
+        if let Some(s) = &mut status {
+            m.active_clusters.set(s.active_clusters as f64);
+            s.points_per_second = rate;
+        }
+        self.ctx.progress.record_status(
+            topic,
+            self.id.partition,
+            tm::StatusUpdate {
+                algorithm_status: status,
+                drift_at,
+                points_per_second: rate,
+                processing_latency_ms: m.quantiles_ms(),
+            },
+        );
     }
 
     /// Produces `which` until every one is acknowledged. Retriable failures back off; a message
@@ -497,7 +630,11 @@ impl PartitionWorker {
 
     /// Commits the batch and its checkpoint; rows PostgreSQL refuses are dead-lettered first
     /// and the batch is committed without them. Returns the rows written.
-    async fn commit(&mut self, next_offset: i64, stop: &CancellationToken) -> Result<u64, Halt> {
+    async fn commit(
+        &mut self,
+        next_offset: i64,
+        stop: &CancellationToken,
+    ) -> Result<(u64, usize), Halt> {
         let checkpoint = Checkpoint {
             next_offset,
             state: self.processor.snapshot(),
@@ -527,7 +664,7 @@ impl PartitionWorker {
                     let elapsed = started.elapsed();
                     metrics::histogram!(tm::SINK_COMMIT_SECONDS).record(elapsed.as_secs_f64());
                     self.ctx.progress.record_sink_time(elapsed);
-                    return Ok(rows);
+                    return Ok((rows, checkpoint.state.len()));
                 }
                 Err(StoreError::Rejected(rows)) => {
                     let topic = self.id.topic.clone();

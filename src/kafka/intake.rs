@@ -111,6 +111,10 @@ impl ClientContext for IntakeContext {
                     .set(lag as f64);
             }
         }
+        for (topic, partition, age) in progress.batch_ages() {
+            metrics::gauge!(tm::BATCH_RETRYING_SECONDS, "topic" => topic, "partition" => partition.to_string())
+                .set(age);
+        }
     }
 }
 
@@ -298,6 +302,7 @@ impl IntakeContext {
             let abort = h.join.abort_handle();
             if tokio::time::timeout(deadline, h.join).await.is_err() {
                 warn!(topic = %tp.0, partition = tp.1, "worker missed the revoke deadline; its last batch will be replayed by the next owner (fencing keeps it from committing later)");
+                metrics::counter!(tm::REVOKE_DEADLINE_MISSES_TOTAL).increment(1);
                 abort.abort();
             }
             tp

@@ -304,6 +304,11 @@ impl OutputProducer {
         report
     }
 
+    /// Messages in the producer's queue, not yet acknowledged.
+    pub fn queued(&self) -> i32 {
+        self.producer.in_flight_count()
+    }
+
     /// Waits until every queued message is delivered or `timeout` passes.
     pub fn flush(&self, timeout: std::time::Duration) {
         let _ = self.producer.flush(Timeout::After(timeout));

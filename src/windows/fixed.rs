@@ -74,6 +74,15 @@ impl FixedWindower {
     }
 
     /// Events late for this window and not admitted, so far.
+    /// Keys with an open window, and open (key, window) pairs.
+    pub fn state_size(&self) -> (usize, usize) {
+        let open: usize = self.open.values().map(HashMap::len).sum();
+        let keys: std::collections::HashSet<&String> =
+            self.open.values().flat_map(HashMap::keys).collect();
+        (keys.len(), open)
+    }
+
+    /// Events late for this window and not admitted.
     pub fn late_dropped(&self) -> u64 {
         self.late_dropped
     }

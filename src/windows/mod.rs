@@ -315,6 +315,11 @@ impl Windower {
         each!(self, w => w.late_dropped())
     }
 
+    /// Keys with state, and open (key, window) pairs: the state's size.
+    pub fn state_size(&self) -> (usize, usize) {
+        each!(self, w => w.state_size())
+    }
+
     /// The idle-close interval, when configured.
     pub fn idle_close_ms(&self) -> Option<u64> {
         each!(self, w => w.idle_close_ms())

@@ -179,6 +179,12 @@ impl SlidingWindower {
     }
 
     /// Events late for this window and not admitted.
+    /// Keys with records, and open windows.
+    pub fn state_size(&self) -> (usize, usize) {
+        (self.keys.len(), self.open.len())
+    }
+
+    /// Events late for this window and not admitted.
     pub fn late_dropped(&self) -> u64 {
         self.late_dropped
     }
