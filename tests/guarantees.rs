@@ -12,9 +12,8 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use common::kafka::KafkaCluster;
 use common::*;
@@ -23,10 +22,9 @@ use neurostream::output::Output;
 use neurostream::processor::{Processor, Record};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message, OwnedHeaders};
+use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -243,16 +241,6 @@ fn service_config(brokers: &str, db_url: &str) -> (Config, u16) {
     (c, port)
 }
 
-fn spawn_run(config_path: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_neurostream"))
-        .args(["--config", config_path.to_str().unwrap(), "run"])
-        .env("RUST_LOG", "warn,librdkafka=off")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
-}
-
 fn http_get(port: u16, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
@@ -315,24 +303,7 @@ fn replay(config: &Config, partitions: &[Vec<(Msg, Option<&'static str>)>]) -> R
                 _ => None,
             })
             .sum::<i64>();
-        for e in out {
-            if let Output::WindowAggregate(w) = e.output {
-                window_rows.push(WindowRow {
-                    source_topic: topic.clone(),
-                    partition: w.partition,
-                    window_kind: w.window.as_str().to_string(),
-                    size_ms: w.size_ms as i64,
-                    key: w.key,
-                    window_start_ms: w.window_start,
-                    count: w.count as i64,
-                    sum: w.sum,
-                    min: w.min,
-                    max: w.max,
-                    is_final: w.is_final,
-                    source_offset: e.source_offset,
-                });
-            }
-        }
+        window_rows.extend(out.iter().filter_map(|e| WindowRow::from_output(topic, e)));
         kinds.push(rejected);
         accepted.push(ok);
     }
@@ -350,56 +321,23 @@ fn dead_letters(
     brokers: &str,
     topic: &str,
 ) -> BTreeMap<(i32, i64), (String, usize, Option<String>)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("reader_{}", unique()))
-        .set("enable.auto.commit", "false")
-        .set("fetch.message.max.bytes", "2000000")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
-    consumer.assign(&tpl).unwrap();
     let mut out = BTreeMap::new();
-    let mut idle = Instant::now();
-    while idle.elapsed() < Duration::from_secs(3) {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            idle = Instant::now();
-            let header = |k: &str| {
-                m.headers()?
-                    .iter()
-                    .find(|h| h.key == k)
-                    .and_then(|h| h.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-            };
-            let p: i32 = header("neurostream.source.partition")
-                .unwrap()
-                .parse()
-                .unwrap();
-            let o: i64 = header("neurostream.source.offset")
-                .unwrap()
-                .parse()
-                .unwrap();
-            let kind = header("neurostream.error.kind").unwrap();
-            assert!(header("neurostream.error").is_some_and(|r| !r.is_empty()));
-            let size = m.payload().map_or(0, <[u8]>::len);
-            let truncated = header("neurostream.payload.truncated_from");
-            out.insert((p, o), (kind, size, truncated));
-        }
+    for m in read_topic(brokers, topic, None) {
+        let p: i32 = header(&m, "neurostream.source.partition")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let o: i64 = header(&m, "neurostream.source.offset")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let kind = header(&m, "neurostream.error.kind").unwrap().to_string();
+        assert!(header(&m, "neurostream.error").is_some_and(|r| !r.is_empty()));
+        let size = m.payload().map_or(0, <[u8]>::len);
+        let truncated = header(&m, "neurostream.payload.truncated_from").map(String::from);
+        out.insert((p, o), (kind, size, truncated));
     }
     out
-}
-
-async fn checkpoints(store: &neurostream::store::PgStore, group: &str) -> BTreeMap<i32, i64> {
-    let rows: Vec<(i32, i64)> = sqlx::query_as(
-        "SELECT partition, next_offset FROM partition_checkpoints WHERE group_id = $1",
-    )
-    .bind(group)
-    .fetch_all(store.pool())
-    .await
-    .unwrap();
-    rows.into_iter().collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,7 +362,7 @@ async fn gauntlet_every_poison_is_dead_lettered_and_nothing_stops_the_service() 
         .collect();
     send(&brokers, &input, &first).await;
 
-    let mut service = spawn_run(&path);
+    let mut service = spawn_run(&path, "warn,librdkafka=off");
     let ends: Vec<i64> = first.iter().map(|m| m.len() as i64).collect();
     wait_for_checkpoints(&store, &config.kafka.group_id, &ends, WAIT).await;
     assert!(
@@ -448,7 +386,7 @@ async fn gauntlet_every_poison_is_dead_lettered_and_nothing_stops_the_service() 
         .zip(&second)
         .map(|(a, b)| a.iter().chain(b).cloned().collect())
         .collect();
-    let mut service = spawn_run(&path);
+    let mut service = spawn_run(&path, "warn,librdkafka=off");
     let ends: Vec<i64> = all.iter().map(|m| m.len() as i64).collect();
     wait_for_checkpoints(&store, &config.kafka.group_id, &ends, WAIT).await;
     assert!(
@@ -527,7 +465,7 @@ async fn gauntlet_every_poison_is_dead_lettered_and_nothing_stops_the_service() 
     assert_eq!(got, want, "final window rows");
     // ...and the committed offsets Kafka's own tool reports are the checkpoints, which are the
     // log ends.
-    let checkpoints = checkpoints(&store, &config.kafka.group_id).await;
+    let checkpoints = checkpoint_map(&store, &config.kafka.group_id).await;
     let described = kafka.committed_offsets(&config.kafka.group_id);
     assert_eq!(described.len(), 2, "{described:?}");
     for (topic, p, committed, log_end, lag) in described {

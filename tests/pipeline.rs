@@ -11,9 +11,7 @@ use common::*;
 use neurostream::app;
 use neurostream::config::Config;
 use neurostream::telemetry::Progress;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::message::Message;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -53,36 +51,6 @@ fn with_malformed(mut msgs: Vec<Vec<Vec<u8>>>, max_bytes: usize) -> Vec<Vec<Vec<
     msgs
 }
 
-/// Reads `n` messages of partition 0 of `topic` from the beginning.
-fn read_topic(brokers: &str, topic: &str, n: usize) -> Vec<rdkafka::message::OwnedMessage> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("reader_{}", unique()))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
-    consumer.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let started = Instant::now();
-    while out.len() < n && started.elapsed() < Duration::from_secs(30) {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            out.push(m.detach());
-        }
-    }
-    out
-}
-
-fn header<'a>(m: &'a rdkafka::message::OwnedMessage, key: &str) -> Option<&'a str> {
-    m.headers()?
-        .iter()
-        .find(|h| h.key == key)
-        .and_then(|h| h.value)
-        .and_then(|v| std::str::from_utf8(v).ok())
-}
-
 async fn end_to_end(broker: Broker) {
     let (url, store) = fresh_db().await;
     let mut config = config_for(&broker, 3, &url).await;
@@ -109,7 +77,7 @@ async fn end_to_end(broker: Broker) {
     assert_eq!(snap.events, 3 * 400);
 
     // Dead letters: original bytes, reason and source coordinates in headers.
-    let dlq = read_topic(&config.kafka.brokers, &config.kafka.topics.dlq, 5);
+    let dlq = read_topic(&config.kafka.brokers, &config.kafka.topics.dlq, Some(5));
     let mut kinds: Vec<&str> = dlq
         .iter()
         .map(|m| header(m, "neurostream.error.kind").unwrap())
@@ -143,7 +111,7 @@ async fn end_to_end(broker: Broker) {
     let windows = read_topic(
         &config.kafka.brokers,
         &config.kafka.topics.windows,
-        expected.len(),
+        Some(expected.len()),
     );
     assert_eq!(windows.len(), expected.len());
     for m in &windows {

@@ -15,7 +15,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::kafka::KafkaCluster;
@@ -24,10 +24,9 @@ use neurostream::config::Config;
 use neurostream::output::Output;
 use neurostream::pgserver::{Durability, PgServer};
 use neurostream::store::PgStore;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
 
 const WAIT: Duration = Duration::from_secs(240);
 
@@ -37,17 +36,9 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Output payloads by (source partition, source offset, seq).
 type BySource = BTreeMap<(i32, i64, u32), Vec<Vec<u8>>>;
 
-fn spawn_run(config_path: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_neurostream"))
-        .args(["--config", config_path.to_str().unwrap(), "run"])
-        .env(
-            "RUST_LOG",
-            std::env::var("NS_SOAK_LOG").unwrap_or("error,librdkafka=off".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+fn run_service(config_path: &Path) -> Child {
+    let log = std::env::var("NS_SOAK_LOG").unwrap_or("error,librdkafka=off".into());
+    spawn_run(config_path, &log)
 }
 
 fn sigterm(child: &mut Child) {
@@ -112,52 +103,24 @@ async fn produce_paced(brokers: String, topic: String, messages: Vec<Vec<Vec<u8>
 /// Every message of `topic`: (source partition, source offset, seq) → payloads seen, and the
 /// total read.
 fn outputs_by_source(brokers: &str, topic: &str) -> (BySource, usize) {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("reader_{}", unique()))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .unwrap();
-    consumer.assign(&tpl).unwrap();
+    let messages = read_topic(brokers, topic, None);
     let mut out = BySource::new();
-    let mut read = 0;
-    let mut idle = Instant::now();
-    while idle.elapsed() < Duration::from_secs(5) {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
-            idle = Instant::now();
-            read += 1;
-            let header = |k: &str| {
-                m.headers()
-                    .and_then(|h| h.iter().find(|h| h.key == k))
-                    .and_then(|h| h.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-                    .unwrap_or_else(|| panic!("output without header {k}"))
-            };
-            let key = (
-                header("neurostream.source.partition").parse().unwrap(),
-                header("neurostream.source.offset").parse().unwrap(),
-                header("neurostream.source.seq").parse().unwrap(),
-            );
-            out.entry(key)
-                .or_default()
-                .push(m.payload().unwrap_or_default().to_vec());
-        }
+    for m in &messages {
+        let number = |k: &str| {
+            header(m, k)
+                .unwrap_or_else(|| panic!("output without header {k}"))
+                .to_string()
+        };
+        let key = (
+            number("neurostream.source.partition").parse().unwrap(),
+            number("neurostream.source.offset").parse().unwrap(),
+            number("neurostream.source.seq").parse().unwrap(),
+        );
+        out.entry(key)
+            .or_default()
+            .push(m.payload().unwrap_or_default().to_vec());
     }
-    (out, read)
-}
-
-async fn checkpoints(store: &PgStore, group: &str) -> BTreeMap<i32, i64> {
-    let rows: Vec<(i32, i64)> = sqlx::query_as(
-        "SELECT partition, next_offset FROM partition_checkpoints WHERE group_id = $1",
-    )
-    .bind(group)
-    .fetch_all(store.pool())
-    .await
-    .unwrap();
-    rows.into_iter().collect()
+    (out, messages.len())
 }
 
 /// Waits until the leader of `topic`/`partition` is a live node other than `dead`.
@@ -214,9 +177,9 @@ async fn failover_an_input_leader_killed_mid_stream_keeps_rows_exact() {
         all.clone(),
         1_000,
     ));
-    let mut service = spawn_run(&path);
+    let mut service = run_service(&path);
     let started = Instant::now();
-    while checkpoints(&store, &config.kafka.group_id)
+    while checkpoint_map(&store, &config.kafka.group_id)
         .await
         .values()
         .sum::<i64>()
@@ -280,18 +243,18 @@ async fn soak_kills_rebalances_outages_and_failover_leave_every_row_exact() {
         }
     };
     let mut log = Vec::new();
-    let mut a = spawn_run(&path);
+    let mut a = run_service(&path);
 
     at(10).await;
     sigkill(&mut a);
-    a = spawn_run(&path);
+    a = run_service(&path);
     log.push(format!(
         "{:>5.1} s SIGKILL instance A, restarted",
         started.elapsed().as_secs_f64()
     ));
 
     at(20).await;
-    let mut b = spawn_run(&path);
+    let mut b = run_service(&path);
     log.push(format!(
         "{:>5.1} s instance B joins",
         started.elapsed().as_secs_f64()
@@ -334,7 +297,7 @@ async fn soak_kills_rebalances_outages_and_failover_leave_every_row_exact() {
 
     at(72).await;
     sigkill(&mut a);
-    a = spawn_run(&path);
+    a = run_service(&path);
     log.push(format!(
         "{:>5.1} s SIGKILL instance A, restarted",
         started.elapsed().as_secs_f64()
@@ -391,7 +354,7 @@ async fn soak_kills_rebalances_outages_and_failover_leave_every_row_exact() {
     );
     // Committed offsets, as Kafka's own tool reports them, are the checkpoints.
     let described = kafka.committed_offsets(&group);
-    let checkpoints = checkpoints(&store, &group).await;
+    let checkpoints = checkpoint_map(&store, &group).await;
     assert_eq!(described.len(), 4, "{described:?}");
     for (_, p, committed, log_end, _) in &described {
         assert_eq!(*committed, Some(checkpoints[p]), "partition {p}");

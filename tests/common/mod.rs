@@ -13,9 +13,12 @@ use neurostream::output::Emitted;
 use neurostream::pgserver::{Durability, PgServer};
 use neurostream::processor::{Processor, Record};
 use neurostream::store::{PgStore, Store};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
+use rdkafka::{Offset, TopicPartitionList};
 
 static PG: OnceLock<Option<PgServer>> = OnceLock::new();
 
@@ -221,23 +224,7 @@ pub fn expected_rows(config: &Config, messages: &[Vec<Vec<u8>>]) -> Vec<WindowRo
     let topic = &config.kafka.input_topics[0];
     let mut rows: Vec<WindowRow> = replay(config, messages)
         .into_iter()
-        .filter_map(|(_, e)| match e.output {
-            neurostream::output::Output::WindowAggregate(w) => Some(WindowRow {
-                source_topic: topic.clone(),
-                partition: w.partition,
-                window_kind: w.window.as_str().to_string(),
-                size_ms: w.size_ms as i64,
-                key: w.key,
-                window_start_ms: w.window_start,
-                count: w.count as i64,
-                sum: w.sum,
-                min: w.min,
-                max: w.max,
-                is_final: w.is_final,
-                source_offset: e.source_offset,
-            }),
-            _ => None,
-        })
+        .filter_map(|(_, e)| WindowRow::from_output(topic, &e))
         .collect();
     rows.sort_by(WindowRow::order);
     rows
@@ -261,6 +248,27 @@ pub struct WindowRow {
 }
 
 impl WindowRow {
+    /// The row a window aggregate output becomes (`None` for other outputs).
+    pub fn from_output(topic: &str, e: &Emitted) -> Option<WindowRow> {
+        match &e.output {
+            neurostream::output::Output::WindowAggregate(w) => Some(WindowRow {
+                source_topic: topic.to_string(),
+                partition: w.partition,
+                window_kind: w.window.as_str().to_string(),
+                size_ms: w.size_ms as i64,
+                key: w.key.clone(),
+                window_start_ms: w.window_start,
+                count: w.count as i64,
+                sum: w.sum,
+                min: w.min,
+                max: w.max,
+                is_final: w.is_final,
+                source_offset: e.source_offset,
+            }),
+            _ => None,
+        }
+    }
+
     fn order(a: &WindowRow, b: &WindowRow) -> std::cmp::Ordering {
         (
             a.partition,
@@ -399,4 +407,66 @@ pub async fn stored_cluster_rows(store: &PgStore) -> ClusterRows {
             .unwrap();
     outliers.sort();
     ClusterRows { updates, outliers }
+}
+
+/// Messages of partition 0 of `topic` from the beginning: until `n` were read (30 s at most), or
+/// with `n = None` until none arrived for 3 s.
+pub fn read_topic(brokers: &str, topic: &str, n: Option<usize>) -> Vec<OwnedMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader_{}", unique()))
+        .set("enable.auto.commit", "false")
+        .set("fetch.message.max.bytes", "2000000")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let (started, mut last) = (Instant::now(), Instant::now());
+    loop {
+        match n {
+            Some(n) if out.len() >= n || started.elapsed() > Duration::from_secs(30) => break,
+            None if last.elapsed() > Duration::from_secs(3) => break,
+            _ => {}
+        }
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            out.push(m.detach());
+            last = Instant::now();
+        }
+    }
+    out
+}
+
+/// A message header's value as text.
+pub fn header<'a>(m: &'a OwnedMessage, key: &str) -> Option<&'a str> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+/// Each partition's checkpointed next offset of `group`.
+pub async fn checkpoint_map(store: &PgStore, group: &str) -> std::collections::BTreeMap<i32, i64> {
+    let rows: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, next_offset FROM partition_checkpoints WHERE group_id = $1",
+    )
+    .bind(group)
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    rows.into_iter().collect()
+}
+
+/// `neurostream --config <path> run` as a child process, logging at `rust_log` to stderr.
+pub fn spawn_run(config_path: &std::path::Path, rust_log: &str) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_neurostream"))
+        .args(["--config", config_path.to_str().unwrap(), "run"])
+        .env("RUST_LOG", rust_log)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap()
 }
