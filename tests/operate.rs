@@ -60,9 +60,18 @@ fn sum(samples: &BTreeMap<(String, BTreeMap<String, String>), f64>, name: &str) 
         .sum()
 }
 
+/// The process-wide Prometheus recorder (one per test binary).
+fn recorder() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| neurostream::http::install_recorder().unwrap())
+        .clone()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_status_and_lag_during_a_pipeline_run() {
-    let handle = neurostream::http::install_recorder().unwrap();
+    let handle = recorder();
     let shutdown = CancellationToken::new();
     neurostream::http::spawn_upkeep(handle.clone(), shutdown.clone());
     let progress = Arc::new(Progress::default());
@@ -204,4 +213,74 @@ async fn metrics_status_and_lag_during_a_pipeline_run() {
             m.name
         );
     }
+}
+
+/// Not a check: records `/metrics` once a second during a 60-second run at 800 events/s (four
+/// partitions, one message in 200 malformed) into `$NS_SCRAPE_DIR`, for
+/// `docs/operating/render_dashboard.py` to draw the dashboard's panels from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn record_scrapes_for_the_dashboard_picture() {
+    let dir = std::path::PathBuf::from(std::env::var("NS_SCRAPE_DIR").expect("NS_SCRAPE_DIR"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let handle = recorder();
+    let shutdown = CancellationToken::new();
+    neurostream::http::spawn_upkeep(handle.clone(), shutdown.clone());
+    let progress = Arc::new(Progress::default());
+    let broker = Broker::mock();
+    let (url, store) = fresh_db().await;
+    let mut config = config_for(&broker, 4, &url).await;
+    config.profile = neurostream::config::Profile::Balanced;
+    config.postgres.batch_rows = None;
+    config.postgres.linger_ms = None;
+    let run = tokio::spawn(neurostream::app::run(
+        arc(&config),
+        service_store(&store),
+        progress.clone(),
+        shutdown.clone(),
+    ));
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", config.kafka.brokers.as_str())
+        .create()
+        .unwrap();
+    let topic = config.kafka.input_topics[0].clone();
+    let produce = tokio::spawn(async move {
+        let started = Instant::now();
+        for i in 0..48_000u64 {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as i64;
+            let payload = if i % 200 == 199 {
+                "malformed".to_string()
+            } else {
+                format!(
+                    r#"{{"key":"k{}","ts":{now},"value":{},"features":[{}.0,{}.5]}}"#,
+                    i % 20,
+                    i % 17,
+                    (i % 3) * 10,
+                    i % 2
+                )
+            };
+            let record = rdkafka::producer::FutureRecord::<str, str>::to(&topic)
+                .partition((i % 4) as i32)
+                .payload(&payload);
+            let _ = producer.send_result(record);
+            let due = Duration::from_secs_f64(i as f64 / 800.0);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut n = 0;
+    while started.elapsed() < Duration::from_secs(66) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let text = handle.render();
+        std::fs::write(dir.join(format!("{n:04}.prom")), text).unwrap();
+        n += 1;
+    }
+    produce.await.unwrap();
+    shutdown.cancel();
+    run.await.unwrap().unwrap();
 }
