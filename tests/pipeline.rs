@@ -314,3 +314,57 @@ async fn postgres_outage_pauses_then_resumes_exactly_mock() {
     let all: Vec<Vec<Vec<u8>>> = (0..2).map(|p| stream(p, 3_000)).collect();
     assert_rows_eq(&stored_rows(&store).await, &expected_rows(&config, &all));
 }
+
+/// PostgreSQL is down while the partitions are assigned: they are assigned paused, their workers
+/// claim them once PostgreSQL is back and have them positioned at the checkpoints (here far
+/// ahead of where the consumer group would start); nothing is processed twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_assigned_while_postgres_is_down_start_at_their_checkpoints() {
+    use neurostream::pgserver::{Durability, PgServer};
+    use neurostream::store::PgStore;
+    let broker = Broker::mock();
+    let mut server = PgServer::start(Durability::Default).unwrap();
+    let url = server.url("postgres");
+    let store = PgStore::connect_lazy(&url, 4).unwrap();
+    store.migrate().await.unwrap();
+    let mut config = config_for(&broker, 2, &url).await;
+    config.postgres.retry_max_backoff_ms = 200;
+    let first: Vec<Vec<Vec<u8>>> = (0..2).map(|p| stream(p, 1_000)).collect();
+    produce(&config.kafka.brokers, &config.kafka.input_topics[0], &first).await;
+    let (shutdown, _progress, handle) = spawn_service(&config, &store);
+    wait_for_checkpoints(&store, &config.kafka.group_id, &[1_000, 1_000], WAIT).await;
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+
+    // A new group that has committed nothing (so it would start at 0) inherits the
+    // checkpoints: only they know where the partitions stand.
+    let group = format!("{}_moved", config.kafka.group_id);
+    for table in ["partition_checkpoints", "partition_owners"] {
+        sqlx::query(&format!(
+            "UPDATE {table} SET group_id = $1 WHERE group_id = $2"
+        ))
+        .bind(&group)
+        .bind(&config.kafka.group_id)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+    config.kafka.group_id = group;
+
+    let more: Vec<Vec<Vec<u8>>> = (0..2).map(|p| stream(p, 2_000).split_off(1_000)).collect();
+    produce(&config.kafka.brokers, &config.kafka.input_topics[0], &more).await;
+    server.kill();
+    let (shutdown, progress, handle) = spawn_service(&config, &store);
+    wait_assigned(&progress, 2).await;
+    tokio::time::sleep(Duration::from_secs(4)).await; // claims fail at assignment; workers retry
+    server.restart(Durability::Default).unwrap();
+    wait_for_checkpoints(&store, &config.kafka.group_id, &[2_000, 2_000], WAIT).await;
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+    let all: Vec<Vec<Vec<u8>>> = (0..2).map(|p| stream(p, 2_000)).collect();
+    assert_rows_eq(&stored_rows(&store).await, &expected_rows(&config, &all));
+    assert_eq!(
+        stored_cluster_rows(&store).await,
+        expected_cluster_rows(&config, &all)
+    );
+}
