@@ -122,11 +122,17 @@ pub async fn run(
         _ = fatal.raised() => {}
     }
     stop.cancel();
-    intake.join().await;
+    // Draining is bounded by the revoke deadline; committing offsets and leaving the group can
+    // still block while brokers are unreachable: never longer than this.
+    let bound = Duration::from_millis(config.kafka.revoke_deadline_ms) + Duration::from_secs(10);
+    if tokio::time::timeout(bound, intake.join()).await.is_err() {
+        error!("the consumer did not stop within the drain deadline + 10 s; exiting anyway (the checkpoints are consistent)");
+    }
     queue_gauge.abort();
     // NB: librdkafka's flush blocks; not on the async runtime.
     let flushing = producer.clone();
-    let _ = tokio::task::spawn_blocking(move || flushing.flush(Duration::from_secs(10))).await;
+    let flushed = tokio::task::spawn_blocking(move || flushing.flush(Duration::from_secs(10)));
+    let _ = tokio::time::timeout(Duration::from_secs(11), flushed).await;
     match fatal.reason() {
         Some(reason) => {
             error!(%reason, "stopped on a fatal error");

@@ -657,7 +657,63 @@ pub fn figment(file: Option<&Path>) -> Figment {
     if let Some(path) = file {
         figment = figment.merge(Toml::file_exact(path));
     }
-    figment.merge(Env::prefixed(ENV_PREFIX).split("__"))
+    figment
+        .merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(|key| raw_client_map(key.as_str()).is_none())
+                .split("__"),
+        )
+        .merge(RawClientEnv::from_env())
+}
+
+/// `kafka__consumer__…` / `kafka__producer__…` (after the prefix): the raw map and the rest.
+fn raw_client_map(key: &str) -> Option<(&'static str, &str)> {
+    let lower = key.to_ascii_lowercase();
+    ["consumer", "producer"].into_iter().find_map(|map| {
+        let head = format!("kafka__{map}__");
+        lower.starts_with(&head).then(|| (map, &key[head.len()..]))
+    })
+}
+
+/// Raw librdkafka properties from the environment:
+/// `NEUROSTREAM__KAFKA__CONSUMER__CLIENT_ID=x` sets `kafka.consumer."client.id"`. librdkafka
+/// names are dotted (which figment's nesting would split) and have no underscores, so `_` (or a
+/// literal `.`) in the variable name stands for a dot.
+struct RawClientEnv(Vec<(&'static str, String, String)>);
+
+impl RawClientEnv {
+    fn from_env() -> Self {
+        let vars = std::env::vars().filter_map(|(name, value)| {
+            let key = name.strip_prefix(ENV_PREFIX)?;
+            let (map, property) = raw_client_map(key)?;
+            Some((map, property.to_ascii_lowercase().replace('_', "."), value))
+        });
+        Self(vars.collect())
+    }
+}
+
+impl figment::Provider for RawClientEnv {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("environment variable(s) (raw librdkafka)")
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        use figment::value::{Dict, Value};
+        let mut maps: Dict = Dict::new();
+        for (map, property, value) in &self.0 {
+            let entry = maps
+                .entry((*map).to_string())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if let Value::Dict(_, dict) = entry {
+                dict.insert(property.clone(), Value::from(value.clone()));
+            }
+        }
+        let mut kafka = Dict::new();
+        kafka.insert("kafka".into(), Value::from(maps));
+        Ok(figment::Profile::Default.collect(kafka))
+    }
 }
 
 /// Loads and validates the configuration.
@@ -1376,11 +1432,24 @@ fn mask(value: &str) -> String {
 }
 
 fn source_of(figment: &Figment, path: &str) -> String {
-    match figment.find_metadata(path) {
+    // A raw librdkafka key is dotted itself: ask for its map.
+    let lookup = match path.splitn(3, '.').collect::<Vec<_>>()[..] {
+        ["kafka", map @ ("consumer" | "producer"), _] => format!("kafka.{map}"),
+        _ => path.to_string(),
+    };
+    match figment.find_metadata(&lookup) {
         Some(meta) if meta.name.contains("TOML") => match &meta.source {
             Some(source) => format!("file {source}"),
             None => "file".into(),
         },
+        Some(meta) if meta.name.contains("raw librdkafka") => {
+            format!(
+                "env {ENV_PREFIX}{}",
+                path.to_ascii_uppercase()
+                    .replacen('.', "__", 2)
+                    .replace('.', "_")
+            )
+        }
         Some(meta) if meta.name.contains("environment") || meta.name.contains("env") => {
             format!(
                 "env {ENV_PREFIX}{}",
@@ -1513,6 +1582,34 @@ mod tests {
             "figment's profile leaks: {text}"
         );
         assert_eq!(err.0.len(), 8, "{text}");
+    }
+
+    #[test]
+    fn raw_librdkafka_properties_come_from_the_environment_with_their_dots() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("NEUROSTREAM__KAFKA__CONSUMER__CLIENT_ID", "pod-7");
+            jail.set_env("NEUROSTREAM__KAFKA__PRODUCER__QUEUE.BUFFERING.MAX.MS", "3");
+            jail.set_env("NEUROSTREAM__KAFKA__BROKERS", "b1:9092");
+            let loaded = load(None).map_err(|e| e.to_string())?;
+            let k = &loaded.config.kafka;
+            assert_eq!(
+                k.consumer.get("client.id").map(String::as_str),
+                Some("pod-7")
+            );
+            assert_eq!(
+                k.producer.get("queue.buffering.max.ms").map(String::as_str),
+                Some("3")
+            );
+            assert_eq!(k.brokers, "b1:9092");
+            let described = loaded.config.describe(&loaded.figment);
+            assert!(
+                described.contains(
+                    "kafka.consumer.client.id = \"pod-7\"  # env NEUROSTREAM__KAFKA__CONSUMER__CLIENT_ID"
+                ),
+                "{described}"
+            );
+            Ok(())
+        });
     }
 
     #[test]

@@ -219,6 +219,8 @@ fn main() -> ExitCode {
             }
         }
     });
+    // NB: a blocked librdkafka call (brokers unreachable at shutdown) must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(2));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

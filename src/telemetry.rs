@@ -209,6 +209,22 @@ pub fn register_topic(topic: &str) {
     }
 }
 
+/// Sets a revoked partition's gauges back to 0: the next owner exports the partition now, and
+/// a stale value here (a lag, a stuck batch) would keep alerts firing.
+pub fn clear_partition(topic: &str, partition: i32) {
+    let (t, p) = (topic.to_string(), partition.to_string());
+    for name in [
+        CONSUMER_LAG,
+        ACTIVE_CLUSTERS,
+        CHECKPOINT_BYTES,
+        STATE_KEYS,
+        STATE_OPEN_WINDOWS,
+        BATCH_RETRYING_SECONDS,
+    ] {
+        metrics::gauge!(name, "topic" => t.clone(), "partition" => p.clone()).set(0.0);
+    }
+}
+
 /// Registers an assigned partition's series at zero.
 pub fn register_partition(topic: &str, partition: i32) {
     let (t, p) = (topic.to_string(), partition.to_string());

@@ -310,6 +310,7 @@ impl IntakeContext {
         let drained = self.runtime.block_on(futures::future::join_all(joins));
         for tp in &drained {
             self.shared.progress.set_assigned(&tp.0, tp.1, false);
+            tm::clear_partition(&tp.0, tp.1);
         }
         offsets::commit_now(consumer);
         metrics::gauge!(tm::ASSIGNED_PARTITIONS).set(self.lock_workers().len() as f64);
