@@ -1585,6 +1585,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail closure returns figment::Error
     fn raw_librdkafka_properties_come_from_the_environment_with_their_dots() {
         figment::Jail::expect_with(|jail| {
             jail.set_env("NEUROSTREAM__KAFKA__CONSUMER__CLIENT_ID", "pod-7");
