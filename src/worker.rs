@@ -222,7 +222,7 @@ impl PartitionWorker {
         };
         let config = &ctx.config;
         let max_bytes = config.kafka.max_event_bytes;
-        let processor = match &checkpoint {
+        let mut processor = match &checkpoint {
             Some(c) => {
                 match Processor::restore(&config.processing, max_bytes, id.partition, &c.state) {
                     Ok(p) => p,
@@ -237,12 +237,11 @@ impl PartitionWorker {
             }
             None => Processor::new(&config.processing, max_bytes, id.partition),
         };
-        let mut processor = processor;
         processor.resume_idle_clocks(wall_clock_ms());
         let position = checkpoint.as_ref().map(|c| c.next_offset);
         info!(next_offset = ?position, epoch, "partition worker started");
         ctx.progress.set_restored(&id.topic, id.partition, position);
-        let id_for_metrics = id.clone();
+        let metrics = WorkerMetrics::new(&id);
         let mut worker = PartitionWorker {
             batch_rows: config.sink_batch_rows(),
             linger: Duration::from_millis(config.sink_linger_ms()),
@@ -255,7 +254,7 @@ impl PartitionWorker {
             position,
             pending: Pending::default(),
             stop: stop.clone(),
-            metrics: WorkerMetrics::new(&id_for_metrics),
+            metrics,
         };
         // Idle close needs wall-clock ticks; a quarter of the shortest idle interval is precise
         // enough without busy-waking.
