@@ -1402,32 +1402,65 @@ fn flatten(value: &serde_json::Value, path: &str, out: &mut Vec<(String, String)
 
 fn is_secret(path: &str) -> bool {
     let p = path.to_ascii_lowercase();
+    let raw = p.starts_with("kafka.consumer.") || p.starts_with("kafka.producer.");
     p.contains("password")
         || p.contains("secret")
         || p.ends_with("postgres.url")
         || p.contains("sasl.jaas")
+        // librdkafka's own keys: key material, tokens and PEM blobs are secrets too.
+        || (raw
+            && ["key", "token", "pem", "credential", "oauthbearer"]
+                .iter()
+                .any(|w| p.contains(w)))
 }
 
+/// A secret as `config` prints it: a URL keeps its shape with the password (in the userinfo or
+/// a `password` query parameter) replaced; anything else is hidden entirely.
 fn mask(value: &str) -> String {
-    // A URL keeps its shape with the password replaced; anything else is hidden entirely.
-    if let Some(at) = value.find('@') {
-        if let Some(scheme) = value.find("://") {
-            let creds = &value[scheme + 3..at];
-            if let Some(colon) = creds.find(':') {
-                return format!(
-                    "{}{}:****{}",
-                    &value[..scheme + 3],
-                    &creds[..colon],
-                    &value[at..]
-                );
-            }
-        }
+    if value == "null" {
         return value.to_string();
     }
-    if value == "null" {
-        value.to_string()
+    let text = value.trim_matches('"');
+    let Some(scheme_end) = text.find("://").map(|i| i + 3) else {
+        return "\"****\"".into();
+    };
+    // The authority ends at the first `/`, `?` or `#` after the scheme; the userinfo at the
+    // authority's LAST `@` (a password may itself contain `@`).
+    let rest = &text[scheme_end..];
+    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_len];
+    let mut out = text[..scheme_end].to_string();
+    match authority.rfind('@') {
+        Some(at) => {
+            let userinfo = &authority[..at];
+            match userinfo.find(':') {
+                Some(colon) => out.push_str(&format!("{}:****", &userinfo[..colon])),
+                None => out.push_str(userinfo),
+            }
+            out.push_str(&authority[at..]);
+        }
+        None => out.push_str(authority),
+    }
+    let tail = &rest[authority_len..];
+    match tail.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.to_ascii_lowercase().contains("password") => {
+                        format!("{k}=****")
+                    }
+                    _ => kv.to_string(),
+                })
+                .collect();
+            out.push_str(&format!("{path}?{}", params.join("&")));
+        }
+        None => out.push_str(tail),
+    }
+    if value.starts_with('"') {
+        format!("\"{out}\"")
     } else {
-        "\"****\"".into()
+        out
     }
 }
 
@@ -1611,6 +1644,25 @@ mod tests {
             );
             Ok(())
         });
+    }
+
+    #[test]
+    fn secrets_are_masked_whatever_they_contain() {
+        assert_eq!(
+            mask("\"postgres://bob:Pa@ss@db.example:5432/app?sslmode=require\""),
+            "\"postgres://bob:****@db.example:5432/app?sslmode=require\""
+        );
+        assert_eq!(
+            mask("\"postgres://bob@db/app?password=hunter2&sslmode=disable\""),
+            "\"postgres://bob@db/app?password=****&sslmode=disable\""
+        );
+        assert_eq!(mask("\"p@ss:word\""), "\"****\"");
+        assert!(is_secret("kafka.consumer.ssl.key.pem"));
+        assert!(is_secret("kafka.producer.sasl.oauthbearer.config"));
+        assert!(is_secret("kafka.consumer.sasl.oauthbearer.client.secret"));
+        assert!(is_secret("kafka.producer.ssl.certificate.pem"));
+        assert!(!is_secret("processing.max_key_bytes"));
+        assert!(!is_secret("kafka.consumer.fetch.wait.max.ms"));
     }
 
     #[test]

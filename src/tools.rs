@@ -117,19 +117,21 @@ pub fn tail(
     from_beginning: bool,
     limit: Option<u64>,
 ) -> anyhow::Result<()> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &config.kafka.brokers)
-        .set(
-            "group.id",
-            format!("neurostream-tail-{}", std::process::id()),
-        )
-        .set("enable.auto.commit", "false")
-        .set(
-            "auto.offset.reset",
-            if from_beginning { "earliest" } else { "latest" },
-        )
-        .create()
-        .context("creating the consumer")?;
+    // The service's consumer settings (brokers, security, raw map), as a throwaway group.
+    let consumer: BaseConsumer =
+        crate::config::ClientSetting::to_client_config(&config.consumer_settings())
+            .set(
+                "group.id",
+                format!("neurostream-tail-{}", std::process::id()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("statistics.interval.ms", "0")
+            .set(
+                "auto.offset.reset",
+                if from_beginning { "earliest" } else { "latest" },
+            )
+            .create()
+            .context("creating the consumer")?;
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;
     let mut seen = 0u64;
