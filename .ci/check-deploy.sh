@@ -728,7 +728,7 @@ else
     skip "kustomize build" "(needs go)"
 fi
 bin="${NEUROSTREAM_BIN:-}"
-for candidate in target/release/neurostream target/debug/neurostream "$(command -v neurostream 2>/dev/null)"; do
+for candidate in target/debug/neurostream target/release/neurostream "$(command -v neurostream 2>/dev/null)"; do
     [ -z "$bin" ] && [ -n "$candidate" ] && [ -x "$candidate" ] && bin="$candidate"
 done
 if [ -n "$bin" ]; then

@@ -218,6 +218,13 @@ impl IntakeContext {
             None => Weak::<IntakeConsumer>::new(),
         };
         let offsets = Offsets::new(weak);
+        {
+            // Messages held for an earlier owner of these partitions are not the new worker's.
+            let mut held = self.lock_held();
+            for tp in &parts {
+                held.remove(tp);
+            }
+        }
         let mut workers = self.lock_workers();
         for (tp, claim) in parts.into_iter().zip(claims) {
             if let Some(old) = workers.remove(&tp) {
