@@ -287,14 +287,9 @@ async fn rebalance_hands_partitions_over_exactly_kafka() {
 /// stored rows are exactly a clean run's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_outage_pauses_then_resumes_exactly_mock() {
-    use neurostream::pgserver::{Durability, PgServer};
-    use neurostream::store::PgStore;
+    use neurostream::pgserver::Durability;
     let broker = Broker::mock();
-    // NB: durable settings: with synchronous_commit=off a crash loses acknowledged commits.
-    let mut server = PgServer::start(Durability::Default).unwrap();
-    let url = server.url("postgres");
-    let store = PgStore::connect_lazy(&url, 4).unwrap();
-    store.migrate().await.unwrap();
+    let (mut server, url, store) = own_postgres().await;
     let mut config = config_for(&broker, 2, &url).await;
     config.postgres.retry_max_backoff_ms = 200;
     let first: Vec<Vec<Vec<u8>>> = (0..2).map(|p| stream(p, 1_000)).collect();
@@ -320,13 +315,9 @@ async fn postgres_outage_pauses_then_resumes_exactly_mock() {
 /// ahead of where the consumer group would start); nothing is processed twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitions_assigned_while_postgres_is_down_start_at_their_checkpoints() {
-    use neurostream::pgserver::{Durability, PgServer};
-    use neurostream::store::PgStore;
+    use neurostream::pgserver::Durability;
     let broker = Broker::mock();
-    let mut server = PgServer::start(Durability::Default).unwrap();
-    let url = server.url("postgres");
-    let store = PgStore::connect_lazy(&url, 4).unwrap();
-    store.migrate().await.unwrap();
+    let (mut server, url, store) = own_postgres().await;
     let mut config = config_for(&broker, 2, &url).await;
     config.postgres.retry_max_backoff_ms = 200;
     let first: Vec<Vec<Vec<u8>>> = (0..2).map(|p| stream(p, 1_000)).collect();

@@ -22,8 +22,7 @@ use common::kafka::KafkaCluster;
 use common::*;
 use neurostream::config::Config;
 use neurostream::output::Output;
-use neurostream::pgserver::{Durability, PgServer};
-use neurostream::store::PgStore;
+use neurostream::pgserver::Durability;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
@@ -139,8 +138,10 @@ fn wait_new_leader(kafka: &KafkaCluster, topic: &str, partition: i32, dead: i32)
     }
 }
 
-async fn cluster_and_config(partitions: i32, db_url: &str) -> (KafkaCluster, Config) {
-    let kafka = KafkaCluster::start(3);
+/// A three-broker cluster with the input topic (replication 3) and a service configuration for
+/// it, or `None` (test skipped) when the Kafka jars are not installed and not required.
+async fn cluster_and_config(partitions: i32, db_url: &str) -> Option<(KafkaCluster, Config)> {
+    let kafka = KafkaCluster::start_or_skip(3)?;
     let mut config = base_config(&kafka.bootstrap(), db_url);
     kafka
         .create_topic(&config.kafka.input_topics[0], partitions, 3)
@@ -149,22 +150,16 @@ async fn cluster_and_config(partitions: i32, db_url: &str) -> (KafkaCluster, Con
     config.kafka.topic_replication_factor = Some(3);
     config.kafka.topic_partitions = Some(1);
     config.postgres.retry_max_backoff_ms = 500;
-    (kafka, config)
+    Some((kafka, config))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_an_input_leader_killed_mid_stream_keeps_rows_exact() {
-    if common::kafka::kafka_libs().is_none() {
-        assert!(
-            std::env::var_os("NEUROSTREAM_REQUIRE_KAFKA").is_none(),
-            "NEUROSTREAM_REQUIRE_KAFKA is set but the Kafka jars are missing"
-        );
-        println!("SKIPPED: Apache Kafka jars not installed (run .ci/install-kafka.sh)");
-        return;
-    }
     let _serial = SERIAL.lock().await;
     let (url, store) = fresh_db().await;
-    let (mut kafka, config) = cluster_and_config(2, &url).await;
+    let Some((mut kafka, config)) = cluster_and_config(2, &url).await else {
+        return;
+    };
     let topic = config.kafka.input_topics[0].clone();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("neurostream.toml");
@@ -206,21 +201,11 @@ async fn failover_an_input_leader_killed_mid_stream_keeps_rows_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_kills_rebalances_outages_and_failover_leave_every_row_exact() {
-    if common::kafka::kafka_libs().is_none() {
-        assert!(
-            std::env::var_os("NEUROSTREAM_REQUIRE_KAFKA").is_none(),
-            "NEUROSTREAM_REQUIRE_KAFKA is set but the Kafka jars are missing"
-        );
-        println!("SKIPPED: Apache Kafka jars not installed (run .ci/install-kafka.sh)");
-        return;
-    }
     let _serial = SERIAL.lock().await;
-    // NB: durable settings: with synchronous_commit=off a crash loses acknowledged commits.
-    let mut pg = PgServer::start(Durability::Default).unwrap();
-    let url = pg.url("postgres");
-    let store = PgStore::connect_lazy(&url, 4).unwrap();
-    store.migrate().await.unwrap();
-    let (mut kafka, config) = cluster_and_config(4, &url).await;
+    let (mut pg, url, store) = own_postgres().await;
+    let Some((mut kafka, config)) = cluster_and_config(4, &url).await else {
+        return;
+    };
     let topic = config.kafka.input_topics[0].clone();
     let group = config.kafka.group_id.clone();
     let dir = tempfile::tempdir().unwrap();

@@ -41,6 +41,16 @@ pub async fn fresh_db() -> (String, PgStore) {
     (url, store)
 }
 
+/// A private PostgreSQL server of the test's own (to kill and restart), with durable settings
+/// (with `synchronous_commit=off` a crash loses acknowledged commits), migrated.
+pub async fn own_postgres() -> (PgServer, String, PgStore) {
+    let server = PgServer::start(Durability::Default).expect("private PostgreSQL starts");
+    let url = server.url("postgres");
+    let store = PgStore::connect_lazy(&url, 4).unwrap();
+    store.migrate().await.unwrap();
+    (server, url, store)
+}
+
 /// A process-unique suffix for topic, group and database names.
 pub fn unique() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
