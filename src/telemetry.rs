@@ -231,15 +231,7 @@ pub fn register_partition(topic: &str, partition: i32) {
     for name in [MESSAGES_CONSUMED_TOTAL, EVENTS_TOTAL] {
         metrics::counter!(name, "topic" => t.clone(), "partition" => p.clone()).absolute(0);
     }
-    for name in [
-        ACTIVE_CLUSTERS,
-        CHECKPOINT_BYTES,
-        STATE_KEYS,
-        STATE_OPEN_WINDOWS,
-        BATCH_RETRYING_SECONDS,
-    ] {
-        metrics::gauge!(name, "topic" => t.clone(), "partition" => p.clone()).set(0.0);
-    }
+    clear_partition(topic, partition);
 }
 
 /// One partition's status, for `/status`, `/ready` and the demo's progress line.

@@ -316,17 +316,11 @@ pub async fn stored_rows(store: &PgStore) -> Vec<WindowRow> {
 pub async fn wait_for_checkpoints(store: &PgStore, group: &str, ends: &[i64], timeout: Duration) {
     let started = Instant::now();
     loop {
-        let rows: Vec<(i32, i64)> = sqlx::query_as(
-            "SELECT partition, next_offset FROM partition_checkpoints WHERE group_id = $1",
-        )
-        .bind(group)
-        .fetch_all(store.pool())
-        .await
-        .unwrap();
+        let rows = checkpoint_map(store, group).await;
         let done = ends
             .iter()
             .enumerate()
-            .all(|(p, end)| rows.iter().any(|(rp, off)| *rp == p as i32 && off >= end));
+            .all(|(p, end)| rows.get(&(p as i32)).is_some_and(|off| off >= end));
         if done {
             return;
         }
