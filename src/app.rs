@@ -29,6 +29,9 @@ pub enum AppError {
     /// The store could not be opened or rejected data.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The PostgreSQL connection settings are unusable.
+    #[error("{0}")]
+    PostgresSettings(String),
     /// PostgreSQL could not be reached within the start-up wait.
     #[error("cannot reach PostgreSQL: {0}")]
     Postgres(String),
@@ -37,17 +40,19 @@ pub enum AppError {
     Fatal(String),
 }
 
-/// Connects to PostgreSQL and applies migrations (when configured to), retrying while the
-/// database is not reachable yet for up to `wait`.
+/// Connects to PostgreSQL (`postgres.url` with the TLS and password settings over it) and applies
+/// migrations (when configured to), retrying while the database is not reachable yet for up to
+/// `wait`.
 ///
 /// # Errors
-/// [`AppError::Store`] when the URL is unusable, migrations fail, or the database stays away.
-pub async fn open_postgres(
-    config: &Config,
-    url: &str,
-    wait: Duration,
-) -> Result<PgStore, AppError> {
-    let store = PgStore::connect_lazy(url, config.postgres.pool_max)?;
+/// [`AppError::PostgresSettings`] when the URL is unset or unusable, [`AppError::Store`] when
+/// migrations fail, [`AppError::Postgres`] when the database stays away.
+pub async fn open_postgres(config: &Config, wait: Duration) -> Result<PgStore, AppError> {
+    let options = config
+        .postgres
+        .connect_options()
+        .map_err(AppError::PostgresSettings)?;
+    let store = PgStore::connect_lazy_with(options.clone(), config.postgres.pool_max);
     if config.postgres.migrate_on_start {
         let started = std::time::Instant::now();
         loop {
@@ -65,7 +70,7 @@ pub async fn open_postgres(
                     // NB: the pool only says it timed out; one direct connection says why
                     // (connection refused, authentication, unknown database, ...).
                     use sqlx::Connection as _;
-                    let why = match sqlx::PgConnection::connect(url).await {
+                    let why = match sqlx::PgConnection::connect_with(&options).await {
                         Ok(_) => "the database accepted a direct connection but the pool timed out"
                             .to_string(),
                         Err(err) => err.to_string(),

@@ -14,6 +14,10 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+pub mod security;
+
+pub use security::{KafkaProtocol, PgSslMode, SaslMechanism, Secret, SecurityConfig};
+
 /// Prefix of environment overrides; `__` separates nesting levels.
 pub const ENV_PREFIX: &str = "NEUROSTREAM__";
 
@@ -158,20 +162,6 @@ impl OutputTopics {
             &self.dlq,
         ]
     }
-}
-
-/// Kafka security settings; passwords are masked when printed.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct SecurityConfig {
-    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`; unset: librdkafka's default.
-    pub protocol: Option<String>,
-    /// `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`.
-    pub sasl_mechanism: Option<String>,
-    /// SASL user.
-    pub sasl_username: Option<String>,
-    /// SASL password (secret).
-    pub sasl_password: Option<String>,
 }
 
 /// A named trade-off between latency and throughput. It never trades durability.
@@ -543,7 +533,24 @@ pub enum LatePolicy {
 #[serde(deny_unknown_fields, default)]
 pub struct PostgresConfig {
     /// `postgres://user:password@host:port/db` (secret: the password is masked when printed).
-    pub url: Option<String>,
+    /// libpq's `sslmode`, `sslrootcert`, `sslcert` and `sslkey` parameters work in it too.
+    pub url: Option<Secret>,
+    /// A file holding the URL (a mounted secret); instead of `url`.
+    pub url_file: Option<std::path::PathBuf>,
+    /// The password, when the URL carries none (secret); it wins over the URL's.
+    pub password: Option<Secret>,
+    /// A file holding the password; instead of `password`.
+    pub password_file: Option<std::path::PathBuf>,
+    /// `disable`, `allow`, `prefer`, `require`, `verify-ca` or `verify-full` (libpq's
+    /// `sslmode`); unset: the URL's, else `prefer`.
+    pub ssl_mode: Option<PgSslMode>,
+    /// PEM file of the CA certificate(s) that signed the server's certificate (`verify-ca`,
+    /// `verify-full`); unset: the system's trust store.
+    pub ssl_root_cert: Option<std::path::PathBuf>,
+    /// PEM file of this client's certificate, for servers that require one.
+    pub ssl_cert: Option<std::path::PathBuf>,
+    /// PEM file (PKCS#8) of this client's private key.
+    pub ssl_key: Option<std::path::PathBuf>,
     /// Connection pool size.
     pub pool_max: u32,
     /// Output rows that trigger a flush; unset: from the profile.
@@ -563,6 +570,13 @@ impl Default for PostgresConfig {
     fn default() -> Self {
         Self {
             url: None,
+            url_file: None,
+            password: None,
+            password_file: None,
+            ssl_mode: None,
+            ssl_root_cert: None,
+            ssl_cert: None,
+            ssl_key: None,
             pool_max: 8,
             batch_rows: None,
             linger_ms: None,
@@ -773,9 +787,12 @@ pub fn load_figment(figment: Figment) -> Result<Loaded, ConfigErrors> {
             }
         }
     };
-    let Some(config) = config else {
+    let Some(mut config) = config else {
         return Err(ConfigErrors(problems));
     };
+    // Secrets from files are read now, so a missing or unreadable one is reported with the rest.
+    config.kafka.security.read_secret_files(&mut problems);
+    config.postgres.read_secret_files(&mut problems);
     if let Err(ConfigErrors(more)) = config.validate() {
         // A value that had the wrong type was replaced by its default: its checks say nothing.
         problems.extend(more.into_iter().filter(|m| {
@@ -1035,7 +1052,7 @@ impl Config {
                 let mut single = rdkafka::ClientConfig::new();
                 single.set(&s.key, &s.value);
                 if let Err(err) = single.create_native_config() {
-                    let why = if is_secret(&s.key) {
+                    let why = if is_secret_property(&s.key) {
                         "invalid value (masked)".to_string()
                     } else {
                         err.to_string()
@@ -1131,12 +1148,9 @@ impl Config {
                 ));
             }
         }
+        self.kafka.security.check(&mut p);
         let pg = &self.postgres;
-        if let Some(url) = &pg.url {
-            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                p.push("postgres.url must start with postgres:// or postgresql://".into());
-            }
-        }
+        pg.check(&mut p);
         if pg.pool_max == 0 {
             p.push("postgres.pool_max must be at least 1".into());
         }
@@ -1289,17 +1303,8 @@ impl Config {
     }
 
     fn security(&self, out: &mut Settings) {
-        let sec = &self.kafka.security;
-        let pairs = [
-            ("security.protocol", &sec.protocol),
-            ("sasl.mechanism", &sec.sasl_mechanism),
-            ("sasl.username", &sec.sasl_username),
-            ("sasl.password", &sec.sasl_password),
-        ];
-        for (key, value) in pairs {
-            if let Some(v) = value {
-                out.set(key, v, "kafka.security");
-            }
+        for (key, value) in self.kafka.security.client_properties() {
+            out.set(key, &value, "kafka.security");
         }
     }
 
@@ -1333,7 +1338,7 @@ impl Config {
         ] {
             out.push_str(&format!("\n# effective {title} properties\n"));
             for s in settings {
-                let shown = if is_secret(&s.key) {
+                let shown = if is_secret_property(&s.key) {
                     mask(&format!("{:?}", s.value))
                 } else {
                     format!("{:?}", s.value)
@@ -1402,16 +1407,26 @@ fn flatten(value: &serde_json::Value, path: &str, out: &mut Vec<(String, String)
 
 fn is_secret(path: &str) -> bool {
     let p = path.to_ascii_lowercase();
+    if p.ends_with("_file") {
+        // The path of a mounted secret, not the secret.
+        return false;
+    }
     let raw = p.starts_with("kafka.consumer.") || p.starts_with("kafka.producer.");
     p.contains("password")
         || p.contains("secret")
         || p.ends_with("postgres.url")
         || p.contains("sasl.jaas")
+        || p.ends_with("ssl_key_pem")
         // librdkafka's own keys: key material, tokens and PEM blobs are secrets too.
         || (raw
             && ["key", "token", "pem", "credential", "oauthbearer"]
                 .iter()
                 .any(|w| p.contains(w)))
+}
+
+/// A librdkafka property (`ssl.key.pem`) judged like a raw-map key.
+fn is_secret_property(key: &str) -> bool {
+    is_secret(&format!("kafka.consumer.{key}"))
 }
 
 /// A secret as `config` prints it: a URL keeps its shape with the password (in the userinfo or
@@ -1731,19 +1746,141 @@ mod tests {
             r#"
             [postgres]
             url = "postgres://app:hunter2@db:5432/ns"
+            password = "pg-pass-77"
             [kafka.security]
+            protocol = "SASL_SSL"
+            sasl_mechanism = "scram-sha-512"
+            sasl_username = "app"
             sasl_password = "s3cret"
+            ssl_key_pem = "-----BEGIN PRIVATE KEY-----inline-key-material"
+            ssl_key_password = "key-pass-42"
+            [kafka.consumer]
+            "sasl.oauthbearer.client.secret" = "oauth-9"
             "#,
         ));
-        let loaded = load_figment(figment).unwrap();
-        let text = loaded.config.describe(&loaded.figment);
-        assert!(!text.contains("hunter2"), "{text}");
-        assert!(!text.contains("s3cret"), "{text}");
+        // The client key does not parse (it is not a key): reported without its contents.
+        let err = load_figment(figment.clone()).unwrap_err().to_string();
+        assert!(err.contains("kafka.security.ssl_key_pem"), "{err}");
+        let secrets = [
+            "hunter2",
+            "pg-pass-77",
+            "s3cret",
+            "inline-key-material",
+            "key-pass-42",
+            "oauth-9",
+        ];
+        for s in secrets {
+            assert!(!err.contains(s), "{s} in {err}");
+        }
+        let figment = figment.merge(Toml::string(
+            "[kafka.security]\nssl_key_pem = \"\"\nssl_key_password = \"\"",
+        ));
+        let mut config: Config = figment.extract().unwrap();
+        config.kafka.security.ssl_key_pem = Some(Secret::new("inline-key-material"));
+        config.kafka.security.ssl_key_password = Some(Secret::new("key-pass-42"));
+        let debug = format!("{config:?}");
+        let text = config.describe(&figment);
+        for s in secrets {
+            assert!(!text.contains(s), "{s} in {text}");
+            assert!(!debug.contains(s) || s == "oauth-9", "{s} in {debug}");
+        }
+        assert!(
+            text.contains("sasl.mechanism = \"SCRAM-SHA-512\"  # kafka.security"),
+            "{text}"
+        );
         assert!(text.contains("postgres://app:****@db:5432/ns"), "{text}");
         assert!(
             text.contains("kafka.brokers = \"localhost:9092\"  # default"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_problems_come_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let password = dir.path().join("password");
+        std::fs::write(&password, "from-a-file\n").unwrap();
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let loaded = from_toml(&format!(
+            r#"
+            [kafka.security]
+            protocol = "sasl_plaintext"
+            sasl_mechanism = "PLAIN"
+            sasl_username = "u"
+            sasl_password_file = "{}"
+            [postgres]
+            url = "postgres://u@db/ns"
+            password_file = "{}"
+            "#,
+            password.display(),
+            password.display()
+        ))
+        .unwrap();
+        let sec = &loaded.config.kafka.security;
+        assert_eq!(sec.sasl_password.as_ref().unwrap().expose(), "from-a-file");
+        let pg = &loaded.config.postgres;
+        assert_eq!(pg.password.as_ref().unwrap().expose(), "from-a-file");
+        let text = loaded.config.describe(&loaded.figment);
+        assert!(!text.contains("from-a-file"), "{text}");
+        assert!(text.contains(&password.display().to_string()), "paths are shown: {text}");
+
+        let err = from_toml(&format!(
+            r#"
+            [kafka.security]
+            protocol = "bogus"
+            sasl_mechanism = "GSSAPI"
+            ssl_ca_location = "/nonexistent/ca.pem"
+            [postgres]
+            url = "postgres://u@db/ns"
+            password = "p"
+            password_file = "{}"
+            url_file = "/nonexistent/url"
+            ssl_mode = "verify-everything"
+            "#,
+            empty.display()
+        ))
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "unknown security protocol `bogus`",
+            "unknown SASL mechanism `GSSAPI`",
+            "postgres.password and postgres.password_file are both set",
+            "postgres.url and postgres.url_file are both set",
+            "unknown sslmode `verify-everything`",
+        ] {
+            assert!(err.contains(want), "missing `{want}` in:\n{err}");
+        }
+
+        let err = from_toml(&format!(
+            r#"
+            [kafka.security]
+            protocol = "SASL_SSL"
+            ssl_ca_location = "/nonexistent/ca.pem"
+            ssl_certificate_location = "{}"
+            [postgres]
+            password_file = "{}"
+            ssl_root_cert = "{}"
+            "#,
+            password.display(),
+            empty.display(),
+            password.display()
+        ))
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "kafka.security.sasl_mechanism is required with protocol sasl_ssl",
+            "kafka.security.sasl_username is required",
+            "kafka.security.sasl_password (or sasl_password_file) is required",
+            "kafka.security.ssl_ca_location: cannot read /nonexistent/ca.pem",
+            "kafka.security.ssl_certificate_location is set without its private key",
+            "postgres.password_file",
+            "is empty",
+            "postgres.ssl_root_cert: not a PEM certificate",
+        ] {
+            assert!(err.contains(want), "missing `{want}` in:\n{err}");
+        }
+        assert!(!err.contains("from-a-file"), "{err}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Profile, WindowConfig};
+use crate::config::{Config, Profile, Secret, WindowConfig};
 use crate::generator::{Generator, GeneratorConfig};
 use crate::kafka::producer::InFlight;
 use crate::pgserver::{Durability, PgServer, PgServerError};
@@ -120,12 +120,10 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
             Err(err) => return Err(err).context("starting the private PostgreSQL server"),
         },
     };
-    config.postgres.url = url.clone();
+    config.postgres.url = url.clone().map(Secret::from);
     config.validate()?;
     let store = match &url {
-        Some(url) => {
-            Store::Postgres(crate::app::open_postgres(&config, url, Duration::from_secs(30)).await?)
-        }
+        Some(_) => Store::Postgres(crate::app::open_postgres(&config, Duration::from_secs(30)).await?),
         None => Store::Memory(MemoryStore::default()),
     };
 

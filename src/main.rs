@@ -230,16 +230,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn database_url(config: &config::Config) -> anyhow::Result<&str> {
-    config.postgres.url.as_deref().ok_or_else(|| {
-        anyhow::anyhow!(
-            "postgres.url is not set (config file [postgres] url = … or NEUROSTREAM__POSTGRES__URL)"
-        )
-    })
-}
-
 async fn run(config: config::Config) -> anyhow::Result<()> {
-    let url = database_url(&config)?;
+    // An unset URL is reported before anything listens.
+    config
+        .postgres
+        .connect_options()
+        .map_err(|e| anyhow::anyhow!(e))?;
     let progress = Arc::new(Progress::default());
     let shutdown = CancellationToken::new();
     // The port first: a taken port is a start-up error, reported before waiting on anything.
@@ -260,7 +256,7 @@ async fn run(config: config::Config) -> anyhow::Result<()> {
             }
         });
     }
-    let store = Store::Postgres(app::open_postgres(&config, url, Duration::from_secs(60)).await?);
+    let store = Store::Postgres(app::open_postgres(&config, Duration::from_secs(60)).await?);
     {
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -286,10 +282,9 @@ async fn wait_for_signal() {
 }
 
 async fn migrate(config: &config::Config) -> anyhow::Result<()> {
-    let url = database_url(config)?;
     let mut config = config.clone();
     config.postgres.migrate_on_start = true;
-    app::open_postgres(&config, url, Duration::from_secs(30)).await?;
+    app::open_postgres(&config, Duration::from_secs(30)).await?;
     println!("migrations applied");
     Ok(())
 }

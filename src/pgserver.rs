@@ -273,6 +273,49 @@ impl PgServer {
         self.spawn(durability)
     }
 
+    /// Turns TLS on: installs `cert_pem` (the server's certificate, chain allowed) and `key_pem`
+    /// (its key, mode 0600 as PostgreSQL demands) in the data directory, replaces `pg_hba.conf`
+    /// with `hba` (for example `hostssl all all 127.0.0.1/32 scram-sha-256`), and restarts.
+    ///
+    /// # Errors
+    /// [`PgServerError`] when a file cannot be written or the server does not come back.
+    pub fn enable_tls(
+        &mut self,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        hba: &str,
+        durability: Durability,
+    ) -> Result<(), PgServerError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        self.stop_with("fast");
+        let data = self.data_dir();
+        let files = [
+            ("server.crt", cert_pem, 0o644),
+            ("server.key", key_pem, 0o600),
+            ("pg_hba.conf", hba.as_bytes(), 0o600),
+        ];
+        for (name, bytes, mode) in files {
+            let path = data.join(name);
+            std::fs::write(&path, bytes).map_err(|e| step("writing a TLS file", e))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| step("setting a TLS file's mode", e))?;
+            if let Some((uid, gid)) = self.user {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                    .map_err(|e| step("handing a TLS file to postgres", e))?;
+            }
+        }
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(data.join("postgresql.auto.conf"))
+            .map_err(|e| step("opening postgresql.auto.conf", e))?;
+        std::io::Write::write_all(
+            &mut conf,
+            b"ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+        )
+        .map_err(|e| step("writing postgresql.auto.conf", e))?;
+        self.spawn(durability)
+    }
+
     fn stop_with(&mut self, mode: &str) {
         if let Some(mut child) = self.child.take() {
             let mut ctl = Command::new(self.bin.join("pg_ctl"));

@@ -296,16 +296,20 @@ impl PgStore {
     /// # Errors
     /// [`StoreError::Fatal`] when the URL cannot be parsed.
     pub fn connect_lazy(url: &str, pool_max: u32) -> Result<Self, StoreError> {
-        let options = PgConnectOptions::from_str(url)
-            .map_err(StoreError::Fatal)?
-            // NB: `CREATE TEMP TABLE IF NOT EXISTS` answers every batch with a NOTICE that sqlx
-            // logs at INFO; notices carry nothing the service acts on.
-            .options([("client_min_messages", "warning")]);
+        let options = PgConnectOptions::from_str(url).map_err(StoreError::Fatal)?;
+        Ok(Self::connect_lazy_with(options, pool_max))
+    }
+
+    /// [`PgStore::connect_lazy`] with options built already (TLS, a separate password).
+    pub fn connect_lazy_with(options: PgConnectOptions, pool_max: u32) -> Self {
+        // NB: `CREATE TEMP TABLE IF NOT EXISTS` answers every batch with a NOTICE that sqlx
+        // logs at INFO; notices carry nothing the service acts on.
+        let options = options.options([("client_min_messages", "warning")]);
         let pool = PgPoolOptions::new()
             .max_connections(pool_max)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options);
-        Ok(Self { pool })
+        Self { pool }
     }
 
     /// The pool, for queries of the caller's own (demo report, tests).

@@ -6,12 +6,11 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use rdkafka::ClientConfig;
-
-use crate::config::Config;
+use rdkafka::producer::{BaseProducer, FutureProducer, FutureRecord, Producer};
+use crate::config::{ClientSetting, Config};
 use crate::generator::{Generator, GeneratorConfig};
 use crate::kafka::producer::InFlight;
+use crate::kafka::{fetch_metadata, CheckContext, TopicError};
 
 /// What `produce` sends.
 #[derive(Debug, Clone)]
@@ -33,27 +32,26 @@ pub struct ProduceOptions {
 /// # Errors
 /// When the producer cannot be created, the file cannot be read, or a message is not delivered.
 pub async fn produce(config: &Config, opts: ProduceOptions) -> anyhow::Result<u64> {
-    let mut client = ClientConfig::new();
-    for s in config.producer_settings() {
-        client.set(&s.key, &s.value);
-    }
-    let producer: FutureProducer = client.create().context("creating the producer")?;
-    // NB: librdkafka queues messages for a missing topic until they time out; say so up front.
+    // NB: librdkafka queues messages for a missing topic until they time out; say so up front
+    // (and fail at once on refused credentials or TLS).
     let exists = {
-        let (producer, topic) = (producer.clone(), opts.topic.clone());
+        let (settings, topic) = (config.producer_settings(), opts.topic.clone());
+        let brokers = config.kafka.brokers.clone();
         tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(Some(&topic), Duration::from_secs(15))
-                .map(|m| {
-                    m.topics()
-                        .iter()
-                        .any(|t| t.name() == topic && t.error().is_none())
-                })
+            let probe: BaseProducer<CheckContext> = ClientSetting::to_client_config(&settings)
+                .create_with_context(CheckContext::default())
+                .map_err(TopicError::Client)?;
+            fetch_metadata(probe.client(), Some(&topic), &brokers).map(|m| {
+                m.topics()
+                    .iter()
+                    .any(|t| t.name() == topic && t.error().is_none())
+            })
         })
-        .await?
-        .with_context(|| format!("cannot reach the Kafka brokers `{}`", config.kafka.brokers))?
+        .await??
     };
+    let producer: FutureProducer = ClientSetting::to_client_config(&config.producer_settings())
+        .create()
+        .context("creating the producer")?;
     if !exists {
         anyhow::bail!("topic `{}` does not exist; create it first", opts.topic);
     }
@@ -118,8 +116,8 @@ pub fn tail(
     limit: Option<u64>,
 ) -> anyhow::Result<()> {
     // The service's consumer settings (brokers, security, raw map), as a throwaway group.
-    let consumer: BaseConsumer =
-        crate::config::ClientSetting::to_client_config(&config.consumer_settings())
+    let consumer: BaseConsumer<CheckContext> =
+        ClientSetting::to_client_config(&config.consumer_settings())
             .set(
                 "group.id",
                 format!("neurostream-tail-{}", std::process::id()),
@@ -130,8 +128,11 @@ pub fn tail(
                 "auto.offset.reset",
                 if from_beginning { "earliest" } else { "latest" },
             )
-            .create()
+            .create_with_context(CheckContext::default())
             .context("creating the consumer")?;
+    // Credentials and TLS are checked before subscribing: a refusal is an error, not a stream
+    // of "consumer error" lines.
+    fetch_metadata(consumer.client(), None, &config.kafka.brokers)?;
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;
     let mut seen = 0u64;

@@ -5,28 +5,42 @@ pub mod client_log;
 pub mod intake;
 pub mod producer;
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{Client, ClientContext, DefaultClientContext};
+use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::KafkaError;
+use rdkafka::metadata::Metadata;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 
 use crate::config::{ClientSetting, Config};
+use client_log::ClientLog;
 
 /// Why the topics the service needs are not usable.
 #[derive(Debug, thiserror::Error)]
 pub enum TopicError {
     /// No broker answered a metadata request.
-    #[error("cannot reach the Kafka brokers `{brokers}`: {source}")]
+    #[error("cannot reach the Kafka brokers `{brokers}`: {reason}")]
     Unreachable {
         /// Bootstrap servers.
         brokers: String,
-        /// librdkafka's error.
-        #[source]
-        source: KafkaError,
+        /// librdkafka's last reason (a refused connection, a timeout, ...).
+        reason: String,
     },
+    /// The brokers refused this client's credentials or TLS: no retry can fix that.
+    #[error("the Kafka brokers `{brokers}` refused the connection: {reason} (check kafka.security)")]
+    Refused {
+        /// Bootstrap servers.
+        brokers: String,
+        /// librdkafka's reason (authentication failed, certificate verify failed, ...).
+        reason: String,
+    },
+    /// The client could not be created from its properties.
+    #[error("Kafka client: {0}")]
+    Client(#[source] KafkaError),
     /// Input topics that do not exist (the service never creates them).
     #[error("input topic(s) {0:?} do not exist; create them (the service consumes, it does not create inputs)")]
     MissingInput(Vec<String>),
@@ -49,27 +63,19 @@ pub enum TopicError {
 /// # Errors
 /// [`TopicError`], saying which topic and what to do.
 pub async fn prepare_topics(config: &Config) -> Result<(), TopicError> {
-    let brokers = config.kafka.brokers.clone();
-    let unreachable = |source| TopicError::Unreachable {
-        brokers: brokers.clone(),
-        source,
-    };
-    let admin: AdminClient<DefaultClientContext> =
+    let admin: AdminClient<CheckContext> =
         ClientSetting::to_client_config(&config.producer_settings())
-            .create()
-            .map_err(unreachable)?;
+            .create_with_context(CheckContext::default())
+            .map_err(TopicError::Client)?;
     let admin = std::sync::Arc::new(admin);
     let existing: Vec<String> = {
-        let admin = admin.clone();
+        let (admin, brokers) = (admin.clone(), config.kafka.brokers.clone());
         tokio::task::spawn_blocking(move || {
-            admin
-                .inner()
-                .fetch_metadata(None, Duration::from_secs(15))
+            fetch_metadata(admin.inner(), None, &brokers)
                 .map(|m| m.topics().iter().map(|t| t.name().to_string()).collect())
         })
         .await
-        .expect("the metadata request does not panic")
-        .map_err(unreachable)?
+        .expect("the metadata request does not panic")?
     };
     let missing = |names: Vec<&str>| -> Vec<String> {
         names
@@ -105,8 +111,112 @@ pub async fn prepare_topics(config: &Config) -> Result<(), TopicError> {
         .map_err(|(topic, code)| TopicError::CreateFailed { topic, code })
 }
 
+/// How long start-up waits for a broker to answer before giving up.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The client context of the start-up checks and the command-line tools: librdkafka's logs and
+/// errors as the service writes them, and the first authentication or TLS failure remembered,
+/// so that a wrong password, an untrusted CA or a missing client certificate stops at once with
+/// librdkafka's own reason instead of a timeout.
+#[derive(Debug, Default)]
+pub struct CheckContext {
+    log: ClientLog,
+    /// The last reason librdkafka gave, and whether it was a security failure.
+    last: Mutex<Option<(bool, String)>>,
+}
+
+impl CheckContext {
+    /// The first security failure seen, if any.
+    fn refused(&self) -> Option<String> {
+        match &*self.last.lock().expect("never poisoned: nothing panics holding it") {
+            Some((true, reason)) => Some(reason.clone()),
+            _ => None,
+        }
+    }
+
+    fn last_reason(&self) -> Option<String> {
+        let last = self.last.lock().expect("never poisoned: nothing panics holding it");
+        last.as_ref().map(|(_, reason)| reason.clone())
+    }
+}
+
+impl ClientContext for CheckContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        self.log.log(level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.log.error(&error, reason);
+        let security = is_security_failure(&error, reason);
+        let mut last = self.last.lock().expect("never poisoned: nothing panics holding it");
+        // "1/1 brokers are down" says less than the reason before it; a security failure is
+        // kept over any later reason.
+        let informative = error.rdkafka_error_code() != Some(RDKafkaErrorCode::AllBrokersDown);
+        if !matches!(&*last, Some((true, _))) && (informative || last.is_none()) {
+            *last = Some((security, reason.to_string()));
+        }
+    }
+}
+
+impl ConsumerContext for CheckContext {}
+
+impl rdkafka::producer::ProducerContext for CheckContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
+/// Errors no reconnection fixes: the broker refused the credentials, or TLS failed.
+fn is_security_failure(error: &KafkaError, reason: &str) -> bool {
+    use RDKafkaErrorCode as C;
+    match error.rdkafka_error_code() {
+        Some(C::Authentication | C::SSL | C::SaslAuthenticationFailed) => true,
+        // A TLS listener answering a plaintext client, or a broker closing the connection of a
+        // client without the certificate it requires: librdkafka names the likely cause.
+        Some(C::BrokerTransportFailure) => {
+            reason.contains("security.protocol") || reason.contains("SSL")
+        }
+        _ => false,
+    }
+}
+
+/// The cluster's metadata (of `topic`, or of all topics), failing fast on a security failure.
+/// Blocks: call it from a blocking thread.
+///
+/// # Errors
+/// [`TopicError::Refused`] as soon as the brokers refuse the client's credentials or TLS,
+/// [`TopicError::Unreachable`] with librdkafka's last reason after 15 s without an answer.
+pub fn fetch_metadata(
+    client: &Client<CheckContext>,
+    topic: Option<&str>,
+    brokers: &str,
+) -> Result<Metadata, TopicError> {
+    let started = Instant::now();
+    loop {
+        let err = match client.fetch_metadata(topic, Duration::from_millis(500)) {
+            Ok(metadata) => return Ok(metadata),
+            Err(err) => err,
+        };
+        if let Some(reason) = client.context().refused() {
+            return Err(TopicError::Refused {
+                brokers: brokers.to_string(),
+                reason,
+            });
+        }
+        if started.elapsed() >= CONNECT_TIMEOUT {
+            return Err(TopicError::Unreachable {
+                brokers: brokers.to_string(),
+                reason: client
+                    .context()
+                    .last_reason()
+                    .unwrap_or_else(|| err.to_string()),
+            });
+        }
+    }
+}
+
 async fn create_topics(
-    admin: &AdminClient<DefaultClientContext>,
+    admin: &AdminClient<CheckContext>,
     topics: &[&str],
     partitions: i32,
     replication: i32,

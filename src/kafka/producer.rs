@@ -382,14 +382,15 @@ impl InFlight {
     ///
     /// # Errors
     /// The first failed delivery, or a record librdkafka refuses.
-    pub async fn send<K, P>(
+    pub async fn send<K, P, C>(
         &mut self,
-        producer: &FutureProducer,
+        producer: &FutureProducer<C>,
         mut record: FutureRecord<'_, K, P>,
     ) -> Result<(), KafkaError>
     where
         K: rdkafka::message::ToBytes + ?Sized,
         P: rdkafka::message::ToBytes + ?Sized,
+        C: rdkafka::ClientContext + 'static,
     {
         loop {
             match producer.send_result(record) {

@@ -111,6 +111,8 @@ impl Node {
 /// Dropping it kills every JVM and removes the temp dir (kept, and its path printed, when the
 /// drop happens during a panic, so the broker logs can be read).
 pub struct KafkaCluster {
+    /// The secured listeners of a [`KafkaCluster::start_secured`] cluster.
+    secured: Option<SecuredListeners>,
     libs: PathBuf,
     root: PathBuf,
     nodes: Vec<Node>,
@@ -128,7 +130,50 @@ impl KafkaCluster {
     /// node cannot be formatted or started, or with the tail of its log when a node is not ready
     /// within 60 s.
     pub fn start(nodes: usize) -> KafkaCluster {
+        Self::start_with(nodes, None)
+    }
+
+    /// A one-node cluster with two secured listeners beside its PLAINTEXT one (which the
+    /// harness's own admin calls keep using): `SASL_SSL` (SCRAM-SHA-512, SCRAM-SHA-256 and PLAIN
+    /// for user `user`/`password`, the SCRAM credentials created by Kafka's own storage tool at
+    /// format time) and `SSL` requiring a client certificate (mutual TLS). `keystore` holds the
+    /// broker's PKCS#8 key followed by its certificate, `truststore` the CA certificate that
+    /// signs client certificates (PEM files: see `tls::Pki`).
+    pub fn start_secured(
+        keystore: &Path,
+        truststore: &Path,
+        user: &str,
+        password: &str,
+    ) -> KafkaCluster {
+        Self::start_with(
+            1,
+            Some(Secured {
+                keystore: keystore.to_path_buf(),
+                truststore: truststore.to_path_buf(),
+                user: user.to_string(),
+                password: password.to_string(),
+            }),
+        )
+    }
+
+    /// The `SASL_SSL` listener's address (a [`KafkaCluster::start_secured`] cluster).
+    pub fn sasl_ssl_bootstrap(&self) -> String {
+        let s = self.secured.as_ref().expect("a secured cluster");
+        format!("127.0.0.1:{}", s.sasl_ssl_port)
+    }
+
+    /// The mutual-TLS `SSL` listener's address (a [`KafkaCluster::start_secured`] cluster).
+    pub fn ssl_bootstrap(&self) -> String {
+        let s = self.secured.as_ref().expect("a secured cluster");
+        format!("127.0.0.1:{}", s.ssl_port)
+    }
+
+    fn start_with(nodes: usize, secured: Option<Secured>) -> KafkaCluster {
         assert!(nodes >= 1, "a Kafka cluster needs at least one node");
+        assert!(
+            secured.is_none() || nodes == 1,
+            "secured listeners are for one-node clusters"
+        );
         let libs = kafka_libs().unwrap_or_else(|| {
             panic!("Apache Kafka jars not installed: run .ci/install-kafka.sh or set NEUROSTREAM_KAFKA_LIBS")
         });
@@ -140,8 +185,14 @@ impl KafkaCluster {
         // All 2N ports are bound at once, so no two listeners get the same one, then released;
         // the window until the brokers bind them is the usual free-port race, not worth a retry
         // loop in tests.
-        let ports = free_ports(2 * nodes);
+        let ports = free_ports(2 * nodes + 2);
+        let listeners = secured.map(|settings| SecuredListeners {
+            sasl_ssl_port: ports[2 * nodes],
+            ssl_port: ports[2 * nodes + 1],
+            settings,
+        });
         let mut cluster = KafkaCluster {
+            secured: listeners,
             libs,
             root,
             nodes: (0..nodes)
@@ -167,7 +218,10 @@ impl KafkaCluster {
             let dir = cluster.root.join(format!("node-{}", cluster.nodes[i].id));
             fs::create_dir_all(dir.join("data"))
                 .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-            let props = server_properties(&cluster.nodes[i], &dir, &voters, nodes);
+            let mut props = server_properties(&cluster.nodes[i], &dir, &voters, nodes);
+            if let Some(secured) = &cluster.secured {
+                props = secured.apply(&props, cluster.nodes[i].port);
+            }
             fs::write(dir.join("server.properties"), props).unwrap_or_else(|e| {
                 panic!("cannot write {}/server.properties: {e}", dir.display())
             });
@@ -190,6 +244,7 @@ impl KafkaCluster {
                     .arg(n.dir.join("server.properties"))
                     .arg("--cluster-id")
                     .arg(&cluster_id)
+                    .args(cluster.secured.iter().flat_map(|s| s.scram_args()))
                     .stdin(Stdio::null())
                     .stdout(Stdio::piped())
                     .stderr(Stdio::piped());
@@ -573,6 +628,82 @@ impl Drop for KafkaCluster {
         } else {
             let _ = fs::remove_dir_all(&self.root);
         }
+    }
+}
+
+/// What a secured cluster is given: PEM files and the SASL user.
+struct Secured {
+    /// The broker's private key (PKCS#8) followed by its certificate, one PEM file.
+    keystore: PathBuf,
+    /// The CA certificate that signs brokers and clients.
+    truststore: PathBuf,
+    user: String,
+    password: String,
+}
+
+/// The secured listeners' ports and settings.
+struct SecuredListeners {
+    sasl_ssl_port: u16,
+    ssl_port: u16,
+    settings: Secured,
+}
+
+impl SecuredListeners {
+    /// `server.properties` with the secured listeners added to the plain ones.
+    fn apply(&self, props: &str, plain_port: u16) -> String {
+        let s = &self.settings;
+        let (sasl, ssl) = (self.sasl_ssl_port, self.ssl_port);
+        let mut out = String::new();
+        for line in props.lines() {
+            let line = match line.split_once('=') {
+                Some(("listeners", v)) => {
+                    format!("listeners={v},SASL_SSL://127.0.0.1:{sasl},SSL://127.0.0.1:{ssl}")
+                }
+                Some(("advertised.listeners", _)) => format!(
+                    "advertised.listeners=PLAINTEXT://127.0.0.1:{plain_port},\
+                     SASL_SSL://127.0.0.1:{sasl},SSL://127.0.0.1:{ssl}"
+                ),
+                Some(("listener.security.protocol.map", v)) => {
+                    format!("listener.security.protocol.map={v},SASL_SSL:SASL_SSL,SSL:SSL")
+                }
+                _ => line.to_string(),
+            };
+            out.push_str(&line);
+            out.push('\n');
+        }
+        let (user, password) = (&s.user, &s.password);
+        out.push_str(&format!(
+            "\
+# TLS on both secured listeners: PEM key + certificate chain, PEM CA (no JKS, no keytool).
+ssl.keystore.type=PEM
+ssl.keystore.location={keystore}
+ssl.truststore.type=PEM
+ssl.truststore.location={truststore}
+listener.name.ssl.ssl.client.auth=required
+listener.name.sasl_ssl.ssl.client.auth=none
+sasl.enabled.mechanisms=SCRAM-SHA-512,SCRAM-SHA-256,PLAIN
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_{user}=\"{password}\";
+",
+            keystore = s.keystore.display(),
+            truststore = s.truststore.display(),
+        ));
+        out
+    }
+
+    /// The storage tool's arguments creating the SCRAM credentials (Kafka's own tooling).
+    fn scram_args(&self) -> Vec<String> {
+        let s = &self.settings;
+        ["SCRAM-SHA-512", "SCRAM-SHA-256"]
+            .iter()
+            .flat_map(|m| {
+                [
+                    "--add-scram".to_string(),
+                    format!("{m}=[name={},password={}]", s.user, s.password),
+                ]
+            })
+            .collect()
     }
 }
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod tls;
 
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -143,7 +144,7 @@ pub fn base_config(brokers: &str, db_url: &str) -> Config {
     c.kafka.revoke_deadline_ms = 5_000;
     c.kafka.partition_queue_capacity = 64;
     c.profile = Profile::Latency;
-    c.postgres.url = Some(db_url.to_string());
+    c.postgres.url = Some(db_url.into());
     c.postgres.batch_rows = Some(50);
     c.postgres.linger_ms = Some(20);
     c.http.address = None;
