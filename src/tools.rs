@@ -41,7 +41,8 @@ pub async fn produce(config: &Config, opts: ProduceOptions) -> anyhow::Result<u6
             let probe: BaseProducer<CheckContext> = ClientSetting::to_client_config(&settings)
                 .create_with_context(CheckContext::default())
                 .map_err(TopicError::Client)?;
-            fetch_metadata(probe.client(), Some(&topic), &brokers).map(|m| {
+            let drain = || probe.poll(Duration::ZERO);
+            fetch_metadata(probe.client(), drain, Some(&topic), &brokers).map(|m| {
                 m.topics()
                     .iter()
                     .any(|t| t.name() == topic && t.error().is_none())
@@ -132,7 +133,10 @@ pub fn tail(
             .context("creating the consumer")?;
     // Credentials and TLS are checked before subscribing: a refusal is an error, not a stream
     // of "consumer error" lines.
-    fetch_metadata(consumer.client(), None, &config.kafka.brokers)?;
+    let drain = || {
+        let _ = consumer.poll(Duration::ZERO);
+    };
+    fetch_metadata(consumer.client(), drain, None, &config.kafka.brokers)?;
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;
     let mut seen = 0u64;

@@ -13,6 +13,7 @@ use rdkafka::client::{Client, ClientContext, DefaultClientContext};
 use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::KafkaError;
 use rdkafka::metadata::Metadata;
+use rdkafka::producer::{BaseProducer, Producer as _};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 
@@ -63,15 +64,13 @@ pub enum TopicError {
 /// # Errors
 /// [`TopicError`], saying which topic and what to do.
 pub async fn prepare_topics(config: &Config) -> Result<(), TopicError> {
-    let admin: AdminClient<CheckContext> =
-        ClientSetting::to_client_config(&config.producer_settings())
-            .create_with_context(CheckContext::default())
-            .map_err(TopicError::Client)?;
-    let admin = std::sync::Arc::new(admin);
     let existing: Vec<String> = {
-        let (admin, brokers) = (admin.clone(), config.kafka.brokers.clone());
+        let (settings, brokers) = (config.producer_settings(), config.kafka.brokers.clone());
         tokio::task::spawn_blocking(move || {
-            fetch_metadata(admin.inner(), None, &brokers)
+            let probe: BaseProducer<CheckContext> = ClientSetting::to_client_config(&settings)
+                .create_with_context(CheckContext::default())
+                .map_err(TopicError::Client)?;
+            fetch_metadata(probe.client(), || probe.poll(Duration::ZERO), None, &brokers)
                 .map(|m| m.topics().iter().map(|t| t.name().to_string()).collect())
         })
         .await
@@ -106,6 +105,10 @@ pub async fn prepare_topics(config: &Config) -> Result<(), TopicError> {
     let replication = config.kafka.topic_replication_factor.unwrap_or(-1);
     let names: Vec<&str> = outputs.iter().map(String::as_str).collect();
     tracing::info!(topics = ?names, partitions, replication, "creating output topics");
+    let admin: AdminClient<CheckContext> =
+        ClientSetting::to_client_config(&config.producer_settings())
+            .create_with_context(CheckContext::default())
+            .map_err(TopicError::Client)?;
     create_topics(&admin, &names, partitions, replication)
         .await
         .map_err(|(topic, code)| TopicError::CreateFailed { topic, code })
@@ -143,15 +146,25 @@ impl CheckContext {
 impl ClientContext for CheckContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
         self.log.log(level, fac, message);
+        // A broker closing the connection is only logged (facility FAIL), not raised as an
+        // error: it is the only trace of a plaintext client on a TLS listener.
+        if fac == "FAIL" {
+            self.remember(false, true, message);
+        }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
         self.log.error(&error, reason);
-        let security = is_security_failure(&error, reason);
-        let mut last = self.last.lock().expect("never poisoned: nothing panics holding it");
-        // "1/1 brokers are down" says less than the reason before it; a security failure is
-        // kept over any later reason.
+        // "1/1 brokers are down" says less than the reason before it.
         let informative = error.rdkafka_error_code() != Some(RDKafkaErrorCode::AllBrokersDown);
+        self.remember(is_security_failure(&error, reason), informative, reason);
+    }
+}
+
+impl CheckContext {
+    fn remember(&self, security: bool, informative: bool, reason: &str) {
+        let mut last = self.last.lock().expect("never poisoned: nothing panics holding it");
+        // A security failure is kept over any later reason.
         if !matches!(&*last, Some((true, _))) && (informative || last.is_none()) {
             *last = Some((security, reason.to_string()));
         }
@@ -181,13 +194,16 @@ fn is_security_failure(error: &KafkaError, reason: &str) -> bool {
 }
 
 /// The cluster's metadata (of `topic`, or of all topics), failing fast on a security failure.
-/// Blocks: call it from a blocking thread.
+/// `drain` polls the client's main queue (where librdkafka reports errors: `poll` of a
+/// `BaseProducer` or of a `BaseConsumer` not subscribed yet). Blocks: call it from a blocking
+/// thread.
 ///
 /// # Errors
 /// [`TopicError::Refused`] as soon as the brokers refuse the client's credentials or TLS,
 /// [`TopicError::Unreachable`] with librdkafka's last reason after 15 s without an answer.
 pub fn fetch_metadata(
     client: &Client<CheckContext>,
+    drain: impl Fn(),
     topic: Option<&str>,
     brokers: &str,
 ) -> Result<Metadata, TopicError> {
@@ -197,6 +213,7 @@ pub fn fetch_metadata(
             Ok(metadata) => return Ok(metadata),
             Err(err) => err,
         };
+        drain();
         if let Some(reason) = client.context().refused() {
             return Err(TopicError::Refused {
                 brokers: brokers.to_string(),
@@ -204,12 +221,19 @@ pub fn fetch_metadata(
             });
         }
         if started.elapsed() >= CONNECT_TIMEOUT {
+            let mut reason = client
+                .context()
+                .last_reason()
+                .unwrap_or_else(|| err.to_string());
+            if reason.contains("APIVERSION_QUERY") {
+                reason.push_str(
+                    "; a broker that closes the connection at its first request usually expects \
+                     TLS or SASL: check that kafka.security.protocol matches the listener",
+                );
+            }
             return Err(TopicError::Unreachable {
                 brokers: brokers.to_string(),
-                reason: client
-                    .context()
-                    .last_reason()
-                    .unwrap_or_else(|| err.to_string()),
+                reason,
             });
         }
     }
