@@ -1823,7 +1823,10 @@ mod tests {
         assert_eq!(pg.password.as_ref().unwrap().expose(), "from-a-file");
         let text = loaded.config.describe(&loaded.figment);
         assert!(!text.contains("from-a-file"), "{text}");
-        assert!(text.contains(&password.display().to_string()), "paths are shown: {text}");
+        assert!(
+            text.contains(&password.display().to_string()),
+            "paths are shown: {text}"
+        );
 
         let err = from_toml(&format!(
             r#"

@@ -123,7 +123,9 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     config.postgres.url = url.clone().map(Secret::from);
     config.validate()?;
     let store = match &url {
-        Some(_) => Store::Postgres(crate::app::open_postgres(&config, Duration::from_secs(30)).await?),
+        Some(_) => {
+            Store::Postgres(crate::app::open_postgres(&config, Duration::from_secs(30)).await?)
+        }
         None => Store::Memory(MemoryStore::default()),
     };
 

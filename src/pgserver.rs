@@ -274,8 +274,10 @@ impl PgServer {
     }
 
     /// Turns TLS on: installs `cert_pem` (the server's certificate, chain allowed) and `key_pem`
-    /// (its key, mode 0600 as PostgreSQL demands) in the data directory, replaces `pg_hba.conf`
-    /// with `hba` (for example `hostssl all all 127.0.0.1/32 scram-sha-256`), and restarts.
+    /// (its key, mode 0600 as PostgreSQL demands) in the data directory, and `client_ca_pem`
+    /// (the CA that signs client certificates, for `cert` authentication) when given; replaces
+    /// `pg_hba.conf` with `hba` (for example `hostssl all all 127.0.0.1/32 scram-sha-256`), and
+    /// restarts.
     ///
     /// # Errors
     /// [`PgServerError`] when a file cannot be written or the server does not come back.
@@ -283,17 +285,24 @@ impl PgServer {
         &mut self,
         cert_pem: &[u8],
         key_pem: &[u8],
+        client_ca_pem: Option<&[u8]>,
         hba: &str,
         durability: Durability,
     ) -> Result<(), PgServerError> {
         use std::os::unix::fs::PermissionsExt as _;
         self.stop_with("fast");
         let data = self.data_dir();
-        let files = [
+        let mut settings =
+            "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n".to_string();
+        let mut files = vec![
             ("server.crt", cert_pem, 0o644),
             ("server.key", key_pem, 0o600),
             ("pg_hba.conf", hba.as_bytes(), 0o600),
         ];
+        if let Some(ca) = client_ca_pem {
+            files.push(("client-ca.crt", ca, 0o644));
+            settings.push_str("ssl_ca_file = 'client-ca.crt'\n");
+        }
         for (name, bytes, mode) in files {
             let path = data.join(name);
             std::fs::write(&path, bytes).map_err(|e| step("writing a TLS file", e))?;
@@ -308,11 +317,8 @@ impl PgServer {
             .append(true)
             .open(data.join("postgresql.auto.conf"))
             .map_err(|e| step("opening postgresql.auto.conf", e))?;
-        std::io::Write::write_all(
-            &mut conf,
-            b"ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
-        )
-        .map_err(|e| step("writing postgresql.auto.conf", e))?;
+        std::io::Write::write_all(&mut conf, settings.as_bytes())
+            .map_err(|e| step("writing postgresql.auto.conf", e))?;
         self.spawn(durability)
     }
 

@@ -3,14 +3,14 @@
 use std::io::BufRead;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{BaseProducer, FutureProducer, FutureRecord, Producer};
 use crate::config::{ClientSetting, Config};
 use crate::generator::{Generator, GeneratorConfig};
 use crate::kafka::producer::InFlight;
 use crate::kafka::{fetch_metadata, CheckContext, TopicError};
+use anyhow::Context as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, FutureProducer, FutureRecord, Producer};
 
 /// What `produce` sends.
 #[derive(Debug, Clone)]

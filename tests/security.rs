@@ -55,11 +55,18 @@ impl Secured {
             .execute(admin.pool())
             .await
             .unwrap();
+        sqlx::query("CREATE DATABASE certdb")
+            .execute(admin.pool())
+            .await
+            .unwrap();
         admin.pool().close().await;
+        // Database certdb takes a client certificate instead of a password.
         pg.enable_tls(
             &pki.read("server.pem"),
             &pki.read("server.key"),
+            Some(&pki.read("ca.pem")),
             "local all all trust\n\
+             hostssl certdb all 127.0.0.1/32 cert\n\
              hostssl all all 127.0.0.1/32 scram-sha-256\n\
              hostnossl all all 127.0.0.1/32 reject\n",
             Durability::Fast,
@@ -231,7 +238,10 @@ async fn the_pipeline_runs_through_sasl_ssl_and_mutual_tls_with_postgresql_over_
     };
     let mut config = env.config().await;
     // librdkafka's own debug logging, with its configuration dump, and ours at debug.
-    config.kafka.consumer.insert("debug".into(), "security,broker,conf,generic".into());
+    config
+        .kafka
+        .consumer
+        .insert("debug".into(), "security,broker,conf,generic".into());
     config.log.level = "debug".into();
     let messages = vec![stream(0, 240)];
     let (first, second) = messages[0].split_at(120);
@@ -250,14 +260,33 @@ async fn the_pipeline_runs_through_sasl_ssl_and_mutual_tls_with_postgresql_over_
     write_lines(&events, first);
     let out = neurostream(
         &produce_path,
-        &["produce", "--topic", &topic, "--file", events.to_str().unwrap()],
-        &[("NEUROSTREAM__KAFKA__SECURITY__SASL_PASSWORD", KAFKA_PASSWORD)],
+        &[
+            "produce",
+            "--topic",
+            &topic,
+            "--file",
+            events.to_str().unwrap(),
+        ],
+        &[(
+            "NEUROSTREAM__KAFKA__SECURITY__SASL_PASSWORD",
+            KAFKA_PASSWORD,
+        )],
         Duration::from_secs(60),
     );
-    assert!(out.status.success(), "produce over SCRAM-SHA-256:\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "produce over SCRAM-SHA-256:\n{}",
+        text(&out)
+    );
     assert_no_secret("produce", &text(&out));
     let store = env.store(&sasl_path);
-    wait_for_checkpoints(&store, &config.kafka.group_id, &[120], Duration::from_secs(90)).await;
+    wait_for_checkpoints(
+        &store,
+        &config.kafka.group_id,
+        &[120],
+        Duration::from_secs(90),
+    )
+    .await;
     stop(service);
 
     // Phase 2: the same group over mutual TLS (client certificate, encrypted key, passphrase
@@ -274,16 +303,31 @@ async fn the_pipeline_runs_through_sasl_ssl_and_mutual_tls_with_postgresql_over_
     write_lines(&events, second);
     let out = neurostream(
         &mtls_path,
-        &["produce", "--topic", &topic, "--file", events.to_str().unwrap()],
+        &[
+            "produce",
+            "--topic",
+            &topic,
+            "--file",
+            events.to_str().unwrap(),
+        ],
         &passphrase,
         Duration::from_secs(60),
     );
     assert!(out.status.success(), "produce over mTLS:\n{}", text(&out));
-    wait_for_checkpoints(&store, &config.kafka.group_id, &[240], Duration::from_secs(90)).await;
+    wait_for_checkpoints(
+        &store,
+        &config.kafka.group_id,
+        &[240],
+        Duration::from_secs(90),
+    )
+    .await;
     stop(service);
 
     // Rows equal a clean replay of all 240 events.
-    assert_rows_eq(&stored_rows(&store).await, &expected_rows(&config, &messages));
+    assert_rows_eq(
+        &stored_rows(&store).await,
+        &expected_rows(&config, &messages),
+    );
 
     // `tail` reads the outputs through SASL_SSL + PLAIN, the password inline in the file.
     let mut plain = config.clone();
@@ -322,15 +366,22 @@ async fn the_pipeline_runs_through_sasl_ssl_and_mutual_tls_with_postgresql_over_
         );
         assert_no_secret("the service at debug level", &output);
     }
-    let password = [("NEUROSTREAM__KAFKA__SECURITY__SASL_PASSWORD", KAFKA_PASSWORD)];
+    let password = [(
+        "NEUROSTREAM__KAFKA__SECURITY__SASL_PASSWORD",
+        KAFKA_PASSWORD,
+    )];
     let inline = env.write_config("inline.toml", &{
         // Secrets inline in the file, and in the raw librdkafka map.
         let mut c = plain.clone();
         c.kafka.security.sasl_password = Some(KAFKA_PASSWORD.into());
         c.postgres.password_file = None;
         c.postgres.password = Some(PG_PASSWORD.into());
-        c.kafka.producer.insert("sasl.password".into(), KAFKA_PASSWORD.into());
-        c.kafka.consumer.insert("ssl.key.password".into(), CLIENT_KEY_PASSPHRASE.into());
+        c.kafka
+            .producer
+            .insert("sasl.password".into(), KAFKA_PASSWORD.into());
+        c.kafka
+            .consumer
+            .insert("ssl.key.password".into(), CLIENT_KEY_PASSPHRASE.into());
         c
     });
     for (path, env) in [
@@ -340,7 +391,12 @@ async fn the_pipeline_runs_through_sasl_ssl_and_mutual_tls_with_postgresql_over_
         (&inline, &[][..]),
     ] {
         let out = neurostream(path, &["config"], env, Duration::from_secs(20));
-        assert!(out.status.success(), "config {}:\n{}", path.display(), text(&out));
+        assert!(
+            out.status.success(),
+            "config {}:\n{}",
+            path.display(),
+            text(&out)
+        );
         assert_no_secret("config", &text(&out));
     }
 }
@@ -414,12 +470,18 @@ async fn refused_credentials_and_tls_fail_fast_and_clearly() {
         let out = neurostream(&path, &["run"], &vars, Duration::from_secs(60));
         let took = started.elapsed();
         let output = text(&out);
-        assert!(!out.status.success(), "{name}: the service started:\n{output}");
+        assert!(
+            !out.status.success(),
+            "{name}: the service started:\n{output}"
+        );
         for want in wants {
             assert!(output.contains(want), "{name}: no `{want}` in:\n{output}");
         }
         assert_no_secret(name, &output);
-        let error = output.lines().find(|l| l.starts_with("error:")).unwrap_or("");
+        let error = output
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or("");
         eprintln!("{name}: stopped after {:.1} s: {error}", took.as_secs_f64());
         assert!(
             took < Duration::from_secs(25),
@@ -434,17 +496,125 @@ async fn refused_credentials_and_tls_fail_fast_and_clearly() {
     let mut no_tls = good.clone();
     no_tls.postgres.ssl_mode = Some(PgSslMode::Disable);
     no_tls.postgres.ssl_root_cert = None;
+    let mut cert_db = good.clone();
+    cert_db.postgres.url = Some(Secret::from(format!(
+        "postgres://postgres@127.0.0.1:{}/certdb",
+        env.pg.port()
+    )));
+    cert_db.postgres.password_file = None;
+    let mut with_cert = cert_db.clone();
+    with_cert.postgres.ssl_cert = Some(env.pki.path("pg-client.pem"));
+    with_cert.postgres.ssl_key = Some(env.pki.path("pg-client.key"));
+    let path = env.write_config("pg-cert.toml", &with_cert);
+    let out = neurostream(&path, &["migrate"], &[], Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "client certificate to PostgreSQL:\n{}",
+        text(&out)
+    );
     for (name, config, want) in [
-        ("PostgreSQL with the wrong CA", wrong_ca, "certificate verify failed"),
+        (
+            "PostgreSQL with the wrong CA",
+            wrong_ca,
+            "certificate verify failed",
+        ),
         ("PostgreSQL without TLS", no_tls, "no encryption"),
+        (
+            "PostgreSQL without the client certificate it requires",
+            cert_db,
+            "certificate",
+        ),
     ] {
         let path = env.write_config(&format!("{}.toml", unique()), &config);
         let out = neurostream(&path, &["migrate"], &[], Duration::from_secs(60));
         let output = text(&out);
-        assert!(!out.status.success(), "{name}: migrate succeeded:\n{output}");
+        assert!(
+            !out.status.success(),
+            "{name}: migrate succeeded:\n{output}"
+        );
         assert!(output.contains(want), "{name}: no `{want}` in:\n{output}");
         assert_no_secret(name, &output);
-        let error = output.lines().find(|l| l.starts_with("error:")).unwrap_or("");
+        let error = output
+            .lines()
+            .find(|l| l.starts_with("error:"))
+            .unwrap_or("");
         eprintln!("{name}: {error}");
+    }
+}
+
+#[test]
+fn security_problems_are_reported_together_before_connecting() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let p = |name: &str| pki.path(name).display().to_string();
+    let cases = [
+        (
+            format!(
+                r#"
+                [kafka]
+                brokers = "127.0.0.1:1"
+                [kafka.security]
+                protocol = "SASL_SSL"
+                sasl_username = "u"
+                ssl_ca_location = "{key}"
+                ssl_certificate_location = "{cert}"
+                ssl_key_location = "{other_key}"
+                [postgres]
+                url = "postgres://u@127.0.0.1:1/db"
+                ssl_mode = "verify-full"
+                ssl_root_cert = "/nonexistent/root.pem"
+                ssl_cert = "{cert}"
+                "#,
+                key = p("client.key"),
+                cert = p("client.pem"),
+                other_key = p("other-client.key"),
+            ),
+            vec![
+                "kafka.security.sasl_mechanism is required with protocol sasl_ssl",
+                "kafka.security.sasl_password (or sasl_password_file) is required",
+                "kafka.security.ssl_ca_location: not a PEM certificate",
+                "kafka.security.ssl_key_location does not belong to kafka.security.ssl_certificate_location",
+                "postgres.ssl_root_cert: cannot read /nonexistent/root.pem",
+                "postgres.ssl_cert is set without its private key",
+            ],
+        ),
+        (
+            format!(
+                r#"
+                [kafka.security]
+                protocol = "ssl"
+                ssl_certificate_location = "{cert}"
+                ssl_key_location = "{encrypted}"
+                "#,
+                cert = p("client.pem"),
+                encrypted = p("client-encrypted.key"),
+            ),
+            vec!["kafka.security.ssl_key_location: not a readable PEM private key (an encrypted key needs its passphrase)"],
+        ),
+        (
+            format!(
+                r#"
+                [kafka.security]
+                protocol = "ssl"
+                ssl_certificate_location = "{cert}"
+                ssl_key_location = "{encrypted}"
+                ssl_key_password = "not-the-passphrase"
+                "#,
+                cert = p("client.pem"),
+                encrypted = p("client-encrypted.key"),
+            ),
+            vec!["(or the passphrase is wrong)"],
+        ),
+    ];
+    for (i, (toml, wants)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("{i}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        let out = neurostream(&path, &["run"], &[], Duration::from_secs(20));
+        let output = text(&out);
+        assert_eq!(out.status.code(), Some(2), "case {i}:\n{output}");
+        for want in wants {
+            assert!(output.contains(want), "case {i}: no `{want}` in:\n{output}");
+        }
+        assert!(!output.contains("not-the-passphrase"), "{output}");
     }
 }

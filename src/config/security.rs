@@ -255,7 +255,10 @@ impl SecurityConfig {
             } else {
                 "none"
             };
-            out.push(("ssl.endpoint.identification.algorithm", identification.into()));
+            out.push((
+                "ssl.endpoint.identification.algorithm",
+                identification.into(),
+            ));
         }
         out
     }
@@ -324,7 +327,10 @@ impl SecurityConfig {
             ("ssl_key_location", self.ssl_key_location.is_some()),
             ("ssl_key_pem", self.ssl_key_pem.is_some()),
             ("ssl_key_password", self.ssl_key_password.is_some()),
-            ("ssl_key_password_file", self.ssl_key_password_file.is_some()),
+            (
+                "ssl_key_password_file",
+                self.ssl_key_password_file.is_some(),
+            ),
         ];
         if !protocol.uses_tls() {
             for (key, _) in tls_set.iter().filter(|(_, is_set)| *is_set) {

@@ -32,7 +32,9 @@ pub enum TopicError {
         reason: String,
     },
     /// The brokers refused this client's credentials or TLS: no retry can fix that.
-    #[error("the Kafka brokers `{brokers}` refused the connection: {reason} (check kafka.security)")]
+    #[error(
+        "the Kafka brokers `{brokers}` refused the connection: {reason} (check kafka.security)"
+    )]
     Refused {
         /// Bootstrap servers.
         brokers: String,
@@ -70,8 +72,13 @@ pub async fn prepare_topics(config: &Config) -> Result<(), TopicError> {
             let probe: BaseProducer<CheckContext> = ClientSetting::to_client_config(&settings)
                 .create_with_context(CheckContext::default())
                 .map_err(TopicError::Client)?;
-            fetch_metadata(probe.client(), || probe.poll(Duration::ZERO), None, &brokers)
-                .map(|m| m.topics().iter().map(|t| t.name().to_string()).collect())
+            fetch_metadata(
+                probe.client(),
+                || probe.poll(Duration::ZERO),
+                None,
+                &brokers,
+            )
+            .map(|m| m.topics().iter().map(|t| t.name().to_string()).collect())
         })
         .await
         .expect("the metadata request does not panic")?
@@ -131,14 +138,21 @@ pub struct CheckContext {
 impl CheckContext {
     /// The first security failure seen, if any.
     fn refused(&self) -> Option<String> {
-        match &*self.last.lock().expect("never poisoned: nothing panics holding it") {
+        match &*self
+            .last
+            .lock()
+            .expect("never poisoned: nothing panics holding it")
+        {
             Some((true, reason)) => Some(reason.clone()),
             _ => None,
         }
     }
 
     fn last_reason(&self) -> Option<String> {
-        let last = self.last.lock().expect("never poisoned: nothing panics holding it");
+        let last = self
+            .last
+            .lock()
+            .expect("never poisoned: nothing panics holding it");
         last.as_ref().map(|(_, reason)| reason.clone())
     }
 }
@@ -163,7 +177,10 @@ impl ClientContext for CheckContext {
 
 impl CheckContext {
     fn remember(&self, security: bool, informative: bool, reason: &str) {
-        let mut last = self.last.lock().expect("never poisoned: nothing panics holding it");
+        let mut last = self
+            .last
+            .lock()
+            .expect("never poisoned: nothing panics holding it");
         // A security failure is kept over any later reason.
         if !matches!(&*last, Some((true, _))) && (informative || last.is_none()) {
             *last = Some((security, reason.to_string()));

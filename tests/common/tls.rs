@@ -23,6 +23,7 @@ impl Pki {
     /// - `broker-keystore.pem`: `server.key` then `server.pem` (Kafka's PEM keystore);
     /// - `client.pem`, `client.key`, `client-encrypted.key` (passphrase
     ///   [`CLIENT_KEY_PASSPHRASE`]): a client certificate signed by the CA;
+    /// - `pg-client.pem`, `pg-client.key`: a client certificate for PostgreSQL user `postgres`;
     /// - `other-ca.pem`: a CA nobody trusts; `other-client.pem`/`.key` signed by it.
     pub fn new() -> Pki {
         let dir = tempfile::Builder::new()
@@ -44,6 +45,12 @@ impl Pki {
             "client",
             "ca",
             "neurostream-client",
+            "extendedKeyUsage=clientAuth\n",
+        );
+        pki.leaf(
+            "pg-client",
+            "ca",
+            "postgres",
             "extendedKeyUsage=clientAuth\n",
         );
         pki.leaf(
