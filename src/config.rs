@@ -1315,16 +1315,21 @@ impl Config {
         let mut leaves = Vec::new();
         flatten(&value, "", &mut leaves);
         out.push_str("# effective configuration (value  # source)\n");
-        for (path, value) in leaves {
-            let shown = if is_secret(&path) {
-                mask(&value)
+        let file_of = |path: &str| {
+            let file = format!("{path}_file");
+            leaves
+                .iter()
+                .find(|(p, v)| *p == file && v != "null")
+                .map(|(_, v)| format!("read from {v} ({file})"))
+        };
+        for (path, value) in &leaves {
+            let shown = if is_secret(path) {
+                mask(value)
             } else {
-                value
+                value.clone()
             };
-            out.push_str(&format!(
-                "{path} = {shown}  # {}\n",
-                source_of(figment, &path)
-            ));
+            let source = file_of(path).unwrap_or_else(|| source_of(figment, path));
+            out.push_str(&format!("{path} = {shown}  # {source}\n"));
         }
         out.push_str(&format!(
             "\n# sink batching (profile {})\npostgres.batch_rows (effective) = {}\npostgres.linger_ms (effective) = {}\n",
