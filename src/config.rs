@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 pub mod security;
 
+use security::shown_path;
 pub use security::{KafkaProtocol, PgSslMode, SaslMechanism, Secret, SecurityConfig};
 
 /// Prefix of environment overrides; `__` separates nesting levels.
@@ -86,10 +87,50 @@ pub struct KafkaConfig {
     /// Consumer minimum fetch size; unset: from the profile.
     pub fetch_min_bytes: Option<u64>,
     /// Raw librdkafka consumer properties; they win over everything else.
-    pub consumer: BTreeMap<String, String>,
+    pub consumer: RawProperties,
     /// Raw librdkafka producer properties; they win over everything else, except that
     /// `acks` and `enable.idempotence` cannot weaken durability.
-    pub producer: BTreeMap<String, String>,
+    pub producer: RawProperties,
+}
+
+/// Raw librdkafka properties (`kafka.consumer`, `kafka.producer`): a map whose `Debug` hides
+/// the values of secret keys (`sasl.password`, `ssl.key.pem`, `...secret`, ...).
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawProperties(pub BTreeMap<String, String>);
+
+impl std::ops::Deref for RawProperties {
+    type Target = BTreeMap<String, String>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for RawProperties {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a RawProperties {
+    type Item = (&'a String, &'a String);
+    type IntoIter = std::collections::btree_map::Iter<'a, String, String>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl fmt::Debug for RawProperties {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.iter().map(|(k, v)| {
+                let shown = if is_secret_property(k) { "****" } else { v };
+                (k, shown)
+            }))
+            .finish()
+    }
 }
 
 impl Default for KafkaConfig {
@@ -113,8 +154,8 @@ impl Default for KafkaConfig {
             compression: None,
             fetch_wait_max_ms: None,
             fetch_min_bytes: None,
-            consumer: BTreeMap::new(),
-            producer: BTreeMap::new(),
+            consumer: RawProperties::default(),
+            producer: RawProperties::default(),
         }
     }
 }
@@ -656,13 +697,22 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-/// A loaded configuration together with the layers it came from.
-#[derive(Debug, Clone)]
+/// A loaded configuration together with the layers it came from (`Debug` shows the
+/// configuration only: the layers hold secrets in clear).
+#[derive(Clone)]
 pub struct Loaded {
     /// The typed, validated configuration.
     pub config: Config,
     /// The layers, for `neurostream config`'s provenance column.
     pub figment: Figment,
+}
+
+impl fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Loaded")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The layered figment: defaults → optional file → environment.
@@ -674,10 +724,72 @@ pub fn figment(file: Option<&Path>) -> Figment {
     figment
         .merge(
             Env::prefixed(ENV_PREFIX)
-                .filter(|key| raw_client_map(key.as_str()).is_none())
+                .filter(|key| {
+                    raw_client_map(key.as_str()).is_none()
+                        && secret_env_path(key.as_str()).is_none()
+                })
                 .split("__"),
         )
+        .merge(SecretEnv::from_env())
         .merge(RawClientEnv::from_env())
+}
+
+/// `kafka__security__sasl_password` (after the prefix) → `kafka.security.sasl_password` when
+/// that key is a secret.
+fn secret_env_path(key: &str) -> Option<String> {
+    let path = key.to_ascii_lowercase().replace("__", ".");
+    is_secret(&path).then_some(path)
+}
+
+/// Secrets from the environment, taken as the exact strings they are: figment's `Env` would
+/// parse `20240601` as a number (a type error quoting it) and `"x"` as a quoted string.
+struct SecretEnv(Vec<(String, String)>);
+
+impl SecretEnv {
+    fn from_env() -> Self {
+        let vars = std::env::vars().filter_map(|(name, value)| {
+            let key = name.strip_prefix(ENV_PREFIX)?;
+            if raw_client_map(key).is_some() {
+                return None;
+            }
+            Some((secret_env_path(key)?, value))
+        });
+        Self(vars.collect())
+    }
+}
+
+impl figment::Provider for SecretEnv {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("environment variable(s) (secret)")
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        use figment::value::{Dict, Value};
+        fn insert(dict: &mut Dict, keys: &[&str], value: Value) {
+            match keys {
+                [] => {}
+                [leaf] => {
+                    dict.insert(leaf.to_string(), value);
+                }
+                [head, rest @ ..] => {
+                    let entry = dict
+                        .entry(head.to_string())
+                        .or_insert_with(|| Value::from(Dict::new()));
+                    if let Value::Dict(_, inner) = entry {
+                        insert(inner, rest, value);
+                    }
+                }
+            }
+        }
+        let mut root = Dict::new();
+        for (path, value) in &self.0 {
+            let keys: Vec<&str> = path.split('.').collect();
+            insert(&mut root, &keys, Value::from(value.clone()));
+        }
+        Ok(figment::Profile::Default.collect(root))
+    }
 }
 
 /// `kafka__consumer__…` / `kafka__producer__…` (after the prefix): the raw map and the rest.
@@ -796,9 +908,9 @@ pub fn load_figment(figment: Figment) -> Result<Loaded, ConfigErrors> {
     if let Err(ConfigErrors(more)) = config.validate() {
         // A value that had the wrong type was replaced by its default: its checks say nothing.
         problems.extend(more.into_iter().filter(|m| {
-            !broken
-                .iter()
-                .any(|b| !b.is_empty() && m.starts_with(b.as_str()))
+            !broken.iter().any(|b| {
+                !b.is_empty() && (m.starts_with(b.as_str()) || m.contains(&format!("({b} is")))
+            })
         }));
     }
     if problems.is_empty() {
@@ -836,11 +948,57 @@ fn describe_error(figment: &Figment, e: &figment::Error) -> String {
             s => format!(" (from {s})"),
         }
     };
+    let kind = redacted(&e.path.join("."), &e.kind);
     if path.is_empty() {
-        format!("{}{source}", e.kind)
+        format!("{kind}{source}")
     } else {
-        format!("{path}: {}{source}", e.kind)
+        format!("{path}: {kind}{source}")
     }
+}
+
+/// An extraction error's text without anything that could be a secret: the offending value is
+/// left out where the key is (or may hold) a secret, and a parse error's quoted source lines
+/// (`3 | sasl_password = hunter2`) are always dropped.
+fn redacted(path: &str, kind: &figment::error::Kind) -> String {
+    use figment::error::{Actual, Kind};
+    let sensitive = path.is_empty()
+        || is_secret(path)
+        || path.starts_with("kafka.consumer")
+        || path.starts_with("kafka.producer")
+        || ["kafka", "kafka.security", "postgres"].contains(&path);
+    let category = |actual: &Actual| match actual {
+        Actual::Bool(_) => "a boolean",
+        Actual::Unsigned(_) | Actual::Signed(_) | Actual::Float(_) => "a number",
+        Actual::Char(_) | Actual::Str(_) => "a string",
+        Actual::Bytes(_) => "bytes",
+        Actual::Seq => "a list",
+        Actual::Map => "a table",
+        _ => "another type",
+    };
+    let text = match kind {
+        Kind::InvalidType(actual, expected) if sensitive => {
+            format!(
+                "invalid type: found {}, expected {expected}",
+                category(actual)
+            )
+        }
+        Kind::InvalidValue(actual, expected) if sensitive => {
+            format!(
+                "invalid value: found {}, expected {expected}",
+                category(actual)
+            )
+        }
+        Kind::Message(_) if sensitive && !path.is_empty() => "invalid value".to_string(),
+        other => other.to_string(),
+    };
+    text.lines()
+        .filter(|line| {
+            let t = line.trim_start();
+            let digits = t.trim_start_matches(|c: char| c.is_ascii_digit());
+            !digits.trim_start().starts_with('|')
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Replaces the value at `path` in `raw` by the schema's default (or removes it); returns
@@ -1040,6 +1198,20 @@ impl Config {
                 p.push(format!(
                     "kafka.consumer.{key} is managed by neurostream; use the typed setting instead"
                 ));
+            }
+        }
+        // One set of security settings for every client, checked as a whole: the properties
+        // [kafka.security] covers cannot be set (differently) in a raw map.
+        for (map, keys) in [
+            ("consumer", k.consumer.keys()),
+            ("producer", k.producer.keys()),
+        ] {
+            for key in keys {
+                if let Some(typed) = security::typed_equivalent(key) {
+                    p.push(format!(
+                        "kafka.{map}.{key} is set through kafka.security.{typed}; set it there"
+                    ));
+                }
             }
         }
         // librdkafka checks property names and values when they are set: report what it refuses
@@ -1324,7 +1496,9 @@ impl Config {
         };
         for (path, value) in &leaves {
             let shown = if is_secret(path) {
-                mask(value)
+                mask(path, value)
+            } else if is_path_key(path) && value != "null" {
+                format!("{:?}", shown_path(Path::new(value.trim_matches('"'))))
             } else {
                 value.clone()
             };
@@ -1344,7 +1518,7 @@ impl Config {
             out.push_str(&format!("\n# effective {title} properties\n"));
             for s in settings {
                 let shown = if is_secret_property(&s.key) {
-                    mask(&format!("{:?}", s.value))
+                    mask(&s.key, &format!("{:?}", s.value))
                 } else {
                     format!("{:?}", s.value)
                 };
@@ -1355,8 +1529,8 @@ impl Config {
     }
 }
 
-/// One librdkafka property and where its value came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One librdkafka property and where its value came from (`Debug` hides secret values).
+#[derive(Clone, PartialEq, Eq)]
 pub struct ClientSetting {
     /// librdkafka property name.
     pub key: String,
@@ -1364,6 +1538,21 @@ pub struct ClientSetting {
     pub value: String,
     /// The config field, profile or rule that set it.
     pub source: String,
+}
+
+impl fmt::Debug for ClientSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let value = if is_secret_property(&self.key) {
+            "****"
+        } else {
+            &self.value
+        };
+        f.debug_struct("ClientSetting")
+            .field("key", &self.key)
+            .field("value", &value)
+            .field("source", &self.source)
+            .finish()
+    }
 }
 
 #[derive(Default)]
@@ -1434,34 +1623,45 @@ fn is_secret_property(key: &str) -> bool {
     is_secret(&format!("kafka.consumer.{key}"))
 }
 
-/// A secret as `config` prints it: a URL keeps its shape with the password (in the userinfo or
-/// a `password` query parameter) replaced; anything else is hidden entirely.
-fn mask(value: &str) -> String {
+/// Keys whose values are file paths (shown unless they do not look like one).
+fn is_path_key(path: &str) -> bool {
+    path.ends_with("_file")
+        || path.ends_with("_location")
+        || path.ends_with("postgres.ssl_root_cert")
+        || path.ends_with("postgres.ssl_cert")
+        || path.ends_with("postgres.ssl_key")
+}
+
+/// A secret as `config` prints it: `postgres.url` keeps its shape with the password (in the
+/// userinfo or a `password` query parameter) replaced; anything else is hidden entirely.
+fn mask(path: &str, value: &str) -> String {
     if value == "null" {
         return value.to_string();
     }
     let text = value.trim_matches('"');
-    let Some(scheme_end) = text.find("://").map(|i| i + 3) else {
+    let scheme_end = text.find("://").map(|i| i + 3);
+    let (Some(scheme_end), true) = (scheme_end, path.ends_with("postgres.url")) else {
         return "\"****\"".into();
     };
-    // The authority ends at the first `/`, `?` or `#` after the scheme; the userinfo at the
-    // authority's LAST `@` (a password may itself contain `@`).
+    // The userinfo ends at the LAST `@` of the whole URL: a password may hold `@`, `/`, `?` or
+    // `#` (unencoded, which also breaks the URL, but must not print it).
     let rest = &text[scheme_end..];
-    let authority_len = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_len];
     let mut out = text[..scheme_end].to_string();
-    match authority.rfind('@') {
+    let after = match rest.rfind('@') {
         Some(at) => {
-            let userinfo = &authority[..at];
+            let userinfo = &rest[..at];
             match userinfo.find(':') {
                 Some(colon) => out.push_str(&format!("{}:****", &userinfo[..colon])),
                 None => out.push_str(userinfo),
             }
-            out.push_str(&authority[at..]);
+            out.push('@');
+            &rest[at + 1..]
         }
-        None => out.push_str(authority),
-    }
-    let tail = &rest[authority_len..];
+        None => rest,
+    };
+    let authority_len = after.find(['/', '?', '#']).unwrap_or(after.len());
+    out.push_str(&after[..authority_len]);
+    let tail = &after[authority_len..];
     match tail.split_once('?') {
         Some((path, query)) => {
             let params: Vec<String> = query
@@ -1669,14 +1869,28 @@ mod tests {
     #[test]
     fn secrets_are_masked_whatever_they_contain() {
         assert_eq!(
-            mask("\"postgres://bob:Pa@ss@db.example:5432/app?sslmode=require\""),
+            mask(
+                "postgres.url",
+                "\"postgres://bob:Pa@ss@db.example:5432/app?sslmode=require\""
+            ),
             "\"postgres://bob:****@db.example:5432/app?sslmode=require\""
         );
         assert_eq!(
-            mask("\"postgres://bob@db/app?password=hunter2&sslmode=disable\""),
+            mask(
+                "postgres.url",
+                "\"postgres://bob@db/app?password=hunter2&sslmode=disable\""
+            ),
             "\"postgres://bob@db/app?password=****&sslmode=disable\""
         );
-        assert_eq!(mask("\"p@ss:word\""), "\"****\"");
+        assert_eq!(mask("postgres.password", "\"p@ss:word\""), "\"****\"");
+        assert_eq!(
+            mask("postgres.url", "\"postgres://app:2024#Se/c?re@db/ns\""),
+            "\"postgres://app:****@db/ns\""
+        );
+        assert_eq!(
+            mask("kafka.security.sasl_password", "\"x://y:z@h\""),
+            "\"****\""
+        );
         assert!(is_secret("kafka.consumer.ssl.key.pem"));
         assert!(is_secret("kafka.producer.sasl.oauthbearer.config"));
         assert!(is_secret("kafka.consumer.sasl.oauthbearer.client.secret"));
@@ -1798,6 +2012,66 @@ mod tests {
             text.contains("kafka.brokers = \"localhost:9092\"  # default"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn no_error_quotes_a_secret() {
+        let secret = "hunter2secret";
+        let cases = [
+            format!("[kafka.security]\nsasl_password = {secret}\n"),
+            format!("[kafka.security]\nsasl_password = \"pa\\q{secret}\"\n"),
+            "[kafka.security]\nsasl_password = 20240601\n".to_string(),
+            "[kafka.producer]\n\"ssl.keystore.password\" = 20240601\n".to_string(),
+            format!("[postgres]\nurl_file = \"postgres://u:{secret}@h/db\"\n"),
+            format!(
+                "[kafka.security]\nprotocol = \"sasl_ssl\"\nsasl_mechanism = \"PLAIN\"\n\
+                 sasl_username = \"u\"\nsasl_password_file = \"{secret}\"\n"
+            ),
+            format!(
+                "[kafka.security]\nprotocol = \"ssl\"\nssl_ca_location = \"-----BEGIN {secret}\"\n"
+            ),
+            format!("[postgres]\nurl = \"postgres://u:{secret}@h/db?sslpassword={secret}\"\n"),
+        ];
+        for doc in &cases {
+            let err = from_toml(doc).unwrap_err().to_string();
+            assert!(!err.contains(secret), "{doc}\n{err}");
+            assert!(!err.contains("20240601"), "{doc}\n{err}");
+        }
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's error type, test only
+    fn secrets_from_the_environment_are_taken_verbatim() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("NEUROSTREAM__POSTGRES__PASSWORD", "007");
+            jail.set_env("NEUROSTREAM__POSTGRES__URL", "postgres://u@h/db");
+            jail.set_env(
+                "NEUROSTREAM__KAFKA__SECURITY__SASL_PASSWORD",
+                " \"quoted\" ",
+            );
+            jail.set_env("NEUROSTREAM__KAFKA__SECURITY__PROTOCOL", "SASL-SSL");
+            jail.set_env("NEUROSTREAM__KAFKA__SECURITY__SASL_MECHANISM", "PLAIN");
+            jail.set_env("NEUROSTREAM__KAFKA__SECURITY__SASL_USERNAME", "u");
+            let loaded = load(None).map_err(|e| e.to_string())?;
+            let c = &loaded.config;
+            assert_eq!(c.postgres.password.as_ref().unwrap().expose(), "007");
+            let sasl = c.kafka.security.sasl_password.as_ref().unwrap();
+            assert_eq!(sasl.expose(), " \"quoted\" ");
+            let text = c.describe(&loaded.figment);
+            assert!(
+                text.contains(
+                    "postgres.password = \"****\"  # env NEUROSTREAM__POSTGRES__PASSWORD"
+                ),
+                "{text}"
+            );
+            // A mistyped variable naming a whole section: its value (a URL with a password) is
+            // not quoted.
+            jail.clear_env();
+            jail.set_env("NEUROSTREAM__POSTGRES", "postgres://u:pw-hunter2@h/db");
+            let err = load(None).unwrap_err().to_string();
+            assert!(!err.contains("hunter2"), "{err}");
+            Ok(())
+        });
     }
 
     #[test]

@@ -289,7 +289,8 @@ impl PgServer {
         hba: &str,
         durability: Durability,
     ) -> Result<(), PgServerError> {
-        use std::os::unix::fs::PermissionsExt as _;
+        use std::io::Write as _;
+        use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
         self.stop_with("fast");
         let data = self.data_dir();
         let mut settings =
@@ -305,7 +306,15 @@ impl PgServer {
         }
         for (name, bytes, mode) in files {
             let path = data.join(name);
-            std::fs::write(&path, bytes).map_err(|e| step("writing a TLS file", e))?;
+            // Created with its final mode: a key is never readable by others, even briefly.
+            let _ = std::fs::remove_file(&path);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&path)
+                .and_then(|mut f| f.write_all(bytes))
+                .map_err(|e| step("writing a TLS file", e))?;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| step("setting a TLS file's mode", e))?;
             if let Some((uid, gid)) = self.user {
@@ -317,7 +326,7 @@ impl PgServer {
             .append(true)
             .open(data.join("postgresql.auto.conf"))
             .map_err(|e| step("opening postgresql.auto.conf", e))?;
-        std::io::Write::write_all(&mut conf, settings.as_bytes())
+        conf.write_all(settings.as_bytes())
             .map_err(|e| step("writing postgresql.auto.conf", e))?;
         self.spawn(durability)
     }

@@ -86,7 +86,7 @@ impl TryFrom<String> for KafkaProtocol {
     type Error = String;
 
     fn try_from(value: String) -> Result<Self, String> {
-        match value.to_ascii_lowercase().as_str() {
+        match value.to_ascii_lowercase().replace('-', "_").as_str() {
             "plaintext" => Ok(Self::Plaintext),
             "ssl" => Ok(Self::Ssl),
             "sasl_plaintext" => Ok(Self::SaslPlaintext),
@@ -147,6 +147,25 @@ impl From<SaslMechanism> for String {
     fn from(value: SaslMechanism) -> Self {
         value.as_str().to_string()
     }
+}
+
+/// The `[kafka.security]` key standing for librdkafka property `key`, if any.
+pub(super) fn typed_equivalent(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "security.protocol" => "protocol",
+        "sasl.mechanism" | "sasl.mechanisms" => "sasl_mechanism",
+        "sasl.username" => "sasl_username",
+        "sasl.password" => "sasl_password",
+        "ssl.ca.location" => "ssl_ca_location",
+        "ssl.ca.pem" => "ssl_ca_pem",
+        "ssl.certificate.location" => "ssl_certificate_location",
+        "ssl.certificate.pem" => "ssl_certificate_pem",
+        "ssl.key.location" => "ssl_key_location",
+        "ssl.key.pem" => "ssl_key_pem",
+        "ssl.key.password" => "ssl_key_password",
+        "ssl.endpoint.identification.algorithm" => "ssl_endpoint_identification",
+        _ => return None,
+    })
 }
 
 /// Kafka security (`[kafka.security]`). Every client the binary creates (the service's consumer
@@ -311,7 +330,7 @@ impl SecurityConfig {
             ];
             for (key, _) in set.iter().filter(|(_, is_set)| *is_set) {
                 p.push(format!(
-                    "{at}.{key} only applies with protocol sasl_plaintext or sasl_ssl (protocol is {})",
+                    "{at}.{key} only applies with protocol sasl_plaintext or sasl_ssl ({at}.protocol is {})",
                     protocol.as_str()
                 ));
             }
@@ -335,7 +354,7 @@ impl SecurityConfig {
         if !protocol.uses_tls() {
             for (key, _) in tls_set.iter().filter(|(_, is_set)| *is_set) {
                 p.push(format!(
-                    "{at}.{key} only applies with protocol ssl or sasl_ssl (protocol is {})",
+                    "{at}.{key} only applies with protocol ssl or sasl_ssl ({at}.protocol is {})",
                     protocol.as_str()
                 ));
             }
@@ -350,7 +369,7 @@ impl SecurityConfig {
             ),
         );
         if let Some((name, pem)) = ca {
-            certificates(p, &name, &pem);
+            let _ = certificates(p, &name, &pem);
         }
         let cert = pem_source(
             p,
@@ -458,41 +477,132 @@ impl super::PostgresConfig {
 
     /// Every problem with the connection settings, without connecting.
     pub(super) fn check(&self, p: &mut Vec<String>) {
-        if let Some(url) = &self.url {
-            let url = url.expose();
-            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                p.push("postgres.url must start with postgres:// or postgresql://".into());
-            } else if let Err(err) = self.connect_options() {
+        let tls = match self.tls() {
+            Ok(tls) => tls,
+            Err(err) => {
                 p.push(err);
+                return;
+            }
+        };
+        if let Some((name, root)) = &tls.root_cert {
+            if let Some(pem) = read_file(p, name, root) {
+                if let Some(count) = certificates(p, name, &pem) {
+                    // NB: sqlx (native-tls) trusts only the first certificate of the file.
+                    if count > 1 {
+                        p.push(format!(
+                            "{name} holds {count} certificates, but only the first would be \
+                             trusted: give the one CA certificate that signed the server's"
+                        ));
+                    }
+                }
             }
         }
-        if let Some(root) = &self.ssl_root_cert {
-            if let Some(pem) = read_pem(p, "postgres.ssl_root_cert", root) {
-                certificates(p, "postgres.ssl_root_cert", &pem);
+        let cert = tls
+            .client_cert
+            .as_ref()
+            .and_then(|(name, path)| read_file(p, name, path).map(|pem| (name.clone(), pem)));
+        let key = tls
+            .client_key
+            .as_ref()
+            .and_then(|(name, path)| read_file(p, name, path).map(|pem| (name.clone(), pem)));
+        if let Some((name, pem)) = &key {
+            if !String::from_utf8_lossy(pem).contains("-----BEGIN PRIVATE KEY-----") {
+                p.push(format!(
+                    "{name} must be an unencrypted PKCS#8 PEM key (BEGIN PRIVATE KEY); convert \
+                     it with `openssl pkcs8 -topk8 -nocrypt -in KEY -out KEY.pk8`"
+                ));
             }
         }
-        let cert = self
-            .ssl_cert
-            .as_ref()
-            .and_then(|path| read_pem(p, "postgres.ssl_cert", path))
-            .map(|pem| ("postgres.ssl_cert".to_string(), pem));
-        let key = self
-            .ssl_key
-            .as_ref()
-            .and_then(|path| read_pem(p, "postgres.ssl_key", path))
-            .map(|pem| ("postgres.ssl_key".to_string(), pem));
         client_identity(p, "postgres", cert, key, None, "ssl_cert", "ssl_key");
-        if self.ssl_mode == Some(PgSslMode::Disable)
-            && (self.ssl_root_cert.is_some() || self.ssl_cert.is_some())
+        if tls.root_cert.is_some()
+            && matches!(
+                tls.mode,
+                Some(PgSslMode::Disable | PgSslMode::Allow | PgSslMode::Prefer)
+            )
         {
-            p.push(
-                "postgres.ssl_root_cert / ssl_cert are set but postgres.ssl_mode is disable".into(),
-            );
+            p.push(format!(
+                "postgres.ssl_root_cert is set but sslmode {} does not verify the server \
+                 (use verify-full, verify-ca, or require)",
+                tls.mode.map(PgSslMode::as_str).unwrap_or_default()
+            ));
+        }
+        if tls.mode == Some(PgSslMode::Disable) && tls.client_cert.is_some() {
+            p.push("postgres.ssl_cert is set but sslmode is disable".into());
         }
     }
 
+    /// The TLS settings in effect: each typed key, else the URL's parameter of the same meaning.
+    ///
+    /// # Errors
+    /// When the URL does not parse, or names a parameter sqlx does not know (which sqlx would
+    /// log with its value: it might be a secret).
+    fn tls(&self) -> Result<PgTls, String> {
+        let mut tls = PgTls {
+            mode: self.ssl_mode,
+            root_cert: self
+                .ssl_root_cert
+                .clone()
+                .map(|p| ("postgres.ssl_root_cert".to_string(), p)),
+            client_cert: self
+                .ssl_cert
+                .clone()
+                .map(|p| ("postgres.ssl_cert".to_string(), p)),
+            client_key: self
+                .ssl_key
+                .clone()
+                .map(|p| ("postgres.ssl_key".to_string(), p)),
+        };
+        let Some(url) = &self.url else {
+            return Ok(tls);
+        };
+        let text = url.expose();
+        if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
+            return Err("postgres.url must start with postgres:// or postgresql://".into());
+        }
+        let parsed = url::Url::parse(text)
+            .map_err(|e| format!("postgres.url does not parse: {}", without(e, url)))?;
+        for (key, value) in parsed.query_pairs() {
+            let from_url = |what: &str| (format!("postgres.url's {what}"), PathBuf::from(&*value));
+            match key.as_ref() {
+                "sslmode" | "ssl-mode" => {
+                    let mode = PgSslMode::try_from(value.to_string())
+                        .map_err(|e| format!("postgres.url: {e}"))?;
+                    tls.mode = tls.mode.or(Some(mode));
+                }
+                "sslrootcert" | "ssl-root-cert" | "ssl-ca" => {
+                    tls.root_cert = tls.root_cert.take().or(Some(from_url("sslrootcert")))
+                }
+                "sslcert" | "ssl-cert" => {
+                    tls.client_cert = tls.client_cert.take().or(Some(from_url("sslcert")))
+                }
+                "sslkey" | "ssl-key" => {
+                    tls.client_key = tls.client_key.take().or(Some(from_url("sslkey")))
+                }
+                "statement-cache-capacity"
+                | "host"
+                | "hostaddr"
+                | "port"
+                | "dbname"
+                | "user"
+                | "password"
+                | "application_name"
+                | "options" => {}
+                k if k.starts_with("options[") => {}
+                other => {
+                    return Err(format!(
+                        "postgres.url: unknown parameter `{other}` (known: sslmode, sslrootcert, \
+                         sslcert, sslkey, host, hostaddr, port, dbname, user, password, \
+                         application_name, options, statement-cache-capacity)"
+                    ))
+                }
+            }
+        }
+        Ok(tls)
+    }
+
     /// The sqlx connection options: the URL (its own `sslmode`, `sslrootcert`, `sslcert` and
-    /// `sslkey` parameters included), then the typed settings over it.
+    /// `sslkey` parameters included), then the typed settings over it. A root certificate
+    /// without a mode means `verify-full`, and with `require` means `verify-ca` (as libpq does).
     ///
     /// # Errors
     /// A message naming the problem (never the URL: it holds the password) when the URL is unset
@@ -503,12 +613,18 @@ impl super::PostgresConfig {
             "postgres.url is not set (config file [postgres] url = …, postgres.url_file, or NEUROSTREAM__POSTGRES__URL)"
                 .to_string()
         })?;
+        let tls = self.tls()?;
         let mut options = sqlx::postgres::PgConnectOptions::from_str(url.expose())
             .map_err(|e| format!("postgres.url does not parse: {}", without(e, url)))?;
         if let Some(password) = &self.password {
             options = options.password(password.expose());
         }
-        if let Some(mode) = self.ssl_mode {
+        let mode = match (tls.mode, &tls.root_cert) {
+            (None, Some(_)) => Some(PgSslMode::VerifyFull),
+            (Some(PgSslMode::Require), Some(_)) => Some(PgSslMode::VerifyCa),
+            (mode, _) => mode,
+        };
+        if let Some(mode) = mode {
             options = options.ssl_mode(mode.to_sqlx());
         }
         if let Some(root) = &self.ssl_root_cert {
@@ -524,6 +640,14 @@ impl super::PostgresConfig {
     }
 }
 
+/// PostgreSQL TLS settings in effect, each with the key it came from.
+struct PgTls {
+    mode: Option<PgSslMode>,
+    root_cert: Option<(String, PathBuf)>,
+    client_cert: Option<(String, PathBuf)>,
+    client_key: Option<(String, PathBuf)>,
+}
+
 /// An error's text with a secret cut out, should the error quote it.
 fn without(err: impl fmt::Display, secret: &Secret) -> String {
     let text = err.to_string();
@@ -534,34 +658,98 @@ fn without(err: impl fmt::Display, secret: &Secret) -> String {
     }
 }
 
-/// Reads `file` into `value` (one trailing newline dropped, as `echo` and editors leave it).
+/// The most a secret, certificate or key file may hold: more is a mistake (or `/dev/zero`).
+const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// Reads `file` into `value` (trailing line breaks dropped, as `echo` and editors leave them).
 fn read_secret(
     value: &mut Option<Secret>,
     file: &Option<PathBuf>,
     name: &str,
     problems: &mut Vec<String>,
 ) {
-    let Some(path) = file else { return };
+    let Some(path) = file else {
+        if value.as_ref().is_some_and(|v| v.expose().is_empty()) {
+            problems.push(format!("{name} is empty"));
+        }
+        return;
+    };
     if value.is_some() {
         problems.push(format!("{name} and {name}_file are both set; set one"));
         return;
     }
-    match std::fs::read_to_string(path) {
+    let Some(bytes) = read_file(problems, &format!("{name}_file"), path) else {
+        return;
+    };
+    match String::from_utf8(bytes) {
         Ok(text) => {
-            let text = text
-                .strip_suffix('\n')
-                .map(|t| t.strip_suffix('\r').unwrap_or(t))
-                .unwrap_or(&text);
+            let text = text.trim_end_matches(['\n', '\r']);
             if text.is_empty() {
-                problems.push(format!("{name}_file {} is empty", path.display()));
+                problems.push(format!("{name}_file {} is empty", shown_path(path)));
             } else {
                 *value = Some(Secret::new(text));
             }
         }
-        Err(err) => problems.push(format!(
-            "{name}_file: cannot read {}: {err}",
-            path.display()
+        Err(_) => problems.push(format!(
+            "{name}_file {} is not UTF-8 text",
+            shown_path(path)
         )),
+    }
+}
+
+/// A path as messages and `config` show it: a value that does not look like a path (a secret
+/// or a PEM block pasted into a path key by mistake) is not repeated. A path has a `/`
+/// (`./name` for a file in the working directory).
+pub(crate) fn shown_path(path: &Path) -> String {
+    let text = path.to_string_lossy();
+    let plausible = text.len() <= 512
+        && text.contains('/')
+        && !text.contains(['\n', '\r'])
+        && !text.contains("://")
+        && !text.contains("-----BEGIN");
+    if plausible {
+        text.into_owned()
+    } else {
+        "(a value that does not look like a path, not shown: it may be a secret)".to_string()
+    }
+}
+
+/// A regular file of at most [`MAX_FILE_BYTES`], read without blocking on a FIFO or a device.
+fn read_file(p: &mut Vec<String>, name: &str, path: &Path) -> Option<Vec<u8>> {
+    use std::io::Read as _;
+    let shown = shown_path(path);
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => {
+            p.push(format!("{name}: {shown} is not a regular file"));
+            return None;
+        }
+        Ok(meta) if meta.len() > MAX_FILE_BYTES => {
+            p.push(format!(
+                "{name}: {shown} is larger than {MAX_FILE_BYTES} bytes"
+            ));
+            return None;
+        }
+        Ok(_) => {}
+        Err(err) => {
+            p.push(format!("{name}: cannot read {shown}: {err}"));
+            return None;
+        }
+    }
+    let mut bytes = Vec::new();
+    let read =
+        std::fs::File::open(path).and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes));
+    match read {
+        Ok(_) if bytes.len() as u64 > MAX_FILE_BYTES => {
+            p.push(format!(
+                "{name}: {shown} is larger than {MAX_FILE_BYTES} bytes"
+            ));
+            None
+        }
+        Ok(_) => Some(bytes),
+        Err(err) => {
+            p.push(format!("{name}: cannot read {shown}: {err}"));
+            None
+        }
     }
 }
 
@@ -576,26 +764,28 @@ fn pem_source(
             p.push(format!("{} and {} are both set; set one", file.0, inline.0));
             None
         }
-        (Some(path), None) => read_pem(p, file.0, path).map(|pem| (file.0.to_string(), pem)),
+        (Some(path), None) => read_file(p, file.0, path).map(|pem| (file.0.to_string(), pem)),
         (None, Some(pem)) => Some((inline.0.to_string(), pem.to_vec())),
         (None, None) => None,
     }
 }
 
-fn read_pem(p: &mut Vec<String>, name: &str, path: &Path) -> Option<Vec<u8>> {
-    match std::fs::read(path) {
-        Ok(bytes) => Some(bytes),
-        Err(err) => {
-            p.push(format!("{name}: cannot read {}: {err}", path.display()));
-            None
-        }
-    }
+/// Checks that `pem` holds at least one X.509 certificate; returns how many.
+fn certificates(p: &mut Vec<String>, name: &str, pem: &[u8]) -> Option<usize> {
+    first_certificate(p, name, pem).map(|(_, count)| count)
 }
 
-/// Checks that `pem` holds at least one X.509 certificate.
-fn certificates(p: &mut Vec<String>, name: &str, pem: &[u8]) -> Option<openssl::x509::X509> {
+/// The first X.509 certificate in `pem`, and how many there are.
+fn first_certificate(
+    p: &mut Vec<String>,
+    name: &str,
+    pem: &[u8],
+) -> Option<(openssl::x509::X509, usize)> {
     match openssl::x509::X509::stack_from_pem(pem) {
-        Ok(certs) if !certs.is_empty() => certs.into_iter().next(),
+        Ok(certs) if !certs.is_empty() => {
+            let count = certs.len();
+            certs.into_iter().next().map(|c| (c, count))
+        }
         Ok(_) => {
             p.push(format!("{name}: not a PEM certificate (none found)"));
             None
@@ -642,7 +832,7 @@ fn client_identity(
         }
         (Some(cert), Some(key)) => (cert, key),
     };
-    let certificate = certificates(p, &cert.0, &cert.1);
+    let certificate = first_certificate(p, &cert.0, &cert.1).map(|(c, _)| c);
     let parsed = match password {
         Some(pass) => openssl::pkey::PKey::private_key_from_pem_passphrase(&key.1, pass.as_bytes()),
         None => {

@@ -163,7 +163,7 @@ impl ClientContext for CheckContext {
         // A broker closing the connection is only logged (facility FAIL), not raised as an
         // error: it is the only trace of a plaintext client on a TLS listener.
         if fac == "FAIL" {
-            self.remember(false, true, message);
+            self.remember(is_refusal(message), true, message);
         }
     }
 
@@ -196,18 +196,31 @@ impl rdkafka::producer::ProducerContext for CheckContext {
     fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
 }
 
-/// Errors no reconnection fixes: the broker refused the credentials, or TLS failed.
+/// Errors no reconnection fixes: the broker refused the credentials, this client could not
+/// verify the broker's certificate, or the broker refused this client's certificate. A
+/// connection merely closed or reset (a broker restarting, a load balancer) is not one.
 fn is_security_failure(error: &KafkaError, reason: &str) -> bool {
     use RDKafkaErrorCode as C;
     match error.rdkafka_error_code() {
-        Some(C::Authentication | C::SSL | C::SaslAuthenticationFailed) => true,
-        // A TLS listener answering a plaintext client, or a broker closing the connection of a
-        // client without the certificate it requires: librdkafka names the likely cause.
-        Some(C::BrokerTransportFailure) => {
-            reason.contains("security.protocol") || reason.contains("SSL")
-        }
+        Some(C::Authentication | C::SaslAuthenticationFailed) => true,
+        Some(C::SSL | C::BrokerTransportFailure) => is_refusal(reason),
         _ => false,
     }
+}
+
+/// librdkafka's words for a refusal (also in its connection-failure log lines, which carry no
+/// error code): SASL authentication failed, the broker's certificate did not verify, or the
+/// broker sent a TLS alert rejecting this client's certificate (or its absence).
+fn is_refusal(reason: &str) -> bool {
+    [
+        "SASL authentication error",
+        "certificate verify failed",
+        "alert bad certificate",
+        "certificate required",
+        "alert unknown ca",
+    ]
+    .iter()
+    .any(|words| reason.contains(words))
 }
 
 /// The cluster's metadata (of `topic`, or of all topics), failing fast on a security failure.
@@ -226,7 +239,14 @@ pub fn fetch_metadata(
 ) -> Result<Metadata, TopicError> {
     let started = Instant::now();
     loop {
-        let err = match client.fetch_metadata(topic, Duration::from_millis(500)) {
+        // Short attempts first, to notice a refusal quickly; then longer ones, for a cluster
+        // whose metadata takes longer to answer.
+        let attempt = if started.elapsed() < Duration::from_secs(5) {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(2)
+        };
+        let err = match client.fetch_metadata(topic, attempt) {
             Ok(metadata) => return Ok(metadata),
             Err(err) => err,
         };
