@@ -32,6 +32,9 @@ pub enum AppError {
     /// The PostgreSQL connection settings are unusable.
     #[error("{0}")]
     PostgresSettings(String),
+    /// The Schema Registry is unusable (client settings, or it refused an output schema).
+    #[error("schema registry: {0}")]
+    Registry(String),
     /// PostgreSQL could not be reached within the start-up wait.
     #[error("cannot reach PostgreSQL: {0}")]
     Postgres(String),
@@ -95,7 +98,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), AppError> {
     crate::kafka::prepare_topics(&config).await?;
-    let producer = OutputProducer::new(&config)?;
+    let codecs = crate::avro::Codecs::start(&config)
+        .await
+        .map_err(AppError::Registry)?;
+    let mut producer = OutputProducer::new(&config)?;
+    if let Some(encoder) = &codecs.output {
+        producer = producer.with_avro(encoder.clone());
+    }
     progress.set_profile(&config.profile.to_string());
     for topic in &config.kafka.input_topics {
         crate::telemetry::register_topic(topic);
@@ -119,6 +128,7 @@ pub async fn run(
         producer: producer.clone(),
         progress,
         fatal: fatal.clone(),
+        codecs,
     };
     let intake = Intake::start(shared, stop.clone())?;
     info!(topics = ?config.kafka.input_topics, group = %config.kafka.group_id, "consuming");

@@ -14,8 +14,10 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+pub mod formats;
 pub mod security;
 
+pub use formats::{InputFormat, OutputFormat, SchemaRegistryConfig};
 use security::shown_path;
 pub use security::{KafkaProtocol, PgSslMode, SaslMechanism, Secret, SecurityConfig};
 
@@ -34,6 +36,8 @@ pub struct Config {
     pub processing: ProcessingConfig,
     /// The PostgreSQL sink and checkpoint store.
     pub postgres: PostgresConfig,
+    /// The Schema Registry of Avro input and output.
+    pub schema_registry: SchemaRegistryConfig,
     /// Metrics and health endpoints.
     pub http: HttpConfig,
     /// Logging.
@@ -55,6 +59,14 @@ pub struct KafkaConfig {
     pub topics: OutputTopics,
     /// Security settings (SASL/SSL).
     pub security: SecurityConfig,
+    /// Format of every input topic unless `input_formats` names it.
+    pub input_format: InputFormat,
+    /// Per-topic input formats: `{ "sensors" = "avro" }`.
+    pub input_formats: BTreeMap<String, InputFormat>,
+    /// The writer schema (Avro JSON) of `avro-raw` input.
+    pub avro_writer_schema_file: Option<std::path::PathBuf>,
+    /// Format of the output topics (the dead-letter topic keeps the original bytes).
+    pub output_format: OutputFormat,
     /// Where a partition without a checkpoint or committed offset starts: `earliest` or `latest`.
     pub auto_offset_reset: String,
     /// Consumer group session timeout; a revoked partition must be drained well within it.
@@ -141,6 +153,10 @@ impl Default for KafkaConfig {
             input_topics: vec!["events".into()],
             topics: OutputTopics::default(),
             security: SecurityConfig::default(),
+            input_format: InputFormat::Json,
+            input_formats: BTreeMap::new(),
+            avro_writer_schema_file: None,
+            output_format: OutputFormat::Json,
             auto_offset_reset: "earliest".into(),
             session_timeout_ms: 45_000,
             revoke_deadline_ms: 15_000,
@@ -905,6 +921,7 @@ pub fn load_figment(figment: Figment) -> Result<Loaded, ConfigErrors> {
     // Secrets from files are read now, so a missing or unreadable one is reported with the rest.
     config.kafka.security.read_secret_files(&mut problems);
     config.postgres.read_secret_files(&mut problems);
+    config.schema_registry.read_secret_files(&mut problems);
     if let Err(ConfigErrors(more)) = config.validate() {
         // A value that had the wrong type was replaced by its default: its checks say nothing.
         problems.extend(more.into_iter().filter(|m| {
@@ -1074,7 +1091,7 @@ fn repair(
 }
 
 /// Paths whose tables accept any key (raw librdkafka pass-through).
-const FREE_FORM: [&str; 2] = ["kafka.consumer", "kafka.producer"];
+const FREE_FORM: [&str; 3] = ["kafka.consumer", "kafka.producer", "kafka.input_formats"];
 
 fn unknown_keys(
     value: &serde_json::Value,
@@ -1321,6 +1338,7 @@ impl Config {
             }
         }
         self.kafka.security.check(&mut p);
+        self.check_formats(&mut p);
         let pg = &self.postgres;
         pg.check(&mut p);
         if pg.pool_max == 0 {

@@ -134,6 +134,24 @@ pub enum DecodeError {
         /// This event's dimension.
         got: usize,
     },
+    /// Avro input without the Confluent header (magic byte 0, schema id).
+    #[error("not in the Confluent Avro wire format: {0}")]
+    UnknownMagicByte(String),
+    /// The registry has no schema with this id.
+    #[error("schema id {0} is unknown to the schema registry")]
+    UnknownSchema(u32),
+    /// The writer schema cannot be read as an event.
+    #[error("incompatible writer schema: {0}")]
+    SchemaIncompatible(String),
+    /// A truncated or corrupt Avro datum.
+    #[error("invalid Avro datum: {0}")]
+    InvalidAvro(String),
+    /// The registry did not answer for longer than `schema_registry.max_outage_ms`.
+    #[error("schema registry unavailable: {0}")]
+    RegistryUnavailable(String),
+    /// `auto` input that is neither Confluent Avro nor JSON.
+    #[error("neither Avro nor JSON: {0}")]
+    UnknownFormat(String),
 }
 
 impl DecodeError {
@@ -150,6 +168,12 @@ impl DecodeError {
             DecodeError::KeyTooLong { .. } => "key_too_long",
             DecodeError::TimestampOutOfRange { .. } => "timestamp_out_of_range",
             DecodeError::FutureTimestamp { .. } => "future_timestamp",
+            DecodeError::UnknownMagicByte(_) => "unknown_magic_byte",
+            DecodeError::UnknownSchema(_) => "unknown_schema",
+            DecodeError::SchemaIncompatible(_) => "schema_incompatible",
+            DecodeError::InvalidAvro(_) => "invalid_avro",
+            DecodeError::RegistryUnavailable(_) => "registry_unavailable",
+            DecodeError::UnknownFormat(_) => "unknown_format",
         }
     }
 }
@@ -342,6 +366,40 @@ pub fn decode(
     };
     check_storable(&event, message_ts_ms, limits)?;
     Ok(event)
+}
+
+/// Decodes one Kafka message payload in the input format `decoder` stands for (JSON, Avro or
+/// either); see [`decode`].
+///
+/// # Errors
+/// A [`DecodeError`] naming what is wrong.
+pub fn decode_with(
+    decoder: &crate::avro::InputDecoder,
+    payload: Option<&[u8]>,
+    message_key: Option<&[u8]>,
+    message_ts_ms: Option<i64>,
+    limits: &Limits,
+) -> Result<Event, DecodeError> {
+    if let crate::avro::InputDecoder::Json = decoder {
+        return decode(payload, message_key, message_ts_ms, limits);
+    }
+    let bytes = payload.ok_or(DecodeError::Empty)?;
+    if bytes.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    if bytes.len() > limits.max_bytes {
+        return Err(DecodeError::Oversized {
+            size: bytes.len(),
+            limit: limits.max_bytes,
+        });
+    }
+    match decoder.decode(bytes, message_key, message_ts_ms)? {
+        Some(event) => {
+            check_storable(&event, message_ts_ms, limits)?;
+            Ok(event)
+        }
+        None => decode(payload, message_key, message_ts_ms, limits),
+    }
 }
 
 fn in_range(x: f64) -> bool {

@@ -3,6 +3,9 @@
 //! # Layout
 //! - [`config`]: typed configuration (figment layers, profiles, validation, provenance).
 //! - [`event`]: the input event shape and its decoding, with a reason for every rejection.
+//! - [`avro`]: Avro input (Confluent wire format, plain datums) resolved against the product's
+//!   reader schema, the Schema Registry client and cache ([`avro::registry`]), Avro outputs
+//!   ([`avro::output`]).
 //! - [`output`]: output message shapes, their topics and keys.
 //! - [`windows`]: event-time windows: tumbling, hopping ([`windows::fixed`]) and sliding
 //!   ([`windows::sliding`]); pure, checkpointable.
@@ -28,6 +31,7 @@
 //! - [`tools`]: `neurostream produce` and `neurostream tail`.
 
 pub mod app;
+pub mod avro;
 pub mod clustering;
 pub mod config;
 pub mod demo;

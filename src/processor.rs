@@ -98,6 +98,8 @@ pub struct Processor {
     last_offset: i64,
     /// Output numbering within source offsets.
     seq: SeqCounter,
+    /// The input format (JSON unless set).
+    input: crate::avro::InputDecoder,
 }
 
 impl Processor {
@@ -124,7 +126,13 @@ impl Processor {
                 offset: -1,
                 next: 0,
             },
+            input: crate::avro::InputDecoder::Json,
         }
+    }
+
+    /// Decodes input with `input` (JSON, Avro, either) from now on.
+    pub fn set_input(&mut self, input: crate::avro::InputDecoder) {
+        self.input = input;
     }
 
     /// A processor restored from a snapshot taken by [`Processor::snapshot`]. Windows that are no
@@ -200,7 +208,13 @@ impl Processor {
             now_ms: self.wall_ms,
             ..self.limits
         };
-        let decoded = event::decode(record.payload, record.key, record.timestamp_ms, &limits);
+        let decoded = event::decode_with(
+            &self.input,
+            record.payload,
+            record.key,
+            record.timestamp_ms,
+            &limits,
+        );
         match decoded {
             Ok(event) => self.apply(&event, record.offset, out),
             Err(err) => {

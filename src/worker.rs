@@ -38,6 +38,8 @@ pub struct WorkerContext {
     pub progress: Arc<Progress>,
     /// Cancelled, with a reason in `fatal_reason`, when the service must stop.
     pub fatal: Fatal,
+    /// Input and output formats.
+    pub codecs: crate::avro::Codecs,
 }
 
 /// A fatal condition any task can raise to stop the service with a message.
@@ -238,6 +240,9 @@ impl PartitionWorker {
             None => Processor::new(&config.processing, max_bytes, id.partition),
         };
         processor.resume_idle_clocks(wall_clock_ms());
+        let decoder = ctx.codecs.input_decoder(config.input_format(&id.topic));
+        processor.set_input(decoder.clone());
+        let registry = ctx.codecs.registry.clone();
         let position = checkpoint.as_ref().map(|c| c.next_offset);
         info!(next_offset = ?position, epoch, "partition worker started");
         ctx.progress.set_restored(&id.topic, id.partition, position);
@@ -275,6 +280,16 @@ impl PartitionWorker {
                 // Deliveries before ticks: a backlog is never mistaken for a quiet partition.
                 delivery = deliveries_rx.recv() => match delivery {
                     Some(Delivery::Message(msg)) => {
+                        // An Avro message's writer schema is fetched first (retrying while the
+                        // registry is away); a stop meanwhile leaves the message unprocessed.
+                        if let (Some(id), Some(registry)) = (decoder.schema_id(msg.payload()), &registry) {
+                            let (progress, topic, partition) =
+                                (worker.ctx.progress.clone(), worker.id.topic.clone(), worker.id.partition);
+                            let waiting = |why: Option<String>| progress.set_retrying(&topic, partition, why);
+                            if registry.ensure(id, &stop, waiting).await.is_err() {
+                                break;
+                            }
+                        }
                         worker.take(&msg);
                         if worker.pending.rows() >= worker.batch_rows && worker.flush().await.is_err() {
                             return;

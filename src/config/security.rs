@@ -463,6 +463,18 @@ impl From<PgSslMode> for String {
     }
 }
 
+impl super::SchemaRegistryConfig {
+    /// Reads `password_file` into `password`.
+    pub(super) fn read_secret_files(&mut self, problems: &mut Vec<String>) {
+        read_secret(
+            &mut self.password,
+            &self.password_file,
+            "schema_registry.password",
+            problems,
+        );
+    }
+}
+
 impl super::PostgresConfig {
     /// Reads `url_file` and `password_file` into their values.
     pub(super) fn read_secret_files(&mut self, problems: &mut Vec<String>) {

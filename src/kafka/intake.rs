@@ -54,6 +54,8 @@ pub struct Shared {
     pub progress: Arc<Progress>,
     /// Service-stopping condition.
     pub fatal: Fatal,
+    /// Input and output formats.
+    pub codecs: crate::avro::Codecs,
 }
 
 /// Consumer context: owns the partition workers and serves rebalances.
@@ -255,6 +257,7 @@ impl IntakeContext {
                 offsets: offsets.clone(),
                 progress: self.shared.progress.clone(),
                 fatal: self.shared.fatal.clone(),
+                codecs: self.shared.codecs.clone(),
             };
             let span = info_span!("partition", topic = %tp.0, partition = tp.1);
             let join = self.runtime.spawn(

@@ -203,6 +203,8 @@ impl SendReport {
 pub struct OutputProducer {
     producer: FutureProducer<QuietContext>,
     topics: OutputTopics,
+    /// Avro outputs; `None`: JSON.
+    avro: Option<std::sync::Arc<crate::avro::output::OutputEncoder>>,
 }
 
 impl std::fmt::Debug for OutputProducer {
@@ -223,8 +225,18 @@ impl OutputProducer {
             .create_with_context(QuietContext::default())?;
         Ok(Self {
             producer,
+            avro: None,
             topics: config.kafka.topics.clone(),
         })
+    }
+
+    /// Writes outputs in the Confluent Avro wire format with `encoder` from now on.
+    pub fn with_avro(
+        mut self,
+        encoder: std::sync::Arc<crate::avro::output::OutputEncoder>,
+    ) -> Self {
+        self.avro = Some(encoder);
+        self
     }
 
     /// Produces the messages `which` of a partition batch and waits for every ack; returns the
@@ -245,7 +257,10 @@ impl OutputProducer {
                 MessageRef::Output(i) => {
                     let emitted = &outputs[i];
                     let key = emitted.output.key();
-                    let value = emitted.output.to_json();
+                    let value = match &self.avro {
+                        Some(avro) => avro.encode(&emitted.output),
+                        None => emitted.output.to_json(),
+                    };
                     let offset = emitted.source_offset.to_string();
                     // `neurostream.source.seq` tells apart outputs of one source offset, so a
                     // consumer deduplicating on (topic, partition, offset, seq) drops only replays.

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod kafka;
+pub mod registry;
 pub mod tls;
 
 use std::sync::{Arc, OnceLock};

@@ -1,0 +1,407 @@
+//! A Confluent Schema Registry client (the REST endpoints `GET /schemas/ids/{id}` and
+//! `POST /subjects/{subject}/versions`, which Confluent, Apicurio's `ccompat` API, Karapace and
+//! Redpanda serve), with basic auth and TLS, and a bounded cache of compiled writer schemas.
+//!
+//! Lookups happen in the partition worker before a message is processed; the pure processor
+//! then reads the cache without waiting. A registry that does not answer holds the partition
+//! (retrying with backoff, like a PostgreSQL outage) unless `schema_registry.max_outage_ms` is
+//! set, after which messages needing an uncached schema are dead-lettered as
+//! `registry_unavailable` until it answers again. An id the registry does not know (after a few
+//! retries, for a registry that lags behind a producer) is dead-lettered as `unknown_schema`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Incompatible, WriterPlan};
+use crate::config::SchemaRegistryConfig;
+use crate::event::DecodeError;
+
+/// What the cache knows of one schema id.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// A writer schema the event can be read with.
+    Plan(Arc<WriterPlan>),
+    /// A writer schema that cannot be read as an event, and why.
+    Incompatible(String),
+    /// The registry has no such id.
+    Unknown,
+    /// The registry did not answer for longer than `max_outage_ms`.
+    Unavailable(String),
+}
+
+/// Negative answers are asked again after this long.
+const NEGATIVE_TTL: Duration = Duration::from_secs(60);
+/// An outage verdict holds this long before the registry is tried again.
+const UNAVAILABLE_TTL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Default)]
+struct Entries {
+    map: HashMap<u32, (Lookup, Instant)>,
+    /// Insertion order, for eviction.
+    order: VecDeque<u32>,
+}
+
+/// Compiled writer schemas by id, at most `capacity` of them (the oldest evicted first).
+#[derive(Debug)]
+pub struct SchemaCache {
+    entries: Mutex<Entries>,
+    capacity: usize,
+}
+
+impl SchemaCache {
+    /// An empty cache holding at most `capacity` schemas.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: Mutex::new(Entries::default()),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
+        self.entries
+            .lock()
+            .expect("schema cache lock is never poisoned: nothing panics holding it")
+    }
+
+    /// Whether `id` has a current answer.
+    pub fn has(&self, id: u32) -> bool {
+        let entries = self.lock();
+        entries
+            .map
+            .get(&id)
+            .is_some_and(|(lookup, at)| match lookup {
+                Lookup::Plan(_) | Lookup::Incompatible(_) => true,
+                Lookup::Unknown => at.elapsed() < NEGATIVE_TTL,
+                Lookup::Unavailable(_) => at.elapsed() < UNAVAILABLE_TTL,
+            })
+    }
+
+    /// Records the answer for `id`.
+    pub fn insert(&self, id: u32, lookup: Lookup) {
+        let mut entries = self.lock();
+        if entries.map.insert(id, (lookup, Instant::now())).is_none() {
+            entries.order.push_back(id);
+            while entries.order.len() > self.capacity {
+                if let Some(old) = entries.order.pop_front() {
+                    entries.map.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Compiles and records the writer schema `text` for `id`.
+    pub fn insert_schema(&self, id: u32, text: &str) {
+        let lookup = match WriterPlan::compile(text) {
+            Ok(plan) => Lookup::Plan(Arc::new(plan)),
+            Err(Incompatible(why)) => Lookup::Incompatible(why),
+        };
+        self.insert(id, lookup);
+    }
+
+    /// The plan for `id`, or the dead-letter reason.
+    ///
+    /// # Errors
+    /// [`DecodeError::UnknownSchema`], [`DecodeError::SchemaIncompatible`] or
+    /// [`DecodeError::RegistryUnavailable`].
+    pub fn plan(&self, id: u32) -> Result<Arc<WriterPlan>, DecodeError> {
+        match self.lock().map.get(&id).map(|(l, _)| l.clone()) {
+            Some(Lookup::Plan(plan)) => Ok(plan),
+            Some(Lookup::Incompatible(why)) => Err(DecodeError::SchemaIncompatible(format!(
+                "writer schema {id}: {why}"
+            ))),
+            Some(Lookup::Unknown) => Err(DecodeError::UnknownSchema(id)),
+            Some(Lookup::Unavailable(why)) => Err(DecodeError::RegistryUnavailable(format!(
+                "schema {id}: {why}"
+            ))),
+            None => Err(DecodeError::RegistryUnavailable(format!(
+                "schema {id} was not fetched"
+            ))),
+        }
+    }
+
+    /// Schemas held.
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Why a registry request failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FetchError {
+    /// The registry answered that it has no such schema.
+    NotFound,
+    /// No answer, a timeout, or a server error: worth retrying.
+    Unavailable(String),
+    /// An answer no retry changes (authentication, a malformed response).
+    Refused(String),
+}
+
+impl std::fmt::Display for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FetchError::NotFound => f.write_str("not found"),
+            FetchError::Unavailable(why) | FetchError::Refused(why) => f.write_str(why),
+        }
+    }
+}
+
+/// The registry's HTTP client.
+#[derive(Debug, Clone)]
+pub struct RegistryClient {
+    http: reqwest::Client,
+    base: String,
+    auth: Option<(String, crate::config::Secret)>,
+}
+
+#[derive(serde::Deserialize)]
+struct SchemaResponse {
+    schema: String,
+    #[serde(rename = "schemaType", default)]
+    schema_type: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct IdResponse {
+    id: u32,
+}
+
+const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
+
+impl RegistryClient {
+    /// A client for `config` (its URL, credentials, TLS files and timeout).
+    ///
+    /// # Errors
+    /// A message when the URL is unset or a TLS file cannot be used.
+    pub fn new(config: &SchemaRegistryConfig) -> Result<Self, String> {
+        let base = config
+            .url
+            .clone()
+            .ok_or("schema_registry.url is not set")?
+            .trim_end_matches('/')
+            .to_string();
+        let mut builder = reqwest::Client::builder()
+            .timeout(Duration::from_millis(config.request_timeout_ms))
+            .connect_timeout(Duration::from_millis(config.request_timeout_ms));
+        if let Some(ca) = &config.ssl_ca_location {
+            let pem =
+                std::fs::read(ca).map_err(|e| format!("schema_registry.ssl_ca_location: {e}"))?;
+            let cert = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| format!("schema_registry.ssl_ca_location: {e}"))?;
+            builder = builder.add_root_certificate(cert);
+        }
+        if let (Some(cert), Some(key)) =
+            (&config.ssl_certificate_location, &config.ssl_key_location)
+        {
+            let cert = std::fs::read(cert)
+                .map_err(|e| format!("schema_registry.ssl_certificate_location: {e}"))?;
+            let key =
+                std::fs::read(key).map_err(|e| format!("schema_registry.ssl_key_location: {e}"))?;
+            let identity = reqwest::Identity::from_pkcs8_pem(&cert, &key)
+                .map_err(|e| format!("schema_registry client certificate: {e}"))?;
+            builder = builder.identity(identity);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| format!("schema registry client: {e}"))?;
+        let auth = config
+            .username
+            .clone()
+            .map(|u| (u, config.password.clone().unwrap_or_default()));
+        Ok(Self { http, base, auth })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .header(reqwest::header::ACCEPT, CONTENT_TYPE);
+        match &self.auth {
+            Some((user, password)) => request.basic_auth(user, Some(password.expose())),
+            None => request,
+        }
+    }
+
+    async fn send<T: serde::de::DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, FetchError> {
+        // NB: reqwest's errors name the URL, never the credentials (sent in a header).
+        let response = request
+            .send()
+            .await
+            .map_err(|e| FetchError::Unavailable(format!("schema registry: {e}")))?;
+        let status = response.status();
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Err(FetchError::NotFound);
+        }
+        // Server errors, throttling, and refused credentials (a configuration problem, not bad
+        // input: the data must not be dead-lettered for it) are all retried.
+        if status.is_server_error()
+            || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+            || status == reqwest::StatusCode::UNAUTHORIZED
+            || status == reqwest::StatusCode::FORBIDDEN
+        {
+            return Err(FetchError::Unavailable(format!(
+                "schema registry answered {status}"
+            )));
+        }
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            let body: String = body.chars().take(300).collect();
+            return Err(FetchError::Refused(format!(
+                "schema registry answered {status}: {body}"
+            )));
+        }
+        response
+            .json()
+            .await
+            .map_err(|e| FetchError::Refused(format!("schema registry response: {e}")))
+    }
+
+    /// The writer schema registered under `id`.
+    ///
+    /// # Errors
+    /// [`FetchError`].
+    pub async fn schema(&self, id: u32) -> Result<String, FetchError> {
+        let response: SchemaResponse = self
+            .send(self.request(reqwest::Method::GET, &format!("/schemas/ids/{id}")))
+            .await?;
+        match response.schema_type.as_deref() {
+            None | Some("AVRO") => Ok(response.schema),
+            Some(other) => Err(FetchError::Refused(format!(
+                "schema {id} is a {other} schema, not Avro"
+            ))),
+        }
+    }
+
+    /// Registers `schema` (Avro JSON) under `subject`; returns its id (the existing one when
+    /// the same schema is registered already).
+    ///
+    /// # Errors
+    /// [`FetchError`] (an incompatible schema is `Refused` with the registry's reason).
+    pub async fn register(&self, subject: &str, schema: &str) -> Result<u32, FetchError> {
+        let body = serde_json::json!({ "schema": schema, "schemaType": "AVRO" });
+        let request = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/subjects/{subject}/versions"),
+            )
+            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
+            .body(body.to_string());
+        let response: IdResponse = self.send(request).await?;
+        Ok(response.id)
+    }
+}
+
+/// The registry as the workers use it: client, shared cache and outage bookkeeping.
+#[derive(Debug)]
+pub struct Registry {
+    client: RegistryClient,
+    cache: Arc<SchemaCache>,
+    retry_max_backoff: Duration,
+    max_outage: Option<Duration>,
+    /// Since when the registry has not answered (shared by every partition).
+    outage_since: Mutex<Option<Instant>>,
+}
+
+/// A lookup was abandoned because the worker was asked to stop.
+#[derive(Debug)]
+pub struct Stopped;
+
+impl Registry {
+    /// The registry of `config`.
+    ///
+    /// # Errors
+    /// See [`RegistryClient::new`].
+    pub fn new(config: &SchemaRegistryConfig) -> Result<Self, String> {
+        Ok(Self {
+            client: RegistryClient::new(config)?,
+            cache: Arc::new(SchemaCache::new(config.cache_capacity)),
+            retry_max_backoff: Duration::from_millis(config.retry_max_backoff_ms),
+            max_outage: config.max_outage_ms.map(Duration::from_millis),
+            outage_since: Mutex::new(None),
+        })
+    }
+
+    /// The shared cache the processors read.
+    pub fn cache(&self) -> Arc<SchemaCache> {
+        self.cache.clone()
+    }
+
+    /// The HTTP client (registering output schemas, `produce`, `tail`).
+    pub fn client(&self) -> &RegistryClient {
+        &self.client
+    }
+
+    fn outage(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        self.outage_since
+            .lock()
+            .expect("outage lock is never poisoned: nothing panics holding it")
+    }
+
+    /// Makes sure the cache answers for `id`: fetches it, retrying a registry that does not
+    /// answer (for ever, or up to `max_outage_ms`), and an unknown id three times. `waiting`
+    /// is told what is being retried (for `/health`), and `None` when done.
+    ///
+    /// # Errors
+    /// [`Stopped`] when `stop` is cancelled meanwhile (the message stays unprocessed).
+    pub async fn ensure(
+        &self,
+        id: u32,
+        stop: &CancellationToken,
+        mut waiting: impl FnMut(Option<String>),
+    ) -> Result<(), Stopped> {
+        if self.cache.has(id) {
+            return Ok(());
+        }
+        let mut delay = Duration::from_millis(100);
+        let mut not_found = 0;
+        let result = loop {
+            match self.client.schema(id).await {
+                Ok(text) => {
+                    *self.outage() = None;
+                    self.cache.insert_schema(id, &text);
+                    break Ok(());
+                }
+                Err(FetchError::NotFound) if not_found < 3 => not_found += 1,
+                Err(FetchError::NotFound) => {
+                    *self.outage() = None;
+                    self.cache.insert(id, Lookup::Unknown);
+                    break Ok(());
+                }
+                Err(FetchError::Refused(why)) => {
+                    *self.outage() = None;
+                    self.cache.insert(id, Lookup::Incompatible(why));
+                    break Ok(());
+                }
+                Err(FetchError::Unavailable(why)) => {
+                    let since = *self.outage().get_or_insert_with(Instant::now);
+                    if self
+                        .max_outage
+                        .is_some_and(|bound| since.elapsed() >= bound)
+                    {
+                        self.cache.insert(id, Lookup::Unavailable(why));
+                        break Ok(());
+                    }
+                    tracing::warn!(schema_id = id, error = %why, "schema registry unavailable; retrying (this partition waits)");
+                    waiting(Some(format!("fetching schema {id}: {why}")));
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break Err(Stopped),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(self.retry_max_backoff);
+        };
+        waiting(None);
+        result
+    }
+}
