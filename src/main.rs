@@ -86,6 +86,10 @@ enum Command {
         /// Make one synthetic message in this many malformed (0: none).
         #[arg(long, default_value_t = 0)]
         malformed_every: u64,
+        /// `json`, or `avro`: the Confluent wire format with the event schema registered under
+        /// `<topic>-value` (needs schema_registry.url); malformed lines are sent as they are.
+        #[arg(long, value_parser = ["json", "avro"], default_value = "json")]
+        format: String,
     },
     /// Print output topics' messages as JSON lines.
     Tail {
@@ -184,6 +188,7 @@ fn main() -> ExitCode {
                 rate,
                 file,
                 malformed_every,
+                format,
             } => {
                 let topic = topic.unwrap_or_else(|| loaded.config.kafka.input_topics[0].clone());
                 let opts = tools::ProduceOptions {
@@ -192,6 +197,7 @@ fn main() -> ExitCode {
                     rate,
                     file,
                     malformed_every,
+                    avro: format == "avro",
                 };
                 tools::produce(&loaded.config, opts).await.map(|_| ())
             }

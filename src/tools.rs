@@ -25,6 +25,9 @@ pub struct ProduceOptions {
     pub file: Option<std::path::PathBuf>,
     /// One synthetic message in this many is malformed (0: none).
     pub malformed_every: u64,
+    /// Send events in the Confluent Avro wire format (the event schema registered under
+    /// `<topic>-value`); lines that are not events are sent as they are.
+    pub avro: bool,
 }
 
 /// Publishes synthetic clustered events, or a JSON-lines file, at a given rate.
@@ -73,6 +76,20 @@ pub async fn produce(config: &Config, opts: ProduceOptions) -> anyhow::Result<u6
             }))
         }
     };
+    let avro_id = if opts.avro {
+        let client = crate::avro::registry::RegistryClient::new(&config.schema_registry)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let subject = format!("{}-value", opts.topic);
+        let id = client
+            .register(&subject, crate::avro::EVENT_SCHEMA)
+            .await
+            .map_err(|e| anyhow::anyhow!("registering the event schema as `{subject}`: {e}"))?;
+        eprintln!("event schema registered as `{subject}`, id {id}");
+        Some(id)
+    } else {
+        None
+    };
+    let limits = crate::event::Limits::bytes(config.kafka.max_event_bytes);
     let started = Instant::now();
     let mut in_flight = InFlight::new(10_000);
     let mut sent = 0u64;
@@ -88,7 +105,14 @@ pub async fn produce(config: &Config, opts: ProduceOptions) -> anyhow::Result<u6
         let key = serde_json::from_str::<serde_json::Value>(&line)
             .ok()
             .and_then(|v| v.get("key").and_then(|k| k.as_str()).map(String::from));
-        let mut record = FutureRecord::<str, str>::to(&opts.topic).payload(&line);
+        let payload = match avro_id {
+            Some(id) => match crate::event::decode(Some(line.as_bytes()), None, None, &limits) {
+                Ok(event) => crate::avro::frame_confluent(id, &crate::avro::encode_event(&event)),
+                Err(_) => line.clone().into_bytes(),
+            },
+            None => line.clone().into_bytes(),
+        };
+        let mut record = FutureRecord::<str, [u8]>::to(&opts.topic).payload(&payload);
         if let Some(k) = &key {
             record = record.key(k);
         }
@@ -137,6 +161,16 @@ pub fn tail(
         let _ = consumer.poll(Duration::ZERO);
     };
     fetch_metadata(consumer.client(), drain, None, &config.kafka.brokers)?;
+    // Avro outputs are decoded with their writer schemas from the registry, when one is set.
+    let registry = match &config.schema_registry.url {
+        Some(_) => Some(
+            crate::avro::registry::RegistryClient::new(&config.schema_registry)
+                .map_err(|e| anyhow::anyhow!(e))?,
+        ),
+        None => None,
+    };
+    let handle = tokio::runtime::Handle::current();
+    let mut schemas: std::collections::HashMap<u32, String> = Default::default();
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;
     let mut seen = 0u64;
@@ -148,7 +182,23 @@ pub fn tail(
                     .and_then(|h| h.iter().find(|h| h.key == "neurostream.source.offset"))
                     .and_then(|h| h.value)
                     .map(|v| String::from_utf8_lossy(v).into_owned());
-                let value = m.payload().map(String::from_utf8_lossy).unwrap_or_default();
+                let value = match (m.payload(), &registry) {
+                    (Some(p @ [0, a, b, c, d, ..]), Some(client)) => {
+                        let id = u32::from_be_bytes([*a, *b, *c, *d]);
+                        if !schemas.contains_key(&id) {
+                            let text = handle
+                                .block_on(client.schema(id))
+                                .map_err(|e| anyhow::anyhow!("schema {id}: {e}"))?;
+                            schemas.insert(id, text);
+                        }
+                        match crate::avro::output::to_json(p, &schemas[&id]) {
+                            Ok(json) => json.to_string(),
+                            Err(e) => format!("{{\"avro_error\": {:?}}}", e),
+                        }
+                        .into()
+                    }
+                    (p, _) => p.map(String::from_utf8_lossy).unwrap_or_default(),
+                };
                 println!(
                     "{}",
                     serde_json::json!({

@@ -328,6 +328,70 @@ async fn avro_in_and_out_through_apicurio_and_apache_kafka() {
     assert_rows_eq(&stored_rows(&store2).await, &expected_rows(&auto, &json));
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn produce_writes_avro_and_tail_reads_it() {
+    let Some(broker) = Broker::kafka() else {
+        return;
+    };
+    let Some(registry) = Registry::start_or_skip() else {
+        return;
+    };
+    let mut config = base_config(&broker.brokers(), "postgres://unused@127.0.0.1/x");
+    let topic = config.kafka.input_topics[0].clone();
+    broker.create_topic(&topic, 1).await;
+    config.schema_registry.url = Some(registry.url());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_neurostream"))
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{args:?}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    run(&[
+        "produce", "--topic", &topic, "--events", "20", "--format", "avro",
+    ]);
+    // The schema is registered under TopicNameStrategy, and the messages are Confluent Avro.
+    let (status, _) = registry
+        .get(&format!(
+            "/apis/ccompat/v7/subjects/{topic}-value/versions/latest"
+        ))
+        .unwrap();
+    assert_eq!(status, 200);
+    let raw = read_topic(&broker.brokers(), &topic, Some(20));
+    assert!(raw.iter().all(|m| m.payload().unwrap()[0] == 0));
+    let lines = run(&[
+        "tail",
+        "--topic",
+        &topic,
+        "--from-beginning",
+        "--limit",
+        "20",
+    ]);
+    let values: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["value"].clone())
+        .collect();
+    assert_eq!(values.len(), 20);
+    for v in &values {
+        assert!(
+            v["features"].as_array().is_some_and(|f| !f.is_empty()),
+            "{v}"
+        );
+        assert!(v["key"].is_string(), "{v}");
+    }
+}
+
 /// A TCP relay to the registry that can be cut (connections closed at once) and restored.
 struct Relay {
     port: u16,

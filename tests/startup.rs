@@ -168,6 +168,7 @@ async fn produce_refuses_a_missing_topic_instead_of_hanging() {
             rate: 0,
             file: None,
             malformed_every: 0,
+            avro: false,
         },
     )
     .await
