@@ -185,13 +185,15 @@ pub fn tail(
                 let value = match (m.payload(), &registry) {
                     (Some(p @ [0, a, b, c, d, ..]), Some(client)) => {
                         let id = u32::from_be_bytes([*a, *b, *c, *d]);
-                        if !schemas.contains_key(&id) {
-                            let text = handle
-                                .block_on(client.schema(id))
-                                .map_err(|e| anyhow::anyhow!("schema {id}: {e}"))?;
-                            schemas.insert(id, text);
-                        }
-                        match crate::avro::output::to_json(p, &schemas[&id]) {
+                        let text = match schemas.entry(id) {
+                            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                            std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                                handle
+                                    .block_on(client.schema(id))
+                                    .map_err(|e| anyhow::anyhow!("schema {id}: {e}"))?,
+                            ),
+                        };
+                        match crate::avro::output::to_json(p, text) {
                             Ok(json) => json.to_string(),
                             Err(e) => format!("{{\"avro_error\": {:?}}}", e),
                         }
