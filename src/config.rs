@@ -1627,6 +1627,7 @@ fn is_secret(path: &str) -> bool {
     p.contains("password")
         || p.contains("secret")
         || p.ends_with("postgres.url")
+        || p.ends_with("schema_registry.url")
         || p.contains("sasl.jaas")
         || p.ends_with("ssl_key_pem")
         // librdkafka's own keys: key material, tokens and PEM blobs are secrets too.
@@ -1658,7 +1659,8 @@ fn mask(path: &str, value: &str) -> String {
     }
     let text = value.trim_matches('"');
     let scheme_end = text.find("://").map(|i| i + 3);
-    let (Some(scheme_end), true) = (scheme_end, path.ends_with("postgres.url")) else {
+    let url_shaped = path.ends_with("postgres.url") || path.ends_with("schema_registry.url");
+    let (Some(scheme_end), true) = (scheme_end, url_shaped) else {
         return "\"****\"".into();
     };
     // The userinfo ends at the LAST `@` of the whole URL: a password may hold `@`, `/`, `?` or
@@ -2030,6 +2032,48 @@ mod tests {
             text.contains("kafka.brokers = \"localhost:9092\"  # default"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn formats_are_checked_with_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad_schema = dir.path().join("bad.avsc");
+        std::fs::write(
+            &bad_schema,
+            r#"{"type":"record","name":"R","fields":[{"name":"ts","type":"boolean"}]}"#,
+        )
+        .unwrap();
+        let err = from_toml(&format!(
+            r#"
+            [kafka]
+            input_topics = ["a", "b"]
+            input_format = "avro"
+            input_formats = {{ b = "avro-raw", c = "json" }}
+            avro_writer_schema_file = "{}"
+            output_format = "avro"
+            [schema_registry]
+            password = "p"
+            "#,
+            bad_schema.display()
+        ))
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "kafka.input_formats names `c`, which is not an input topic",
+            "kafka.avro_writer_schema_file: field `ts` (ts) is boolean",
+            "schema_registry.url is required",
+            "schema_registry.password is set without schema_registry.username",
+        ] {
+            assert!(err.contains(want), "missing `{want}` in:\n{err}");
+        }
+        let ok = from_toml(
+            "[kafka]\ninput_format = \"auto\"\n[schema_registry]\nurl = \"https://u:pw-x@reg:8081\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.config.input_format("events"), InputFormat::Auto);
+        let text = ok.config.describe(&ok.figment);
+        assert!(text.contains("https://u:****@reg:8081"), "{text}");
+        assert!(!text.contains("pw-x"), "{text}");
     }
 
     #[test]

@@ -47,7 +47,8 @@ enum Command {
         #[arg(long, env = "DATABASE_URL")]
         database_url: Option<String>,
     },
-    /// The per-partition processor offline: JSON-lines events in, JSON-lines outputs out.
+    /// The per-partition processor offline: JSON-lines events (or an Avro object container
+    /// file) in, JSON-lines outputs out.
     Process {
         /// Input file (default: stdin).
         #[arg(long)]
@@ -315,7 +316,7 @@ fn process(
     output: Option<PathBuf>,
     options: offline::OfflineOptions,
 ) -> anyhow::Result<()> {
-    let reader: Box<dyn std::io::BufRead> = match input {
+    let mut reader: Box<dyn std::io::BufRead> = match input {
         Some(path) => {
             Box::new(BufReader::new(std::fs::File::open(&path).map_err(|e| {
                 anyhow::anyhow!("cannot open input {}: {e}", path.display())
@@ -329,7 +330,14 @@ fn process(
         )?)),
         None => Box::new(BufWriter::new(std::io::stdout().lock())),
     };
-    let stats = offline::process_lines(config, options, reader, writer, std::io::stderr().lock())?;
+    // An Avro object container file (magic `Obj` 1) carries its writer schema; anything else is
+    // JSON lines.
+    let container = reader.fill_buf()?.starts_with(b"Obj\x01");
+    let stats = if container {
+        offline::process_avro_container(config, options, reader, writer, std::io::stderr().lock())?
+    } else {
+        offline::process_lines(config, options, reader, writer, std::io::stderr().lock())?
+    };
     eprintln!(
         "processed {} lines: {} rejected, {} outputs",
         stats.lines, stats.rejected, stats.outputs

@@ -1,4 +1,5 @@
-//! `neurostream process`: the per-partition processor over JSON lines, offline.
+//! `neurostream process`: the per-partition processor over JSON lines (or an Avro object
+//! container file), offline.
 //!
 //! Each input line is an event (DESIGN.md shape) at offset = its 0-based line number; each output
 //! is one JSON line. At end of input every open window closes and emits its final. Bad lines are
@@ -50,14 +51,10 @@ pub fn process_lines(
     config: &Config,
     options: OfflineOptions,
     input: impl BufRead,
-    mut output: impl Write,
-    mut errors: impl Write,
+    output: impl Write,
+    errors: impl Write,
 ) -> std::io::Result<OfflineStats> {
-    let update_every = options.update_every;
-    let mut processor = Processor::new(&config.processing, config.kafka.max_event_bytes, 0);
-    processor.collect_assignments(options.assignments);
-    let mut stats = OfflineStats::default();
-    let mut out = Vec::new();
+    let mut run = Run::new(config, options, output, errors);
     for (n, line) in input.split(b'\n').enumerate() {
         let mut line = line?;
         if line.last() == Some(&b'\r') {
@@ -66,37 +63,110 @@ pub fn process_lines(
         if line.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        stats.lines += 1;
+        run.record(n, &line)?;
+    }
+    run.finish()
+}
+
+/// Processes every record of an Avro object container file (its embedded writer schema resolved
+/// against the event schema, as for `avro-raw` input); offset = the record's 0-based position.
+///
+/// # Errors
+/// I/O errors, a file that is not an Avro container, or a writer schema that cannot be read as
+/// an event.
+pub fn process_avro_container(
+    config: &Config,
+    options: OfflineOptions,
+    input: impl std::io::Read,
+    output: impl Write,
+    errors: impl Write,
+) -> std::io::Result<OfflineStats> {
+    use std::io::{Error, ErrorKind};
+    let reader = apache_avro::Reader::new(input).map_err(|e| {
+        Error::new(
+            ErrorKind::InvalidData,
+            format!("not an Avro container file: {e}"),
+        )
+    })?;
+    let schema = reader.writer_schema().clone();
+    let plan = crate::avro::WriterPlan::from_schema(&schema)
+        .map_err(|e| Error::new(ErrorKind::InvalidData, e.to_string()))?;
+    let mut run = Run::new(config, options, output, errors);
+    run.processor
+        .set_input(crate::avro::InputDecoder::AvroRaw(std::sync::Arc::new(Ok(
+            plan,
+        ))));
+    for (n, value) in reader.enumerate() {
+        // NB: the reader yields values; the plan reads datums (the service's path).
+        let datum = value
+            .and_then(|v| apache_avro::to_avro_datum(&schema, v))
+            .map_err(|e| Error::new(ErrorKind::InvalidData, format!("record {n}: {e}")))?;
+        run.record(n, &datum)?;
+    }
+    run.finish()
+}
+
+/// One offline run: the processor, its pending outputs and the writers.
+struct Run<O: Write, E: Write> {
+    processor: Processor,
+    update_every: u64,
+    stats: OfflineStats,
+    out: Vec<crate::output::Emitted>,
+    output: O,
+    errors: E,
+}
+
+impl<O: Write, E: Write> Run<O, E> {
+    fn new(config: &Config, options: OfflineOptions, output: O, errors: E) -> Self {
+        let mut processor = Processor::new(&config.processing, config.kafka.max_event_bytes, 0);
+        processor.collect_assignments(options.assignments);
+        Self {
+            processor,
+            update_every: options.update_every,
+            stats: OfflineStats::default(),
+            out: Vec::new(),
+            output,
+            errors,
+        }
+    }
+
+    /// Processes the record at position `n` (0-based; reported 1-based).
+    fn record(&mut self, n: usize, payload: &[u8]) -> std::io::Result<()> {
+        self.stats.lines += 1;
         let record = Record {
-            payload: Some(&line),
+            payload: Some(payload),
             key: None,
             timestamp_ms: None,
             offset: n as i64,
         };
-        match processor.process(record, &mut out) {
+        match self.processor.process(record, &mut self.out) {
             Ok(Some(late)) => writeln!(
-                errors,
+                self.errors,
                 "line {}: late: {} ms behind stream time",
                 n + 1,
                 late.behind_ms
             )?,
             Ok(None) => {}
             Err(err) => {
-                stats.rejected += 1;
-                writeln!(errors, "line {}: {}: {err}", n + 1, err.kind())?;
+                self.stats.rejected += 1;
+                writeln!(self.errors, "line {}: {}: {err}", n + 1, err.kind())?;
             }
         }
-        if stats.lines % update_every.max(1) == 0 {
-            processor.end_batch(&mut out);
+        if self.stats.lines % self.update_every.max(1) == 0 {
+            self.processor.end_batch(&mut self.out);
         }
-        write_assignments(&mut output, &mut processor)?;
-        stats.outputs += write_outputs(&mut output, &mut out)?;
+        write_assignments(&mut self.output, &mut self.processor)?;
+        self.stats.outputs += write_outputs(&mut self.output, &mut self.out)?;
+        Ok(())
     }
-    processor.close_all(&mut out);
-    write_assignments(&mut output, &mut processor)?;
-    stats.outputs += write_outputs(&mut output, &mut out)?;
-    output.flush()?;
-    Ok(stats)
+
+    fn finish(mut self) -> std::io::Result<OfflineStats> {
+        self.processor.close_all(&mut self.out);
+        write_assignments(&mut self.output, &mut self.processor)?;
+        self.stats.outputs += write_outputs(&mut self.output, &mut self.out)?;
+        self.output.flush()?;
+        Ok(self.stats)
+    }
 }
 
 fn write_assignments(output: &mut impl Write, processor: &mut Processor) -> std::io::Result<()> {

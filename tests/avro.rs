@@ -392,6 +392,61 @@ async fn produce_writes_avro_and_tail_reads_it() {
     }
 }
 
+#[test]
+fn process_reads_avro_container_files_like_json_lines() {
+    // fastavro writes the container (v3: promoted types and aliases); the offline processor's
+    // outputs equal those of the same events as JSON lines.
+    let dir = tempfile::tempdir().unwrap();
+    let events = stream(0, 400);
+    let jsonl = dir.path().join("events.jsonl");
+    let mut text = Vec::new();
+    for e in &events {
+        text.extend_from_slice(e);
+        text.push(b'\n');
+    }
+    std::fs::write(&jsonl, text).unwrap();
+    let schema = dir.path().join("v3.avsc");
+    std::fs::write(&schema, V3).unwrap();
+    let container = dir.path().join("events.avro");
+    let mut child = Command::new("python3")
+        .arg(ENCODER)
+        .arg(&schema)
+        .arg("--container")
+        .arg(&container)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let records: String = events
+        .iter()
+        .map(|e| format!("{}\n", record(e, 3)))
+        .collect();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(records.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let process = |input: &std::path::Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_neurostream"))
+            .args(["process", "--input"])
+            .arg(input)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let from_json = process(&jsonl);
+    for kind in ["window_aggregate", "cluster_update", "outlier"] {
+        assert!(from_json.contains(kind), "{from_json}");
+    }
+    assert_eq!(process(&container), from_json);
+}
+
 /// A TCP relay to the registry that can be cut (connections closed at once) and restored.
 struct Relay {
     port: u16,

@@ -181,12 +181,24 @@ impl RegistryClient {
     /// # Errors
     /// A message when the URL is unset or a TLS file cannot be used.
     pub fn new(config: &SchemaRegistryConfig) -> Result<Self, String> {
-        let base = config
+        let url = config
             .url
-            .clone()
-            .ok_or("schema_registry.url is not set")?
-            .trim_end_matches('/')
-            .to_string();
+            .as_deref()
+            .ok_or("schema_registry.url is not set")?;
+        // Credentials in the URL become basic auth and leave the URL, which request errors
+        // (and so logs) quote.
+        let mut parsed =
+            url::Url::parse(url).map_err(|e| format!("schema_registry.url does not parse: {e}"))?;
+        let from_url = (!parsed.username().is_empty()).then(|| {
+            let password = parsed.password().unwrap_or_default();
+            (
+                percent_decoded(parsed.username()),
+                crate::config::Secret::new(percent_decoded(password)),
+            )
+        });
+        let _ = parsed.set_username("");
+        let _ = parsed.set_password(None);
+        let base = parsed.as_str().trim_end_matches('/').to_string();
         let mut builder = reqwest::Client::builder()
             .timeout(Duration::from_millis(config.request_timeout_ms))
             .connect_timeout(Duration::from_millis(config.request_timeout_ms));
@@ -214,7 +226,8 @@ impl RegistryClient {
         let auth = config
             .username
             .clone()
-            .map(|u| (u, config.password.clone().unwrap_or_default()));
+            .map(|u| (u, config.password.clone().unwrap_or_default()))
+            .or(from_url);
         Ok(Self { http, base, auth })
     }
 
@@ -299,6 +312,30 @@ impl RegistryClient {
         let response: IdResponse = self.send(request).await?;
         Ok(response.id)
     }
+}
+
+/// `%XX` escapes of a URL's userinfo decoded (a `+` stays a `+`).
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The registry as the workers use it: client, shared cache and outage bookkeeping.
