@@ -447,6 +447,110 @@ fn process_reads_avro_container_files_like_json_lines() {
     assert_eq!(process(&container), from_json);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_registry_client_speaks_tls_and_basic_auth() {
+    let Some(broker) = Broker::kafka() else {
+        return;
+    };
+    let Some(registry) = Registry::start_or_skip() else {
+        return;
+    };
+    // Apicurio behind a TLS proxy that demands basic auth (a certificate for 127.0.0.1 signed
+    // by the test CA).
+    let pki = common::tls::Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "registry-Secret-31x";
+    let password_file = dir.path().join("registry-password");
+    std::fs::write(&password_file, format!("{secret}\n")).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let proxy_script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/avro/tls_auth_proxy.py"
+    );
+    let mut proxy = Command::new("python3")
+        .arg(proxy_script)
+        .arg(port.to_string())
+        .arg(pki.path("server.pem"))
+        .arg(pki.path("server.key"))
+        .arg(format!("http://127.0.0.1:{}", registry.port()))
+        .arg("neurostream")
+        .arg(&password_file)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = [0u8; 5];
+    proxy
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut ready)
+        .unwrap();
+    assert_eq!(&ready, b"READY");
+
+    let mut config = base_config(&broker.brokers(), "postgres://unused@127.0.0.1/x");
+    let topic = config.kafka.input_topics[0].clone();
+    broker.create_topic(&topic, 1).await;
+    config.schema_registry.url = Some(format!("https://127.0.0.1:{port}/apis/ccompat/v7"));
+    config.schema_registry.username = Some("neurostream".into());
+    config.schema_registry.password_file = Some(password_file.clone());
+    config.schema_registry.ssl_ca_location = Some(pki.path("ca.pem"));
+    let run = |config: &Config, args: &[&str]| {
+        let path = dir.path().join(format!("{}.toml", unique()));
+        std::fs::write(&path, toml::to_string(config).unwrap()).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_neurostream"))
+            .arg("--config")
+            .arg(&path)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!text.contains(secret), "{args:?} printed the password");
+        (out.status.success(), text)
+    };
+    let produce = [
+        "produce", "--topic", &topic, "--events", "5", "--format", "avro",
+    ];
+    let (ok, text) = run(&config, &produce);
+    assert!(ok, "{text}");
+    let (ok, text) = run(
+        &config,
+        &[
+            "tail",
+            "--topic",
+            &topic,
+            "--from-beginning",
+            "--limit",
+            "5",
+        ],
+    );
+    assert!(ok, "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.contains("\"features\"")).count(),
+        5,
+        "{text}"
+    );
+
+    // A wrong password and an untrusted CA fail with the reason.
+    let mut wrong = config.clone();
+    wrong.schema_registry.password_file = None;
+    wrong.schema_registry.password = Some("not-it".into());
+    let (ok, text) = run(&wrong, &produce);
+    assert!(!ok && text.contains("401"), "{text}");
+    let mut untrusted = config.clone();
+    untrusted.schema_registry.ssl_ca_location = Some(pki.path("other-ca.pem"));
+    let (ok, text) = run(&untrusted, &produce);
+    assert!(!ok && text.contains("certificate"), "{text}");
+    let _ = proxy.kill();
+}
+
 /// A TCP relay to the registry that can be cut (connections closed at once) and restored.
 struct Relay {
     port: u16,

@@ -250,7 +250,7 @@ impl RegistryClient {
         let response = request
             .send()
             .await
-            .map_err(|e| FetchError::Unavailable(format!("schema registry: {e}")))?;
+            .map_err(|e| FetchError::Unavailable(format!("schema registry: {}", causes(&e))))?;
         let status = response.status();
         if status == reqwest::StatusCode::NOT_FOUND {
             return Err(FetchError::NotFound);
@@ -312,6 +312,22 @@ impl RegistryClient {
         let response: IdResponse = self.send(request).await?;
         Ok(response.id)
     }
+}
+
+/// An error and its sources on one line (reqwest's own text says only "error sending request";
+/// the reason, a refused connection or a certificate that did not verify, is in its sources).
+fn causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// `%XX` escapes of a URL's userinfo decoded (a `+` stays a `+`).
