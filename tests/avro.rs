@@ -480,15 +480,14 @@ async fn the_registry_client_speaks_tls_and_basic_auth() {
         .arg("neurostream")
         .arg(&password_file)
         .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut ready = [0u8; 5];
-    proxy
-        .stdout
-        .as_mut()
-        .unwrap()
-        .read_exact(&mut ready)
-        .unwrap();
+    let read = proxy.stdout.as_mut().unwrap().read_exact(&mut ready);
+    // Killed when the test ends, passing or not.
+    let _proxy = KillOnDrop(proxy);
+    read.unwrap();
     assert_eq!(&ready, b"READY");
 
     let mut config = base_config(&broker.brokers(), "postgres://unused@127.0.0.1/x");
@@ -548,7 +547,16 @@ async fn the_registry_client_speaks_tls_and_basic_auth() {
     untrusted.schema_registry.ssl_ca_location = Some(pki.path("other-ca.pem"));
     let (ok, text) = run(&untrusted, &produce);
     assert!(!ok && text.contains("certificate"), "{text}");
-    let _ = proxy.kill();
+}
+
+/// A child process killed (and reaped) on drop.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A TCP relay to the registry that can be cut (connections closed at once) and restored.
