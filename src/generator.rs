@@ -25,6 +25,8 @@ pub struct GeneratorConfig {
     pub jitter_ms: i64,
     /// One message in this many is malformed (0: none).
     pub malformed_every: u64,
+    /// Event ids are `<id_prefix>-<n>`.
+    pub id_prefix: String,
 }
 
 impl Default for GeneratorConfig {
@@ -39,6 +41,7 @@ impl Default for GeneratorConfig {
             step_ms: 5,
             jitter_ms: 200,
             malformed_every: 0,
+            id_prefix: "evt".into(),
         }
     }
 }
@@ -131,8 +134,9 @@ impl Generator {
         let ts = self.config.start_ms + i as i64 * self.config.step_ms - jitter;
         let value = round3(10.0 * c as f64 + noise.sample(&mut self.rng));
         let payload = format!(
-            r#"{{"key":"{key}","ts":{ts},"features":{},"value":{value},"id":"evt-{i}"}}"#,
-            serde_json::to_string(&features).expect("finite floats serialise")
+            r#"{{"key":"{key}","ts":{ts},"features":{},"value":{value},"id":"{}-{i}"}}"#,
+            serde_json::to_string(&features).expect("finite floats serialise"),
+            self.config.id_prefix
         )
         .into_bytes();
         Generated {

@@ -91,6 +91,24 @@ enum Command {
         /// `<topic>-value` (needs schema_registry.url); malformed lines are sent as they are.
         #[arg(long, value_parser = ["json", "avro"], default_value = "json")]
         format: String,
+        /// Seed of the synthetic stream.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Event time of the first synthetic event, epoch ms (default: now).
+        #[arg(long)]
+        start_ts: Option<i64>,
+        /// Feature dimension of the synthetic events.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
+        dimension: u64,
+        /// Distinct keys of the synthetic events.
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+        keys: u64,
+        /// Gaussian blobs of the synthetic events.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        clusters: u64,
+        /// Send event n to partition n mod P (default: partitioned by key).
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+        partitions: Option<i32>,
     },
     /// Print output topics' messages as JSON lines.
     Tail {
@@ -190,6 +208,12 @@ fn main() -> ExitCode {
                 file,
                 malformed_every,
                 format,
+                seed,
+                start_ts,
+                dimension,
+                keys,
+                clusters,
+                partitions,
             } => {
                 let topic = topic.unwrap_or_else(|| loaded.config.kafka.input_topics[0].clone());
                 let opts = tools::ProduceOptions {
@@ -198,6 +222,14 @@ fn main() -> ExitCode {
                     rate,
                     file,
                     malformed_every,
+                    synthetic: tools::SyntheticOptions {
+                        seed,
+                        start_ms: start_ts,
+                        dimension: dimension as usize,
+                        keys: keys as usize,
+                        clusters: clusters as usize,
+                    },
+                    partitions,
                     avro: format == "avro",
                 };
                 tools::produce(&loaded.config, opts).await.map(|_| ())

@@ -25,9 +25,42 @@ pub struct ProduceOptions {
     pub file: Option<std::path::PathBuf>,
     /// One synthetic message in this many is malformed (0: none).
     pub malformed_every: u64,
+    /// The synthetic stream: seed, first event time (`None`: now, so a second run neither goes
+    /// back in time nor repeats ids), dimension, keys and blobs.
+    pub synthetic: SyntheticOptions,
+    /// Send event n to partition n mod this (`None`: by key).
+    pub partitions: Option<i32>,
     /// Send events in the Confluent Avro wire format (the event schema registered under
     /// `<topic>-value`); lines that are not events are sent as they are.
     pub avro: bool,
+}
+
+/// The synthetic events `produce` makes.
+#[derive(Debug, Clone)]
+pub struct SyntheticOptions {
+    /// RNG seed.
+    pub seed: u64,
+    /// Event time of the first event (epoch ms); `None`: now.
+    pub start_ms: Option<i64>,
+    /// Feature dimension.
+    pub dimension: usize,
+    /// Distinct keys.
+    pub keys: usize,
+    /// Gaussian blobs.
+    pub clusters: usize,
+}
+
+impl Default for SyntheticOptions {
+    fn default() -> Self {
+        let g = GeneratorConfig::default();
+        Self {
+            seed: g.seed,
+            start_ms: None,
+            dimension: g.dimension,
+            keys: g.keys,
+            clusters: g.clusters,
+        }
+    }
 }
 
 /// Publishes synthetic clustered events, or a JSON-lines file, at a given rate.
@@ -67,7 +100,17 @@ pub async fn produce(config: &Config, opts: ProduceOptions) -> anyhow::Result<u6
             .lines(),
         ),
         None => {
+            let synthetic = &opts.synthetic;
+            let start_ms = synthetic
+                .start_ms
+                .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
             let mut g = Generator::new(GeneratorConfig {
+                seed: synthetic.seed,
+                dimension: synthetic.dimension,
+                keys: synthetic.keys,
+                clusters: synthetic.clusters,
+                start_ms,
+                id_prefix: format!("evt-{start_ms}"),
                 malformed_every: opts.malformed_every,
                 ..GeneratorConfig::default()
             });
@@ -115,6 +158,9 @@ pub async fn produce(config: &Config, opts: ProduceOptions) -> anyhow::Result<u6
         let mut record = FutureRecord::<str, [u8]>::to(&opts.topic).payload(&payload);
         if let Some(k) = &key {
             record = record.key(k);
+        }
+        if let Some(partitions) = opts.partitions {
+            record = record.partition((sent % partitions as u64) as i32);
         }
         in_flight.send(&producer, record).await?;
         sent += 1;

@@ -168,6 +168,8 @@ async fn produce_refuses_a_missing_topic_instead_of_hanging() {
             rate: 0,
             file: None,
             malformed_every: 0,
+            synthetic: Default::default(),
+            partitions: None,
             avro: false,
         },
     )
@@ -178,4 +180,99 @@ async fn produce_refuses_a_missing_topic_instead_of_hanging() {
         "{err}"
     );
     assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn produce_makes_benchmark_data_with_its_shape_and_never_repeats_itself() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    let Some(broker) = Broker::kafka() else {
+        return;
+    };
+    let config = base_config(&broker.brokers(), "postgres://unused@127.0.0.1/x");
+    let topic = config.kafka.input_topics[0].clone();
+    broker.create_topic(&topic, 3).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let produce = |extra: &[&str]| {
+        let mut args = vec![
+            "--config",
+            path.to_str().unwrap(),
+            "produce",
+            "--topic",
+            &topic,
+        ];
+        args.extend_from_slice(extra);
+        let (out, _) = neurostream(&args, &[], Duration::from_secs(60));
+        assert!(out.status.success(), "{}", stderr(&out));
+    };
+    let shaped = [
+        "--events",
+        "30",
+        "--partitions",
+        "3",
+        "--dimension",
+        "16",
+        "--keys",
+        "3",
+        "--clusters",
+        "2",
+        "--seed",
+        "7",
+        "--start-ts",
+        "1700000000000",
+    ];
+    produce(&shaped);
+    produce(&["--events", "3"]);
+    std::thread::sleep(Duration::from_millis(10));
+    produce(&["--events", "3"]);
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .set("group.id", format!("check_{}", unique()))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    let mut events = Vec::new();
+    let started = Instant::now();
+    while events.len() < 36 && started.elapsed() < Duration::from_secs(30) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            events.push((m.partition(), v));
+        }
+    }
+    assert_eq!(events.len(), 36);
+    let shaped: Vec<_> = events
+        .iter()
+        .filter(|(_, v)| v["features"].as_array().unwrap().len() == 16)
+        .collect();
+    assert_eq!(shaped.len(), 30, "--dimension 16");
+    for p in 0..3 {
+        assert_eq!(
+            shaped.iter().filter(|(q, _)| *q == p).count(),
+            10,
+            "--partitions 3"
+        );
+    }
+    let keys: std::collections::BTreeSet<&str> = shaped
+        .iter()
+        .map(|(_, v)| v["key"].as_str().unwrap())
+        .collect();
+    assert!(keys.len() <= 3, "--keys 3: {keys:?}");
+    assert!(shaped
+        .iter()
+        .all(|(_, v)| (1_699_999_999_000..1_700_000_001_000).contains(&v["ts"].as_i64().unwrap())));
+    // The two default runs start at the wall clock: ids never repeat, time never goes back.
+    let ids: std::collections::BTreeSet<&str> = events
+        .iter()
+        .map(|(_, v)| v["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 36, "{ids:?}");
+    let now = chrono::Utc::now().timestamp_millis();
+    let recent = events
+        .iter()
+        .filter(|(_, v)| v["ts"].as_i64().unwrap() > now - 120_000)
+        .count();
+    assert_eq!(recent, 6);
 }
