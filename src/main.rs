@@ -146,6 +146,9 @@ impl From<ProfileArg> for Profile {
 }
 
 fn main() -> ExitCode {
+    // apache-avro (tail, container files) reserves memory by the counts a datum claims: bound
+    // it (the service's own decoder needs no such bound).
+    let _ = apache_avro::max_allocation_bytes(64 << 20);
     let cli = Cli::parse();
     let loaded = match config::load(cli.config.as_deref()) {
         Ok(loaded) => loaded,

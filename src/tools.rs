@@ -216,7 +216,7 @@ pub fn tail(
         None => None,
     };
     let handle = tokio::runtime::Handle::current();
-    let mut schemas: std::collections::HashMap<u32, String> = Default::default();
+    let mut schemas: std::collections::HashMap<u32, Result<String, String>> = Default::default();
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     consumer.subscribe(&names)?;
     let mut seen = 0u64;
@@ -231,17 +231,19 @@ pub fn tail(
                 let value = match (m.payload(), &registry) {
                     (Some(p @ [0, a, b, c, d, ..]), Some(client)) => {
                         let id = u32::from_be_bytes([*a, *b, *c, *d]);
-                        let text = match schemas.entry(id) {
-                            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                            std::collections::hash_map::Entry::Vacant(e) => e.insert(
-                                handle
-                                    .block_on(client.schema(id))
-                                    .map_err(|e| anyhow::anyhow!("schema {id}: {e}"))?,
-                            ),
+                        let text = schemas.entry(id).or_insert_with(|| {
+                            handle
+                                .block_on(client.schema(id))
+                                .map_err(|e| e.to_string())
+                        });
+                        // One message whose schema cannot be had is reported, not fatal.
+                        let json = match text {
+                            Ok(text) => crate::avro::output::to_json(p, text),
+                            Err(e) => Err(format!("schema {id}: {e}")),
                         };
-                        match crate::avro::output::to_json(p, text) {
+                        match json {
                             Ok(json) => json.to_string(),
-                            Err(e) => format!("{{\"avro_error\": {:?}}}", e),
+                            Err(e) => serde_json::json!({ "avro_error": e }).to_string(),
                         }
                         .into()
                     }

@@ -106,6 +106,48 @@ pub fn frame_confluent(schema_id: u32, datum: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The largest writer schema accepted (as JSON text).
+pub const MAX_SCHEMA_BYTES: usize = 1 << 20;
+
+/// Parses an untrusted Avro schema: bounded in size, `fixed` UUIDs refused (apache-avro 0.20
+/// reads them as strings), and a panic of the parser (apache-avro 0.20 panics on some invalid
+/// names and aliases) turned into an error.
+///
+/// # Errors
+/// Why the text is not a usable schema.
+pub fn parse_schema(text: &str) -> Result<Schema, String> {
+    if text.len() > MAX_SCHEMA_BYTES {
+        return Err(format!(
+            "the writer schema has {} bytes, more than {MAX_SCHEMA_BYTES}",
+            text.len()
+        ));
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("the writer schema is not JSON: {e}"))?;
+    if has_fixed_uuid(&json, 0) {
+        return Err("a `fixed` with logicalType `uuid` is not supported".into());
+    }
+    let parsed = std::panic::catch_unwind(|| Schema::parse(&json));
+    match parsed {
+        Ok(Ok(schema)) => Ok(schema),
+        Ok(Err(e)) => Err(format!("the writer schema does not parse: {e}")),
+        Err(_) => Err("the writer schema does not parse (an invalid name or alias)".into()),
+    }
+}
+
+fn has_fixed_uuid(json: &serde_json::Value, depth: usize) -> bool {
+    match json {
+        _ if depth > MAX_DEPTH => false,
+        serde_json::Value::Object(map) => {
+            (map.get("type").and_then(|t| t.as_str()) == Some("fixed")
+                && map.get("logicalType").and_then(|t| t.as_str()) == Some("uuid"))
+                || map.values().any(|v| has_fixed_uuid(v, depth + 1))
+        }
+        serde_json::Value::Array(items) => items.iter().any(|v| has_fixed_uuid(v, depth + 1)),
+        _ => false,
+    }
+}
+
 /// The event field a writer field feeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
@@ -216,8 +258,7 @@ impl WriterPlan {
     /// [`Incompatible`] when it does not parse, is not a record, or a field the reader knows has
     /// a type that does not resolve to the reader's.
     pub fn compile(text: &str) -> Result<WriterPlan, Incompatible> {
-        let schema = Schema::parse_str(text)
-            .map_err(|e| Incompatible(format!("the writer schema does not parse: {e}")))?;
+        let schema = parse_schema(text).map_err(Incompatible)?;
         Self::from_schema(&schema)
     }
 
@@ -248,9 +289,12 @@ impl WriterPlan {
         }
         let mut steps = Vec::with_capacity(fields.len());
         for (field, target) in fields.iter().zip(targets) {
-            let schema = resolve_ref(&field.schema, &names).clone();
+            // NB: the field's own schema (a reference stays a reference, resolved while
+            // decoding): cloning resolved named types per field could multiply a schema's size.
+            let schema = field.schema.clone();
             if let Some(target) = target {
-                let branches: Vec<&Schema> = match &schema {
+                let schema = resolve_ref(&schema, &names);
+                let branches: Vec<&Schema> = match schema {
                     Schema::Union(u) => u.variants().iter().collect(),
                     other => vec![other],
                 };
@@ -286,7 +330,11 @@ impl WriterPlan {
         message_key: Option<&[u8]>,
         message_ts_ms: Option<i64>,
     ) -> Result<Event, DecodeError> {
-        let mut r = Reader { buf: datum, pos: 0 };
+        let mut r = Reader {
+            buf: datum,
+            pos: 0,
+            items: 0,
+        };
         let mut fields = Fields::default();
         for step in &self.steps {
             match step.target {
@@ -357,16 +405,11 @@ impl WriterPlan {
                 let items = resolve_ref(&a.items, &self.names);
                 let mut xs = Vec::new();
                 loop {
-                    let mut count = r.long()?;
+                    let count = r.block()?;
                     if count == 0 {
                         break;
                     }
-                    if count < 0 {
-                        count = count.checked_neg().ok_or_else(corrupt)?;
-                        r.long()?; // the block's byte size
-                    }
-                    let count = usize::try_from(count).map_err(|_| corrupt())?;
-                    if xs.len() + count > crate::event::MAX_FEATURES {
+                    if xs.len().saturating_add(count) > crate::event::MAX_FEATURES {
                         return Err(DecodeError::InvalidField {
                             field: "features",
                             problem: format!(
@@ -389,16 +432,9 @@ impl WriterPlan {
                 out.features = Some(xs);
             }
             (Target::Metadata, _) => {
-                let start = r.pos;
-                r.skip(schema, &self.names, 0)?;
-                let mut slice = &r.buf[start..r.pos];
-                let value = apache_avro::from_avro_datum(schema, &mut slice, None)
-                    .map_err(|e| DecodeError::InvalidAvro(format!("metadata: {e}")))?;
-                let json =
-                    serde_json::Value::try_from(value).map_err(|e| DecodeError::InvalidField {
-                        field: "metadata",
-                        problem: e.to_string(),
-                    })?;
+                // NB: not apache-avro's decoder: it reserves memory by the counts a datum
+                // claims (hundreds of MiB for a few bytes).
+                let json = r.json(schema, &self.names, 0)?;
                 out.metadata = serde_json::value::to_raw_value(&json).ok();
             }
             (_, other) => {
@@ -454,6 +490,10 @@ const MAX_DEPTH: usize = 64;
 struct Reader<'a> {
     buf: &'a [u8],
     pos: usize,
+    /// Array and map items read or skipped so far: at most the datum's length + 1024 in all,
+    /// so items that take no bytes (`null`, empty records) cannot make a datum cost more than
+    /// linear time.
+    items: usize,
 }
 
 impl Reader<'_> {
@@ -656,29 +696,127 @@ impl Reader<'_> {
         mut item: impl FnMut(&mut Self, &HashMap<Name, Schema>) -> Result<(), DecodeError>,
     ) -> Result<(), DecodeError> {
         loop {
-            let count = self.long()?;
+            let count = self.block()?;
             if count == 0 {
                 return Ok(());
             }
-            if count < 0 {
-                // A negative count is followed by the block's size in bytes: skip it whole.
-                let size = self.length()?;
-                self.take(size)?;
-                continue;
-            }
             for _ in 0..count {
-                // Every item takes at least... nothing (null items): bound the loop by the
-                // remaining input only for items that consume bytes; a huge count of empty
-                // items is legal but pointless, so it is refused.
-                if count as u64 > (self.buf.len() - self.pos) as u64 + 1024 {
-                    return Err(DecodeError::InvalidAvro(format!(
-                        "a block of {count} items in {} remaining bytes",
-                        self.buf.len() - self.pos
-                    )));
-                }
                 item(self, names)?;
             }
         }
+    }
+
+    /// The item count of the next block (0: the end), its byte size read and dropped when
+    /// written (a negative count), checked against the datum's item budget.
+    fn block(&mut self) -> Result<usize, DecodeError> {
+        let count = self.long()?;
+        let count = if count < 0 {
+            self.length()?; // the block's size in bytes
+            count.checked_neg().ok_or_else(corrupt)?
+        } else {
+            count
+        };
+        let count = usize::try_from(count).map_err(|_| corrupt())?;
+        self.items = self.items.saturating_add(count);
+        if self.items > self.buf.len() + 1024 {
+            return Err(DecodeError::InvalidAvro(format!(
+                "more array or map items than a datum of {} bytes can hold",
+                self.buf.len()
+            )));
+        }
+        Ok(count)
+    }
+
+    /// A value written with `schema`, as JSON (metadata), bounded like every other read.
+    fn json(
+        &mut self,
+        schema: &Schema,
+        names: &HashMap<Name, Schema>,
+        depth: usize,
+    ) -> Result<serde_json::Value, DecodeError> {
+        use serde_json::Value as J;
+        use Schema as S;
+        if depth > MAX_DEPTH {
+            return Err(DecodeError::InvalidAvro("values nested too deeply".into()));
+        }
+        let number = |x: f64| serde_json::Number::from_f64(x).map_or(J::Null, J::Number);
+        Ok(match resolve_ref(schema, names) {
+            S::Null => J::Null,
+            S::Boolean => match self.take(1)?[0] {
+                0 => J::Bool(false),
+                1 => J::Bool(true),
+                b => return Err(DecodeError::InvalidAvro(format!("boolean byte {b}"))),
+            },
+            S::Float | S::Double => number(self.number(resolve_ref(schema, names))?),
+            S::Int
+            | S::Long
+            | S::Date
+            | S::TimeMillis
+            | S::TimeMicros
+            | S::TimestampMillis
+            | S::TimestampMicros
+            | S::TimestampNanos
+            | S::LocalTimestampMillis
+            | S::LocalTimestampMicros
+            | S::LocalTimestampNanos => J::from(self.long()?),
+            S::String | S::Uuid | S::Enum(_) => J::String(self.text(schema, "metadata")?),
+            S::Bytes | S::BigDecimal => {
+                let n = self.length()?;
+                J::String(String::from_utf8_lossy(self.take(n)?).into_owned())
+            }
+            S::Fixed(f) => J::String(String::from_utf8_lossy(self.take(f.size)?).into_owned()),
+            S::Duration => J::String(format!("{:?}", self.take(12)?)),
+            S::Decimal(d) => self.json(&d.inner, names, depth + 1)?,
+            S::Array(a) => {
+                let mut items = Vec::new();
+                loop {
+                    let count = self.block()?;
+                    if count == 0 {
+                        break J::Array(items);
+                    }
+                    for _ in 0..count {
+                        items.push(self.json(&a.items, names, depth + 1)?);
+                    }
+                }
+            }
+            S::Map(m) => {
+                let mut map = serde_json::Map::new();
+                loop {
+                    let count = self.block()?;
+                    if count == 0 {
+                        break J::Object(map);
+                    }
+                    for _ in 0..count {
+                        let key = self.text(&S::String, "metadata")?;
+                        let value = self.json(&m.types, names, depth + 1)?;
+                        map.insert(key, value);
+                    }
+                }
+            }
+            S::Union(u) => {
+                let i = self.long()?;
+                let branch = usize::try_from(i)
+                    .ok()
+                    .and_then(|i| u.variants().get(i))
+                    .ok_or_else(|| {
+                        DecodeError::InvalidAvro(format!("union branch {i} does not exist"))
+                    })?;
+                self.json(branch, names, depth + 1)?
+            }
+            S::Record(r) => {
+                let mut map = serde_json::Map::new();
+                for field in &r.fields {
+                    let value = self.json(&field.schema, names, depth + 1)?;
+                    map.insert(field.name.clone(), value);
+                }
+                J::Object(map)
+            }
+            S::Ref { name } => {
+                return Err(DecodeError::InvalidAvro(format!(
+                    "the writer schema references an undefined type {name}"
+                )))
+            }
+        })
     }
 }
 
@@ -886,6 +1024,10 @@ mod tests {
     use super::*;
     use apache_avro::types::{Record, Value};
 
+    fn datum_of(schema: &str, fill: impl FnOnce(&mut Record<'_>)) -> Vec<u8> {
+        datum(schema, fill)
+    }
+
     fn datum(schema: &str, fill: impl FnOnce(&mut Record<'_>)) -> Vec<u8> {
         let schema = Schema::parse_str(schema).unwrap();
         let mut record = Record::new(&schema).unwrap();
@@ -1002,6 +1144,67 @@ mod tests {
         assert_eq!(back.value, event.value);
         assert_eq!(back.id, event.id);
         assert_eq!(back.metadata.unwrap().get(), r#"{"n":"2","site":"A"}"#);
+    }
+
+    #[test]
+    fn hostile_datums_and_schemas_are_refused_cheaply() {
+        // A map claiming 2^29 entries in 18 bytes (apache-avro's decoder would reserve tens
+        // of GiB for it).
+        let cache = registry::SchemaCache::new(4);
+        cache.insert_schema(1, EVENT_SCHEMA);
+        let plan = cache.plan(1).unwrap();
+        let datum = [0, 0, 0, 0, 0, 2, 0xff, 0xff, 0xff, 0xff, 0x03, 0, 0];
+        let err = plan.decode(&datum, None, Some(1)).unwrap_err();
+        assert_eq!(err.kind(), "invalid_avro", "{err}");
+        // Blocks of items that take no bytes: bounded by the datum's size in all, not per block.
+        let writer = r#"{"type":"record","name":"R","fields":[
+            {"name":"pad","type":{"type":"array","items":"null"}},{"name":"ts","type":"long"}]}"#;
+        let plan = WriterPlan::compile(writer).unwrap();
+        let mut datum = Vec::new();
+        for _ in 0..2_000 {
+            datum.extend_from_slice(&[0xd0, 0x0f]); // a block of 1000 nulls
+        }
+        datum.extend_from_slice(&[0, 2]);
+        let err = plan.decode(&datum, None, Some(1)).unwrap_err();
+        assert_eq!(err.kind(), "invalid_avro", "{err}");
+        // Names apache-avro 0.20 panics on, fixed UUIDs, oversized schemas: incompatible.
+        for bad in [
+            r#"{"type":"record","name":"not valid!","fields":[{"name":"ts","type":"long"}]}"#,
+            r#"{"type":"record","name":"E","aliases":["1bad"],"fields":[{"name":"ts","type":"long"}]}"#,
+            r#"{"type":"record","name":"U","fields":[{"name":"id","type":{"type":"fixed","name":"X","size":16,"logicalType":"uuid"}}]}"#,
+        ] {
+            assert!(WriterPlan::compile(bad).is_err(), "{bad}");
+        }
+        let huge = format!(
+            r#"{{"type":"record","name":"H","doc":"{}","fields":[]}}"#,
+            "x".repeat(MAX_SCHEMA_BYTES)
+        );
+        assert!(WriterPlan::compile(&huge).unwrap_err().0.contains("bytes"));
+        // Metadata of every kind reads as JSON through the bounded reader.
+        let writer = r#"{"type":"record","name":"M","fields":[{"name":"ts","type":"long"},
+            {"name":"metadata","type":{"type":"record","name":"Meta","fields":[
+                {"name":"n","type":"int"},{"name":"tags","type":{"type":"array","items":"string"}},
+                {"name":"on","type":"boolean"},{"name":"x","type":["null","double"]}]}}]}"#;
+        let bytes = datum_of(writer, |r| {
+            r.put("ts", Value::Long(5));
+            r.put(
+                "metadata",
+                Value::Record(vec![
+                    ("n".into(), Value::Int(-3)),
+                    ("tags".into(), Value::Array(vec![Value::String("a".into())])),
+                    ("on".into(), Value::Boolean(true)),
+                    ("x".into(), Value::Union(1, Box::new(Value::Double(0.5)))),
+                ]),
+            );
+        });
+        let e = WriterPlan::compile(writer)
+            .unwrap()
+            .decode(&bytes, None, None)
+            .unwrap();
+        assert_eq!(
+            e.metadata.unwrap().get(),
+            r#"{"n":-3,"on":true,"tags":["a"],"x":0.5}"#
+        );
     }
 
     #[test]

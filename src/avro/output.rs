@@ -184,7 +184,7 @@ fn value(output: &Output) -> Value {
 /// A message when the framing, the schema or the datum is unusable.
 pub fn to_json(payload: &[u8], schema_text: &str) -> Result<serde_json::Value, String> {
     let (_, mut datum) = super::split_confluent(payload).map_err(|e| e.to_string())?;
-    let schema = Schema::parse_str(schema_text).map_err(|e| e.to_string())?;
+    let schema = super::parse_schema(schema_text)?;
     let value =
         apache_avro::from_avro_datum(&schema, &mut datum, None).map_err(|e| e.to_string())?;
     serde_json::Value::try_from(value).map_err(|e| e.to_string())

@@ -140,7 +140,7 @@ pub enum FetchError {
     NotFound,
     /// No answer, a timeout, or a server error: worth retrying.
     Unavailable(String),
-    /// An answer no retry changes (authentication, a malformed response).
+    /// An answer no retry changes (a schema that is not Avro, an answer too large).
     Refused(String),
 }
 
@@ -174,6 +174,9 @@ struct IdResponse {
 }
 
 const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
+
+/// The largest registry answer read (a schema is far smaller; more is refused unread).
+const MAX_RESPONSE_BYTES: usize = 4 << 20;
 
 impl RegistryClient {
     /// A client for `config` (its URL, credentials, TLS files and timeout).
@@ -255,28 +258,39 @@ impl RegistryClient {
         if status == reqwest::StatusCode::NOT_FOUND {
             return Err(FetchError::NotFound);
         }
-        // Server errors, throttling, and refused credentials (a configuration problem, not bad
-        // input: the data must not be dead-lettered for it) are all retried.
-        if status.is_server_error()
-            || status == reqwest::StatusCode::TOO_MANY_REQUESTS
-            || status == reqwest::StatusCode::UNAUTHORIZED
-            || status == reqwest::StatusCode::FORBIDDEN
-        {
+        // Anything but an answer is retried: server errors, throttling, refused credentials or
+        // permissions (a configuration problem, not bad input: the data must not be
+        // dead-lettered for it), a proxy's error page.
+        if !status.is_success() {
             return Err(FetchError::Unavailable(format!(
                 "schema registry answered {status}"
             )));
         }
-        if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
-            let body: String = body.chars().take(300).collect();
-            return Err(FetchError::Refused(format!(
-                "schema registry answered {status}: {body}"
-            )));
+        let mut response = response;
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                        return Err(FetchError::Refused(format!(
+                            "the schema registry's answer is larger than {MAX_RESPONSE_BYTES} bytes"
+                        )));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(FetchError::Unavailable(format!(
+                        "schema registry: {}",
+                        causes(&e)
+                    )))
+                }
+            }
         }
-        response
-            .json()
-            .await
-            .map_err(|e| FetchError::Refused(format!("schema registry response: {e}")))
+        // NB: a 200 that is not the registry's JSON (a proxy's page) is retried, not trusted.
+        serde_json::from_slice(&body).map_err(|e| {
+            FetchError::Unavailable(format!("schema registry answered 200 with no schema: {e}"))
+        })
     }
 
     /// The writer schema registered under `id`.
@@ -449,7 +463,11 @@ impl Registry {
                 }
             }
             tokio::select! {
-                _ = stop.cancelled() => break Err(Stopped),
+                _ = stop.cancelled() => {
+                    // An outage clock left running would cut the next one short.
+                    *self.outage() = None;
+                    break Err(Stopped);
+                }
                 _ = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(self.retry_max_backoff);

@@ -260,9 +260,24 @@ impl IntakeContext {
                 codecs: self.shared.codecs.clone(),
             };
             let span = info_span!("partition", topic = %tp.0, partition = tp.1);
+            // A worker that panicked would leave its partition silently stalled (its queue
+            // closed, nothing committed): stop the service with the reason instead.
+            let (fatal, name) = (self.shared.fatal.clone(), format!("{}/{}", tp.0, tp.1));
+            let worker =
+                PartitionWorker::run(self.id(&tp), ctx, start, deliveries_rx, stop.clone());
             let join = self.runtime.spawn(
-                PartitionWorker::run(self.id(&tp), ctx, start, deliveries_rx, stop.clone())
-                    .instrument(span),
+                async move {
+                    use futures::FutureExt as _;
+                    if let Err(panic) = std::panic::AssertUnwindSafe(worker).catch_unwind().await {
+                        let why = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        fatal.raise(format!("the worker of partition {name} panicked: {why}"));
+                    }
+                }
+                .instrument(span),
             );
             self.shared.progress.set_assigned(&tp.0, tp.1, true);
             workers.insert(
