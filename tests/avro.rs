@@ -19,13 +19,10 @@ use std::time::Duration;
 
 use common::registry::Registry;
 use common::*;
-use neurostream::app;
 use neurostream::avro::frame_confluent;
 use neurostream::config::{Config, InputFormat, OutputFormat};
 use neurostream::output::Output;
-use neurostream::telemetry::Progress;
 use rdkafka::message::Message;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(90);
 const ENCODER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/avro/encode.py");
@@ -158,25 +155,6 @@ fn to_avro(json: &[Vec<Vec<u8>>], ids: &[u32; 4]) -> Vec<Vec<Vec<u8>>> {
         .collect()
 }
 
-fn spawn_service(
-    config: &Config,
-    store: &neurostream::store::PgStore,
-) -> (
-    CancellationToken,
-    Arc<Progress>,
-    tokio::task::JoinHandle<Result<(), app::AppError>>,
-) {
-    let shutdown = CancellationToken::new();
-    let progress = Arc::new(Progress::default());
-    let handle = tokio::spawn(app::run(
-        arc(config),
-        service_store(store),
-        progress.clone(),
-        shutdown.clone(),
-    ));
-    (shutdown, progress, handle)
-}
-
 fn window_tuples(outputs: impl Iterator<Item = Output>) -> Vec<String> {
     let mut v: Vec<String> = outputs
         .filter_map(|o| match o {
@@ -203,7 +181,7 @@ async fn avro_in_and_out_through_apicurio_and_apache_kafka() {
     let mut config = config_for(&broker, 2, &url).await;
     config.kafka.input_format = InputFormat::Avro;
     config.kafka.output_format = OutputFormat::Avro;
-    config.schema_registry.url = Some(registry.url());
+    config.schema_registry.url = Some(registry.url().into());
     config.validate().unwrap();
     let subject = format!("{}-value", config.kafka.input_topics[0]);
     let ids = [EVENT_SCHEMA, V2, V3, V4].map(|s| registry.register(&subject, s));
@@ -307,7 +285,7 @@ async fn avro_in_and_out_through_apicurio_and_apache_kafka() {
     let (url2, store2) = fresh_db().await;
     let mut auto = config_for(&broker, 2, &url2).await;
     auto.kafka.input_format = InputFormat::Auto;
-    auto.schema_registry.url = Some(registry.url());
+    auto.schema_registry.url = Some(registry.url().into());
     let mixed: Vec<Vec<Vec<u8>>> = json
         .iter()
         .zip(&clean)
@@ -339,7 +317,7 @@ async fn produce_writes_avro_and_tail_reads_it() {
     let mut config = base_config(&broker.brokers(), "postgres://unused@127.0.0.1/x");
     let topic = config.kafka.input_topics[0].clone();
     broker.create_topic(&topic, 1).await;
-    config.schema_registry.url = Some(registry.url());
+    config.schema_registry.url = Some(registry.url().into());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("c.toml");
     std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
@@ -493,7 +471,7 @@ async fn the_registry_client_speaks_tls_and_basic_auth() {
     let mut config = base_config(&broker.brokers(), "postgres://unused@127.0.0.1/x");
     let topic = config.kafka.input_topics[0].clone();
     broker.create_topic(&topic, 1).await;
-    config.schema_registry.url = Some(format!("https://127.0.0.1:{port}/apis/ccompat/v7"));
+    config.schema_registry.url = Some(format!("https://127.0.0.1:{port}/apis/ccompat/v7").into());
     config.schema_registry.username = Some("neurostream".into());
     config.schema_registry.password_file = Some(password_file.clone());
     config.schema_registry.ssl_ca_location = Some(pki.path("ca.pem"));
@@ -619,7 +597,7 @@ async fn a_registry_outage_holds_the_partition_or_dead_letters_after_the_bound()
         let (url, store) = fresh_db().await;
         let mut config = config_for(&broker, 1, &url).await;
         config.kafka.input_format = InputFormat::Avro;
-        config.schema_registry.url = Some(relay.url());
+        config.schema_registry.url = Some(relay.url().into());
         config.schema_registry.retry_max_backoff_ms = 200;
         config.schema_registry.request_timeout_ms = 500;
         if bounded {

@@ -4,37 +4,13 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use neurostream::app;
-use neurostream::config::Config;
 use neurostream::telemetry::Progress;
 use rdkafka::message::Message;
-use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(90);
-
-/// Runs the service in-process until the returned token is cancelled.
-fn spawn_service(
-    config: &Config,
-    store: &neurostream::store::PgStore,
-) -> (
-    CancellationToken,
-    Arc<Progress>,
-    tokio::task::JoinHandle<Result<(), app::AppError>>,
-) {
-    let shutdown = CancellationToken::new();
-    let progress = Arc::new(Progress::default());
-    let handle = tokio::spawn(app::run(
-        arc(config),
-        service_store(store),
-        progress.clone(),
-        shutdown.clone(),
-    ));
-    (shutdown, progress, handle)
-}
 
 fn with_malformed(mut msgs: Vec<Vec<Vec<u8>>>, max_bytes: usize) -> Vec<Vec<Vec<u8>>> {
     let bad: Vec<Vec<u8>> = vec![

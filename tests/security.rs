@@ -146,31 +146,9 @@ impl Secured {
 /// Runs `neurostream --config <config> <args>` to completion within `limit`, with the
 /// environment `env`, and returns its output.
 fn neurostream(config: &Path, args: &[&str], env: &[(&str, &str)], limit: Duration) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_neurostream"));
-    cmd.arg("--config")
-        .arg(config)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let started = Instant::now();
-    let mut child = cmd.spawn().unwrap();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "`neurostream {}` still running after {limit:?}:\n{}",
-                args.join(" "),
-                text(&out)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
+    let mut all = vec!["--config", config.to_str().unwrap()];
+    all.extend_from_slice(args);
+    run_binary(&all, env, limit).0
 }
 
 fn text(out: &Output) -> String {

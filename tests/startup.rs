@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -14,29 +14,12 @@ use neurostream::store::{MemoryStore, Store};
 use neurostream::telemetry::Progress;
 use tokio_util::sync::CancellationToken;
 
-/// Runs the binary with `args` and environment `env`, killing it after `limit`.
+/// Runs the binary with `args` and environment `env` (logging errors only), killing it after
+/// `limit`.
 fn neurostream(args: &[&str], env: &[(&str, &str)], limit: Duration) -> (Output, Duration) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_neurostream"));
-    cmd.args(args)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let started = Instant::now();
-    let mut child = cmd.spawn().unwrap();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > limit {
-            child.kill().unwrap();
-            panic!(
-                "`neurostream {}` still running after {limit:?}",
-                args.join(" ")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (child.wait_with_output().unwrap(), started.elapsed())
+    let mut all = vec![("RUST_LOG", "error")];
+    all.extend_from_slice(env);
+    run_binary(args, &all, limit)
 }
 
 fn stderr(out: &Output) -> String {

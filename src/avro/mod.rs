@@ -376,16 +376,7 @@ impl WriterPlan {
     ) -> Result<(), DecodeError> {
         let schema = resolve_ref(schema, &self.names);
         if let Schema::Union(u) = schema {
-            let index = r.long()?;
-            let branch = usize::try_from(index)
-                .ok()
-                .and_then(|i| u.variants().get(i))
-                .ok_or_else(|| {
-                    DecodeError::InvalidAvro(format!(
-                        "union branch {index} of field `{}` does not exist",
-                        target.name()
-                    ))
-                })?;
+            let branch = r.branch(u)?;
             return self.read(r, target, branch, out);
         }
         let field = target.name();
@@ -610,6 +601,18 @@ impl Reader<'_> {
         Ok(ms)
     }
 
+    /// The branch a union value was written with.
+    fn branch<'s>(
+        &mut self,
+        union: &'s apache_avro::schema::UnionSchema,
+    ) -> Result<&'s Schema, DecodeError> {
+        let i = self.long()?;
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| union.variants().get(i))
+            .ok_or_else(|| DecodeError::InvalidAvro(format!("union branch {i} does not exist")))
+    }
+
     /// Skips one value written with `schema`.
     fn skip(
         &mut self,
@@ -666,13 +669,7 @@ impl Reader<'_> {
                 r.skip(&m.types, names, depth + 1)
             })?,
             S::Union(u) => {
-                let i = self.long()?;
-                let branch = usize::try_from(i)
-                    .ok()
-                    .and_then(|i| u.variants().get(i))
-                    .ok_or_else(|| {
-                        DecodeError::InvalidAvro(format!("union branch {i} does not exist"))
-                    })?;
+                let branch = self.branch(u)?;
                 self.skip(branch, names, depth + 1)?;
             }
             S::Record(r) => {
@@ -794,13 +791,7 @@ impl Reader<'_> {
                 }
             }
             S::Union(u) => {
-                let i = self.long()?;
-                let branch = usize::try_from(i)
-                    .ok()
-                    .and_then(|i| u.variants().get(i))
-                    .ok_or_else(|| {
-                        DecodeError::InvalidAvro(format!("union branch {i} does not exist"))
-                    })?;
+                let branch = self.branch(u)?;
                 self.json(branch, names, depth + 1)?
             }
             S::Record(r) => {
@@ -1204,6 +1195,105 @@ mod tests {
         assert_eq!(
             e.metadata.unwrap().get(),
             r#"{"n":-3,"on":true,"tags":["a"],"x":0.5}"#
+        );
+    }
+
+    #[test]
+    fn every_accepted_writer_type_reads_as_it_should() {
+        let plan = |fields: &str| {
+            WriterPlan::compile(&format!(
+                r#"{{"type":"record","name":"R","fields":[{fields}]}}"#
+            ))
+        };
+        let ts = |field: &str, value: Value| {
+            let writer = format!(
+                r#"{{"type":"record","name":"R","fields":[{{"name":"ts","type":{field}}}]}}"#
+            );
+            let bytes = datum_of(&writer, |r| r.put("ts", value));
+            WriterPlan::compile(&writer)
+                .unwrap()
+                .decode(&bytes, None, None)
+                .unwrap()
+                .ts_ms
+        };
+        assert_eq!(
+            ts(
+                r#"{"type":"long","logicalType":"timestamp-micros"}"#,
+                Value::TimestampMicros(1_500_999)
+            ),
+            1_500
+        );
+        assert_eq!(
+            ts(
+                r#"{"type":"long","logicalType":"timestamp-micros"}"#,
+                Value::TimestampMicros(-1)
+            ),
+            -1
+        );
+        assert_eq!(
+            ts(
+                r#"{"type":"long","logicalType":"timestamp-nanos"}"#,
+                Value::TimestampNanos(2_000_000_000)
+            ),
+            2_000
+        );
+        assert_eq!(
+            ts(
+                r#""string""#,
+                Value::String("2023-11-14T22:13:20.5Z".into())
+            ),
+            1_700_000_000_500
+        );
+        assert_eq!(ts(r#""double""#, Value::Double(12.9)), 12);
+        let key = |field: &str, value: Value| {
+            let writer = format!(
+                r#"{{"type":"record","name":"R","fields":[{{"name":"key","type":{field}}},{{"name":"ts","type":"long"}}]}}"#
+            );
+            let bytes = datum_of(&writer, |r| {
+                r.put("key", value);
+                r.put("ts", Value::Long(1));
+            });
+            WriterPlan::compile(&writer)
+                .unwrap()
+                .decode(&bytes, None, None)
+                .unwrap()
+                .key
+        };
+        assert_eq!(key(r#""bytes""#, Value::Bytes(b"raw".to_vec())), "raw");
+        assert_eq!(key(r#""int""#, Value::Int(-7)), "-7");
+        assert_eq!(
+            key(
+                r#"{"type":"enum","name":"K","symbols":["a","b"]}"#,
+                Value::Enum(1, "b".into())
+            ),
+            "b"
+        );
+        // A union branch that does not resolve makes the schema incompatible; both a name and an
+        // alias present: the name wins, the alias field is skipped.
+        assert!(plan(r#"{"name":"features","type":["null","string"]}"#).is_err());
+        let both = plan(r#"{"name":"ts","type":"long"},{"name":"time","type":"string"}"#).unwrap();
+        assert_eq!(both.decode(&[4, 2, b'x'], None, None).unwrap().ts_ms, 2);
+        // Indexes that do not exist are invalid datums.
+        let union =
+            plan(r#"{"name":"key","type":["null","string"]},{"name":"ts","type":"long"}"#).unwrap();
+        assert_eq!(
+            union.decode(&[10, 2], None, Some(1)).unwrap_err().kind(),
+            "invalid_avro"
+        );
+        let en = plan(r#"{"name":"key","type":{"type":"enum","name":"K","symbols":["a"]}},{"name":"ts","type":"long"}"#).unwrap();
+        assert_eq!(
+            en.decode(&[18, 2], None, Some(1)).unwrap_err().kind(),
+            "invalid_avro"
+        );
+        // `auto` input that is neither.
+        let auto = InputDecoder::Auto(Arc::new(registry::SchemaCache::new(1)));
+        assert_eq!(
+            auto.decode(b"x", None, None).unwrap_err().kind(),
+            "unknown_format"
+        );
+        assert!(
+            auto.decode(b" {}", None, None).unwrap().is_none(),
+            "JSON goes to the JSON decoder"
         );
     }
 

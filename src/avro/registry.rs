@@ -186,7 +186,8 @@ impl RegistryClient {
     pub fn new(config: &SchemaRegistryConfig) -> Result<Self, String> {
         let url = config
             .url
-            .as_deref()
+            .as_ref()
+            .map(crate::config::Secret::expose)
             .ok_or("schema_registry.url is not set")?;
         // Credentials in the URL become basic auth and leave the URL, which request errors
         // (and so logs) quote.
@@ -262,8 +263,10 @@ impl RegistryClient {
         // permissions (a configuration problem, not bad input: the data must not be
         // dead-lettered for it), a proxy's error page.
         if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            let reason: String = body.chars().take(300).collect();
             return Err(FetchError::Unavailable(format!(
-                "schema registry answered {status}"
+                "schema registry answered {status}: {reason}"
             )));
         }
         let mut response = response;
@@ -313,7 +316,8 @@ impl RegistryClient {
     /// the same schema is registered already).
     ///
     /// # Errors
-    /// [`FetchError`] (an incompatible schema is `Refused` with the registry's reason).
+    /// [`FetchError`] (an incompatible schema: the registry's status and the start of its
+    /// answer, which says why).
     pub async fn register(&self, subject: &str, schema: &str) -> Result<u32, FetchError> {
         let body = serde_json::json!({ "schema": schema, "schemaType": "AVRO" });
         let request = self

@@ -47,7 +47,7 @@ pub enum OutputFormat {
 #[serde(deny_unknown_fields, default)]
 pub struct SchemaRegistryConfig {
     /// Base URL, e.g. `http://registry:8081` (Apicurio: `http://host:8080/apis/ccompat/v7`).
-    pub url: Option<String>,
+    pub url: Option<Secret>,
     /// Basic-auth user.
     pub username: Option<String>,
     /// Basic-auth password (secret).
@@ -146,7 +146,10 @@ impl super::Config {
                 "schema_registry.url is required for avro or auto input and avro output"
                     .to_string(),
             ),
-            Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => {
+            Some(url)
+                if !(url.expose().starts_with("http://")
+                    || url.expose().starts_with("https://")) =>
+            {
                 p.push("schema_registry.url must start with http:// or https://".to_string())
             }
             _ => {}

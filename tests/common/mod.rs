@@ -476,3 +476,57 @@ pub fn spawn_run(config_path: &std::path::Path, rust_log: &str) -> std::process:
         .spawn()
         .unwrap()
 }
+
+/// Runs the `neurostream` binary with `args` and the environment `env` to completion; its output
+/// and how long it took. Panics, with what it printed, when it is still running after `limit`.
+pub fn run_binary(
+    args: &[&str],
+    env: &[(&str, &str)],
+    limit: Duration,
+) -> (std::process::Output, Duration) {
+    use std::process::{Command, Stdio};
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_neurostream"));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let started = Instant::now();
+    let mut child = cmd.spawn().unwrap();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "`neurostream {}` still running after {limit:?}:\n{}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child.wait_with_output().unwrap(), started.elapsed())
+}
+
+/// Runs the service in-process (`app::run`) until the returned token is cancelled.
+pub fn spawn_service(
+    config: &Config,
+    store: &PgStore,
+) -> (
+    tokio_util::sync::CancellationToken,
+    Arc<neurostream::telemetry::Progress>,
+    tokio::task::JoinHandle<Result<(), neurostream::app::AppError>>,
+) {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let progress = Arc::new(neurostream::telemetry::Progress::default());
+    let handle = tokio::spawn(neurostream::app::run(
+        arc(config),
+        service_store(store),
+        progress.clone(),
+        shutdown.clone(),
+    ));
+    (shutdown, progress, handle)
+}
