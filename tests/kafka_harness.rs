@@ -287,7 +287,10 @@ async fn three_nodes_survive_the_death_of_a_partition_leader() {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // The consumer must close while its brokers still run: dropped after the cluster, its
+    // close waits for a coordinator that is gone, and the runtime's shutdown with it, for ever.
     consuming.abort();
+    let _ = consuming.await;
     eprintln!(
         "failover test body took {:.1} s",
         test_started.elapsed().as_secs_f64()
