@@ -283,11 +283,17 @@ impl PartitionWorker {
                         // An Avro message's writer schema is fetched first (retrying while the
                         // registry is away); a stop meanwhile leaves the message unprocessed.
                         if let (Some(id), Some(registry)) = (decoder.schema_id(msg.payload()), &registry) {
-                            let (progress, topic, partition) =
-                                (worker.ctx.progress.clone(), worker.id.topic.clone(), worker.id.partition);
-                            let waiting = |why: Option<String>| progress.set_retrying(&topic, partition, why);
-                            if registry.ensure(id, &stop, waiting).await.is_err() {
-                                break;
+                            if !registry.has(id) {
+                                // What is processed becomes durable before a wait of unknown
+                                // length.
+                                if worker.flush().await.is_err() {
+                                    return;
+                                }
+                                let (progress, w) = (&worker.ctx.progress, &worker.id);
+                                let waiting = |why| progress.set_retrying(&w.topic, w.partition, why);
+                                if registry.ensure(id, &stop, waiting).await.is_err() {
+                                    break;
+                                }
                             }
                         }
                         worker.take(&msg);

@@ -407,6 +407,11 @@ impl Registry {
         self.cache.clone()
     }
 
+    /// Whether the cache answers for `id` already (no request needed).
+    pub fn has(&self, id: u32) -> bool {
+        self.cache.has(id)
+    }
+
     /// The HTTP client (registering output schemas, `produce`, `tail`).
     pub fn client(&self) -> &RegistryClient {
         &self.client
