@@ -2121,6 +2121,22 @@ mod tests {
         ] {
             assert!(err.contains(want), "missing `{want}` in:\n{err}");
         }
+        // The registry's TLS files are checked with the rest.
+        let err = from_toml(&format!(
+            "[schema_registry]\nurl = \"https://r\"\nssl_ca_location = \"{}\"\n\
+             ssl_certificate_location = \"{}\"\nssl_key_location = \"{}\"\n",
+            p("a-traditional.key"),
+            p("a.pem"),
+            p("a-traditional.key")
+        ))
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "schema_registry.ssl_ca_location: not a PEM certificate",
+            "schema_registry.ssl_key_location must be an unencrypted PKCS#8 PEM key",
+        ] {
+            assert!(err.contains(want), "missing `{want}` in:\n{err}");
+        }
         // A root certificate alone means verify-full; with require, verify-ca.
         let mut pg = PostgresConfig {
             url: Some("postgres://u@db/ns".into()),

@@ -157,6 +157,7 @@ impl super::Config {
         if r.password.is_some() && r.username.is_none() {
             p.push("schema_registry.password is set without schema_registry.username".into());
         }
+        r.check_tls_files(p);
         if r.ssl_certificate_location.is_some() != r.ssl_key_location.is_some() {
             p.push(
                 "schema_registry.ssl_certificate_location and ssl_key_location go together".into(),

@@ -464,6 +464,48 @@ impl From<PgSslMode> for String {
 }
 
 impl super::SchemaRegistryConfig {
+    /// Checks the registry's TLS files as the Kafka and PostgreSQL ones are checked: readable,
+    /// PEM, the client key PKCS#8 and belonging to its certificate.
+    pub(super) fn check_tls_files(&self, p: &mut Vec<String>) {
+        if let Some(ca) = &self.ssl_ca_location {
+            if let Some(pem) = read_file(p, "schema_registry.ssl_ca_location", ca) {
+                let _ = certificates(p, "schema_registry.ssl_ca_location", &pem);
+            }
+        }
+        let read = |p: &mut Vec<String>, name: &str, path: &Option<PathBuf>| {
+            let path = path.as_ref()?;
+            read_file(p, name, path).map(|pem| (name.to_string(), pem))
+        };
+        let cert = read(
+            p,
+            "schema_registry.ssl_certificate_location",
+            &self.ssl_certificate_location,
+        );
+        let key = read(
+            p,
+            "schema_registry.ssl_key_location",
+            &self.ssl_key_location,
+        );
+        if let Some((name, pem)) = &key {
+            if !String::from_utf8_lossy(pem).contains("-----BEGIN PRIVATE KEY-----") {
+                p.push(format!(
+                    "{name} must be an unencrypted PKCS#8 PEM key (BEGIN PRIVATE KEY)"
+                ));
+            }
+        }
+        if cert.is_some() && key.is_some() {
+            client_identity(
+                p,
+                "schema_registry",
+                cert,
+                key,
+                None,
+                "ssl_certificate",
+                "ssl_key",
+            );
+        }
+    }
+
     /// Reads `password_file` into `password`.
     pub(super) fn read_secret_files(&mut self, problems: &mut Vec<String>) {
         read_secret(
