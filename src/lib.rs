@@ -1,7 +1,9 @@
 //! neurostream: Kafka-native stream processing with online clustering and event-time windows.
 //!
 //! # Layout
-//! - [`config`]: typed configuration (figment layers, profiles, validation, provenance).
+//! - [`config`]: typed configuration (figment layers, profiles, validation, provenance);
+//!   [`config::security`] (Kafka TLS/SASL, PostgreSQL TLS, secrets and their files),
+//!   [`config::formats`] (input and output formats, the Schema Registry settings).
 //! - [`event`]: the input event shape and its decoding, with a reason for every rejection.
 //! - [`avro`]: Avro input (Confluent wire format, plain datums) resolved against the product's
 //!   reader schema, the Schema Registry client and cache ([`avro::registry`]), Avro outputs

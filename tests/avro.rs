@@ -48,20 +48,20 @@ const V3: &str = r#"{"type":"record","name":"Reading","namespace":"com.example",
 const V4: &str = r#"{"type":"record","name":"Broken","fields":[
   {"name":"key","type":"string"},{"name":"features","type":"string"}]}"#;
 
-/// fastavro's datums of `records` (JSON) written with `schema`.
-fn fastavro(schema: &str, records: &[serde_json::Value]) -> Vec<Vec<u8>> {
+/// Runs `encode.py SCHEMA [extra]` with `input` on its standard input; its standard output.
+fn encoder(schema: &str, extra: &[&str], input: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("schema.avsc");
     std::fs::write(&path, schema).unwrap();
     let mut child = Command::new("python3")
         .arg(ENCODER)
         .arg(&path)
+        .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("python3 runs");
-    let input: String = records.iter().map(|r| format!("{r}\n")).collect();
     child
         .stdin
         .take()
@@ -74,8 +74,13 @@ fn fastavro(schema: &str, records: &[serde_json::Value]) -> Vec<Vec<u8>> {
         "fastavro (pip install fastavro): {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout)
-        .unwrap()
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// fastavro's datums of `records` (JSON) written with `schema`.
+fn fastavro(schema: &str, records: &[serde_json::Value]) -> Vec<Vec<u8>> {
+    let input: String = records.iter().map(|r| format!("{r}\n")).collect();
+    encoder(schema, &[], &input)
         .lines()
         .map(|hex| {
             (0..hex.len())
@@ -88,36 +93,11 @@ fn fastavro(schema: &str, records: &[serde_json::Value]) -> Vec<Vec<u8>> {
 
 /// fastavro's reading of `datums` written with `schema`, as JSON.
 fn fastavro_decode(schema: &str, datums: &[&[u8]]) -> Vec<serde_json::Value> {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("schema.avsc");
-    std::fs::write(&path, schema).unwrap();
-    let mut child = Command::new("python3")
-        .arg(ENCODER)
-        .arg(&path)
-        .arg("--decode")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     let input: String = datums
         .iter()
         .map(|d| d.iter().map(|b| format!("{b:02x}")).collect::<String>() + "\n")
         .collect();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
+    encoder(schema, &["--decode"], &input)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
