@@ -1,30 +1,44 @@
 //! `ncs`: the NCS idea with the reference's defects fixed (section B of the algorithm notes).
 //!
-//! - One geometry: Euclidean distance on standardised features, where each cluster standardises
-//!   by its own running per-feature spread (a diagonal Mahalanobis distance, `D²`); young
-//!   clusters borrow the mature clusters' spread (or, at the start, one estimated from the
-//!   warm-up points on online-standardised features). Everything is relative to running
-//!   statistics, so results are invariant to scaling and translating the input.
+//! - One geometry: the Mahalanobis distance `D²` of a point to a cluster under the cluster's own
+//!   running covariance: a full d×d matrix up to [`FULL_COVARIANCE_MAX_DIM`] features, so
+//!   elongated clusters at any angle are described, and a per-feature (diagonal) variance above,
+//!   where a full matrix would cost d² per cluster and need far more points to estimate. Young
+//!   clusters blend their estimate with a prior (the pooled spread of mature clusters, or at the
+//!   start one estimated from the warm-up points) and widen it for the uncertainty of their
+//!   centroid. Everything is relative to running statistics, so results are invariant to scaling
+//!   and translating the input.
 //! - Acceptance from the cluster's own spread: a point joins its nearest cluster when
 //!   `D² ≤ A = d + accept_sigmas·√(2d)` (the χ²_d mean plus `accept_sigmas` standard deviations).
-//!   No additive bonuses, no clip.
 //! - One scoring function: `score = D² / (D² + A)`, so a point at a centroid scores 0 and a
 //!   point is an outlier exactly when its score exceeds 0.5.
-//! - New clusters are born from `min_cluster_points` mutually close unplaced points, so isolated
-//!   noise stays an outlier instead of becoming a cluster; at `max_clusters` the lowest-weight
-//!   (stalest) cluster is evicted.
+//! - New clusters are born from `min_cluster_points` mutually close unplaced points that stand
+//!   apart from every cluster, so isolated noise stays an outlier; at `max_clusters` the
+//!   lowest-weight (stalest) cluster is evicted, and a cluster whose decayed weight falls below
+//!   one point is retired.
 //! - Stable `u64` ids, never reused; exponentially decayed member weight; confidence in [0, 1].
 //! - Overlapping clusters (one centroid within the other's acceptance) merge, checked for the
 //!   updated cluster only, every `merge_check_every` of its updates.
-//! - Per-cluster drift coefficient (centroid displacement per update in units of the cluster's
-//!   spread, smoothed); Page-Hinkley and ADWIN on the scale-free stream `D² / A`.
-//! - O(k·d) per point in one pass over contiguous centroids; no allocation per point.
+//! - Drift: a per-cluster drift coefficient (centroid displacement per update in units of the
+//!   cluster's spread, smoothed), and Page-Hinkley and ADWIN on the bounded, scale-free stream
+//!   `min(D² / A, 2)`, started once the clusters have settled after the warm-up.
+//!
+//! Cost per point, with k clusters of dimension d: diagonal model, one fused O(k·d) pass over
+//! contiguous centroids and inverse variances. Full model (d ≤ 16), an O(k·d) pass computing
+//! a lower bound of every cluster's `D²` (the Euclidean distance in globally standardised units
+//! times the cluster's smallest precision eigenvalue bound), then the exact O(d²) `D²` only for
+//! the clusters whose bound beats the second-best exact distance (one to three on separated
+//! data), an O(d²) covariance update of the winner, and an O(d³) refresh of its precision
+//! every `max(1, d/4)` updates. No allocation per point.
 
 use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
 use super::drift::{Adwin, PageHinkley};
+
+/// Dimensions up to which every cluster keeps a full covariance matrix (above: a diagonal).
+pub const FULL_COVARIANCE_MAX_DIM: usize = 8;
 
 /// Parameters of `ncs`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,7 +50,7 @@ pub struct NcsParams {
     pub accept_sigmas: f64,
     /// Unplaced points that, close together, found a new cluster.
     pub min_cluster_points: usize,
-    /// Unplaced points remembered while waiting for company.
+    /// Unplaced points remembered while waiting for company (capped at 65,536 values in all).
     pub pending_capacity: usize,
     /// Points used to estimate the feature scales before clustering starts.
     pub warmup_points: usize,
@@ -46,25 +60,28 @@ pub struct NcsParams {
     pub min_learning_rate: f64,
     /// Updates of a cluster between two merge checks.
     pub merge_check_every: u64,
-    /// Page-Hinkley alarm threshold on the `D² / A` stream.
+    /// Page-Hinkley alarm threshold on the `min(D² / A, 2)` stream.
     pub page_hinkley_threshold: f64,
-    /// ADWIN confidence on the `D² / A` stream.
+    /// Page-Hinkley's tolerated change of the mean of that stream.
+    pub page_hinkley_delta: f64,
+    /// ADWIN confidence on that stream.
     pub adwin_delta: f64,
 }
 
 impl Default for NcsParams {
     fn default() -> Self {
         Self {
-            max_clusters: 30,
+            max_clusters: 256,
             accept_sigmas: 4.0,
             min_cluster_points: 3,
-            pending_capacity: 64,
-            warmup_points: 50,
+            pending_capacity: 256,
+            warmup_points: 500,
             decay: 0.9999,
             min_learning_rate: 0.01,
             merge_check_every: 16,
-            page_hinkley_threshold: 50.0,
-            adwin_delta: 0.002,
+            page_hinkley_threshold: 25.0,
+            page_hinkley_delta: 0.1,
+            adwin_delta: 1e-5,
         }
     }
 }
@@ -187,12 +204,25 @@ pub struct DimensionError {
 const PRIOR_WEIGHT: f64 = 5.0;
 /// Updates after which a cluster's spread informs the prior of young clusters.
 const MATURE: u64 = 20;
+/// Points between two refreshes of the prior, the frozen global scales and stale clusters.
+const REFRESH_EVERY: u64 = 256;
+/// Smallest covariance learning rate: the spread follows about the last 100 members.
+const MIN_SPREAD_RATE: f64 = 0.01;
+/// The drift detectors start once no cluster was founded for this many points...
+const SETTLE_QUIET: u64 = 1_000;
+/// ...or at the latest after this many points.
+const SETTLE_MAX: u64 = 20_000;
+/// Values kept in the pending buffer at most (`pending_capacity` is reduced to fit).
+const PENDING_VALUES: usize = 65_536;
 
 /// The corrected online clusterer.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(try_from = "NcsState")]
 pub struct Ncs {
     params: NcsParams,
     dim: usize,
+    /// Full covariance per cluster (`dim ≤ FULL_COVARIANCE_MAX_DIM`), else diagonal.
+    full: bool,
     /// Points placed.
     t: u64,
     /// Acceptance bound `A` on `D²`.
@@ -201,12 +231,18 @@ pub struct Ncs {
     mean: Vec<f64>,
     m2: Vec<f64>,
     seen: u64,
+    /// Per-feature inverse global variance, frozen between refreshes (full model's bounds).
+    scale: Vec<f64>,
     /// Flat k×d centroids, input units.
     centroids: Vec<f64>,
-    /// Flat k×d running member variance per feature, input units².
+    /// Flat running member covariance, input units²: k×d×d (full) or k×d (diagonal).
     spread: Vec<f64>,
-    /// Flat k×d inverse effective variance (own spread blended with the prior).
+    /// Flat effective precision (inverse of the own spread blended with the prior, widened
+    /// for the centroid's uncertainty), same layout as `spread`.
     inv_var: Vec<f64>,
+    /// Per cluster (full model): a lower bound of `D²` per unit of squared standardised
+    /// Euclidean distance.
+    bound: Vec<f64>,
     clusters: Vec<ClusterMeta>,
     /// Per-feature variance young clusters borrow.
     prior: Vec<f64>,
@@ -215,10 +251,134 @@ pub struct Ncs {
     next_id: u64,
     page_hinkley: PageHinkley,
     adwin: Adwin,
+    /// The drift detectors run (the clusters settled after the warm-up).
+    settled: bool,
+    /// Step of the last cluster founded.
+    last_created: u64,
     /// Streaming simplified silhouette (cohesion vs separation), smoothed.
     silhouette: f64,
     /// Lifecycle events since the last drain: (event, cluster id).
     events: Vec<(ClusterEvent, u64)>,
+    #[serde(skip)]
+    scratch: Scratch,
+}
+
+/// Per-point working memory, reused.
+#[derive(Debug, Clone, Default)]
+struct Scratch {
+    /// Lower bounds per cluster.
+    bounds: Vec<f64>,
+    /// One d×d matrix.
+    matrix: Vec<f64>,
+    /// One d-vector.
+    diff: Vec<f64>,
+}
+
+/// The serialised form, checked before it becomes an [`Ncs`]: a snapshot from another version
+/// or a corrupted one must not index out of bounds later.
+#[derive(Deserialize)]
+struct NcsState {
+    params: NcsParams,
+    dim: usize,
+    #[serde(default)]
+    full: bool,
+    t: u64,
+    accept: f64,
+    mean: Vec<f64>,
+    m2: Vec<f64>,
+    seen: u64,
+    #[serde(default)]
+    scale: Vec<f64>,
+    centroids: Vec<f64>,
+    spread: Vec<f64>,
+    inv_var: Vec<f64>,
+    #[serde(default)]
+    bound: Vec<f64>,
+    clusters: Vec<ClusterMeta>,
+    prior: Vec<f64>,
+    pending: VecDeque<Vec<f64>>,
+    warmup: Vec<Vec<f64>>,
+    next_id: u64,
+    page_hinkley: PageHinkley,
+    adwin: Adwin,
+    #[serde(default)]
+    settled: bool,
+    #[serde(default)]
+    last_created: u64,
+    silhouette: f64,
+    events: Vec<(ClusterEvent, u64)>,
+}
+
+/// A snapshot whose parts do not fit together.
+#[derive(Debug, thiserror::Error)]
+#[error("inconsistent ncs state: {0}")]
+pub struct StateError(&'static str);
+
+impl TryFrom<NcsState> for Ncs {
+    type Error = StateError;
+
+    fn try_from(s: NcsState) -> Result<Self, StateError> {
+        let d = s.dim;
+        let k = s.clusters.len();
+        if d == 0 || d > 1 << 16 {
+            return Err(StateError("dimension"));
+        }
+        let ok = |v: &[f64], n: usize| v.len() == n;
+        if !ok(&s.mean, d) || !ok(&s.m2, d) || !ok(&s.prior, d) || !ok(&s.centroids, k * d) {
+            return Err(StateError("feature vectors"));
+        }
+        if s.pending.iter().chain(&s.warmup).any(|p| p.len() != d) {
+            return Err(StateError("buffered points"));
+        }
+        // Snapshots from before the full covariance model have diagonal spreads; they are
+        // rebuilt as diagonal matrices when the dimension now gets the full model.
+        let full = d <= FULL_COVARIANCE_MAX_DIM;
+        let cells = if full { d * d } else { d };
+        let spread = if ok(&s.spread, k * cells) && s.full == full {
+            s.spread
+        } else if ok(&s.spread, k * d) && full {
+            let mut m = vec![0.0; k * d * d];
+            for i in 0..k {
+                for f in 0..d {
+                    m[i * d * d + f * d + f] = s.spread[i * d + f];
+                }
+            }
+            m
+        } else {
+            return Err(StateError("cluster spreads"));
+        };
+        let _ = (s.inv_var, s.bound, s.scale);
+        let mut ncs = Ncs {
+            params: s.params,
+            dim: d,
+            full,
+            t: s.t,
+            accept: s.accept,
+            mean: s.mean,
+            m2: s.m2,
+            seen: s.seen,
+            scale: vec![1.0; d],
+            centroids: s.centroids,
+            spread,
+            inv_var: vec![0.0; k * cells],
+            bound: vec![0.0; k],
+            clusters: s.clusters,
+            prior: s.prior,
+            pending: s.pending,
+            warmup: s.warmup,
+            next_id: s.next_id,
+            page_hinkley: s.page_hinkley,
+            adwin: s.adwin,
+            settled: s.settled,
+            last_created: s.last_created,
+            silhouette: s.silhouette,
+            events: s.events,
+            scratch: Scratch::default(),
+        };
+        // Precisions and bounds are derived state: recomputed rather than trusted.
+        ncs.refresh_all();
+        Ok(ncs)
+    }
 }
 
 impl Ncs {
@@ -226,31 +386,47 @@ impl Ncs {
     pub fn new(params: NcsParams, dim: usize) -> Self {
         let d = dim.max(1) as f64;
         Self {
-            page_hinkley: PageHinkley::new(30, 0.005, params.page_hinkley_threshold, 0.9999),
+            page_hinkley: PageHinkley::new(
+                30,
+                params.page_hinkley_delta,
+                params.page_hinkley_threshold,
+                0.9999,
+            ),
             adwin: Adwin::new(params.adwin_delta),
             accept: d + params.accept_sigmas * (2.0 * d).sqrt(),
             params,
             dim,
+            full: dim <= FULL_COVARIANCE_MAX_DIM,
             t: 0,
             mean: vec![0.0; dim],
             m2: vec![0.0; dim],
             seen: 0,
+            scale: vec![1.0; dim],
             centroids: Vec::new(),
             spread: Vec::new(),
             inv_var: Vec::new(),
+            bound: Vec::new(),
             clusters: Vec::new(),
             prior: vec![1.0; dim],
             pending: VecDeque::new(),
             warmup: Vec::new(),
             next_id: 0,
+            settled: false,
+            last_created: 0,
             silhouette: 0.0,
             events: Vec::new(),
+            scratch: Scratch::default(),
         }
     }
 
     /// The stream's dimension.
     pub fn dimension(&self) -> usize {
         self.dim
+    }
+
+    /// Whether clusters keep a full covariance matrix (else a per-feature variance).
+    pub fn full_covariance(&self) -> bool {
+        self.full
     }
 
     /// Points placed.
@@ -289,11 +465,28 @@ impl Ncs {
         Some(self.state(i))
     }
 
+    fn cells(&self) -> usize {
+        if self.full {
+            self.dim * self.dim
+        } else {
+            self.dim
+        }
+    }
+
+    /// Variance of feature `f` within cluster `i`.
+    fn variance(&self, i: usize, f: usize) -> f64 {
+        if self.full {
+            self.spread[i * self.dim * self.dim + f * self.dim + f]
+        } else {
+            self.spread[i * self.dim + f]
+        }
+    }
+
     fn state(&self, i: usize) -> ClusterState {
         let c = &self.clusters[i];
         let weight = self.weight_now(c);
         let radius = (0..self.dim)
-            .map(|f| self.spread[i * self.dim + f] / self.global_var(f))
+            .map(|f| self.variance(i, f) / self.global_var(f))
             .sum::<f64>()
             .sqrt();
         ClusterState {
@@ -346,19 +539,27 @@ impl Ncs {
         }
     }
 
+    /// `D²` of `x` to cluster `i` under its effective precision.
+    fn d2(&self, i: usize, x: &[f64]) -> f64 {
+        let d = self.dim;
+        let c = &self.centroids[i * d..(i + 1) * d];
+        if !self.full {
+            let w = &self.inv_var[i * d..(i + 1) * d];
+            return x
+                .iter()
+                .zip(c)
+                .zip(w)
+                .map(|((x, c), w)| (x - c) * (x - c) * w)
+                .sum();
+        }
+        let p = &self.inv_var[i * d * d..(i + 1) * d * d];
+        quadratic(p, x, c)
+    }
+
     /// `D²` of cluster `a`'s centroid to cluster `b`.
     fn d2_rows(&self, a: usize, b: usize) -> f64 {
-        let dim = self.dim;
-        let (ca, cb) = (
-            &self.centroids[a * dim..(a + 1) * dim],
-            &self.centroids[b * dim..(b + 1) * dim],
-        );
-        let w = &self.inv_var[b * dim..(b + 1) * dim];
-        ca.iter()
-            .zip(cb)
-            .zip(w)
-            .map(|((x, y), w)| (x - y) * (x - y) * w)
-            .sum()
+        let d = self.dim;
+        self.d2(b, &self.centroids[a * d..(a + 1) * d])
     }
 
     /// `D²` between two points under the prior spread.
@@ -370,30 +571,108 @@ impl Ncs {
             .sum()
     }
 
+    /// Recomputes cluster `i`'s effective precision (and, full model, its distance bound) from
+    /// its spread, the prior and its update count.
     fn refresh_inv_var(&mut self, i: usize) {
-        let n = self.clusters[i].updates as f64;
-        for f in 0..self.dim {
-            let own = self.spread[i * self.dim + f];
-            let floor = self.floor_var(f);
-            let v = (n * own + PRIOR_WEIGHT * self.prior[f]) / (n + PRIOR_WEIGHT);
-            self.inv_var[i * self.dim + f] = 1.0 / v.max(floor).max(f64::MIN_POSITIVE);
-        }
-    }
-
-    /// The prior: mean spread of mature clusters, if any.
-    fn refresh_prior(&mut self) {
-        let mature: Vec<usize> = (0..self.clusters.len())
-            .filter(|&i| self.clusters[i].updates >= MATURE)
-            .collect();
-        if mature.is_empty() {
+        let d = self.dim;
+        let n = (self.clusters[i].updates as f64).min(1.0 / MIN_SPREAD_RATE);
+        // The centroid is a mean of about n points: a new member's offset from it varies by
+        // the spread times (1 + 1/n).
+        let widen = 1.0 + 1.0 / n.max(1.0);
+        // Per-feature variances from n points are noisy, and the noise of their inverses adds
+        // up over d features while the acceptance margin shrinks as 1/√d: in high dimensions
+        // they need more points before they outweigh the prior's shape.
+        let prior_weight = PRIOR_WEIGHT * (d as f64 / 64.0).sqrt().max(1.0);
+        let own_share = n / (n + prior_weight);
+        // The prior's shape at the cluster's own overall scale: that one number is estimated
+        // from all d features at once, so it is sharp even for a young cluster in high
+        // dimensions, where per-feature variances from a few points are too noisy to invert
+        // (their noise would inflate every D²). It is trusted as it accumulates n·d values.
+        let ratio = (0..d)
+            .map(|f| self.variance(i, f) / self.prior[f].max(f64::MIN_POSITIVE))
+            .sum::<f64>()
+            / d as f64;
+        let dof = n * d as f64;
+        let ratio = (dof * ratio + prior_weight) / (dof + prior_weight);
+        if !self.full {
+            for f in 0..d {
+                let own = self.spread[i * d + f];
+                let v = own_share * own + (1.0 - own_share) * ratio * self.prior[f];
+                self.inv_var[i * d + f] =
+                    1.0 / (widen * v.max(self.floor_var(f))).max(f64::MIN_POSITIVE);
+            }
             return;
         }
-        for f in 0..self.dim {
-            self.prior[f] = mature
+        let mut m = std::mem::take(&mut self.scratch.matrix);
+        m.clear();
+        m.extend(
+            self.spread[i * d * d..(i + 1) * d * d]
                 .iter()
-                .map(|&i| self.spread[i * self.dim + f])
-                .sum::<f64>()
-                / mature.len() as f64;
+                .map(|s| own_share * s),
+        );
+        for f in 0..d {
+            let cell = &mut m[f * d + f];
+            *cell += (1.0 - own_share) * ratio * self.prior[f];
+            *cell = cell.max(self.floor_var(f));
+        }
+        for v in m.iter_mut() {
+            *v *= widen;
+        }
+        // Largest eigenvalue of the standardised covariance, bounded by Gershgorin's circles:
+        // D² ≥ |x − c|²_standardised / λ_max.
+        let mut lambda = 0.0f64;
+        for a in 0..d {
+            let row: f64 = (0..d)
+                .map(|b| m[a * d + b].abs() * (self.scale[a] * self.scale[b]).sqrt())
+                .sum();
+            lambda = lambda.max(row);
+        }
+        self.bound[i] = if lambda > 0.0 { 1.0 / lambda } else { 0.0 };
+        let out = &mut self.inv_var[i * d * d..(i + 1) * d * d];
+        if !invert_spd(&mut m, d, out) {
+            // Numerically singular: fall back to the diagonal.
+            out.fill(0.0);
+            for f in 0..d {
+                out[f * d + f] = 1.0 / m[f * d + f].max(f64::MIN_POSITIVE);
+            }
+        }
+        self.scratch.matrix = m;
+    }
+
+    /// The prior (mean spread of mature clusters, if any), the frozen global scales, every
+    /// precision; clusters whose weight decayed below one point are retired.
+    fn refresh_all(&mut self) {
+        // Pooled over the clusters with a few updates, each weighted by its (capped) count, so
+        // young clusters inform the prior early and mature ones dominate it.
+        let weights: Vec<(usize, f64)> = (0..self.clusters.len())
+            .filter(|&i| self.clusters[i].updates >= 5)
+            .map(|i| {
+                (
+                    i,
+                    (self.clusters[i].updates as f64).min(1.0 / MIN_SPREAD_RATE),
+                )
+            })
+            .collect();
+        let total: f64 = weights.iter().map(|(_, w)| w).sum();
+        if total >= MATURE as f64 {
+            for f in 0..self.dim {
+                self.prior[f] = weights
+                    .iter()
+                    .map(|&(i, w)| w * self.variance(i, f))
+                    .sum::<f64>()
+                    / total;
+            }
+        }
+        for f in 0..self.dim {
+            self.scale[f] = 1.0 / self.global_var(f);
+        }
+        let mut i = 0;
+        while i < self.clusters.len() {
+            if self.t > 0 && self.weight_now(&self.clusters[i]) < 1.0 {
+                self.remove(i, ClusterEvent::Evicted);
+            } else {
+                i += 1;
+            }
         }
         for i in 0..self.clusters.len() {
             self.refresh_inv_var(i);
@@ -431,6 +710,10 @@ impl Ncs {
     }
 
     /// Decides every buffered warm-up point (the warm-up completed, or input ended before).
+    ///
+    /// The points are placed in order, which founds and trains the first clusters; their
+    /// assignments are then read against the clusters they formed, so a point that helped
+    /// found a cluster is reported in it rather than as the outlier it was while alone.
     pub fn flush_warmup(
         &mut self,
         assignments: &mut Vec<Assignment>,
@@ -443,34 +726,97 @@ impl Ncs {
         let buffered = std::mem::take(&mut self.warmup);
         // Rehearsals on the warm-up points turn the rough first prior into the spread of the
         // clusters they form; then the points are placed for real with that prior.
-        for _ in 0..3 {
+        // Repeated until the prior settles: each round's clusters accept a wider region than
+        // the last when the prior was too small (a handful of rounds in two dimensions, one in
+        // high ones, where distances concentrate).
+        for _ in 0..12 {
+            let before = self.prior.clone();
             let mut rehearsal = self.clone();
             for p in &buffered {
                 rehearsal.place(p, &mut Vec::new());
             }
-            let formed: Vec<usize> = (0..rehearsal.clusters.len())
-                .filter(|&i| rehearsal.clusters[i].updates >= 5)
-                .collect();
-            if formed.is_empty() {
-                break;
+            // The clusters the rehearsal founded rescale the prior feature by feature: when it
+            // is far too small, only the founders' own spread (unbiased) shows how much wider
+            // it must be. Per feature, the members' median cluster, not the mean, so one
+            // cluster that ran away (grew over a neighbouring blob) does not widen everyone's
+            // prior; at most 8× per round.
+            let members: f64 = rehearsal.clusters.iter().map(|c| c.updates as f64).sum();
+            if members < 2.0 * self.params.min_cluster_points as f64 {
+                // Hardly anything formed: the prior is far too small to call any warm-up
+                // points close (nearest neighbours are very close in few dimensions).
+                for v in &mut self.prior {
+                    *v *= 2.0;
+                }
+                self.refresh_all();
+                continue;
             }
+            let mut ratios: Vec<(f64, f64)> = Vec::with_capacity(rehearsal.clusters.len());
             for f in 0..self.dim {
-                let mean = formed
-                    .iter()
-                    .map(|&i| rehearsal.spread[i * self.dim + f])
-                    .sum::<f64>()
-                    / formed.len() as f64;
-                self.prior[f] = mean.max(self.floor_var(f));
+                ratios.clear();
+                ratios.extend((0..rehearsal.clusters.len()).map(|i| {
+                    (
+                        rehearsal.variance(i, f) / self.prior[f],
+                        rehearsal.clusters[i].updates as f64,
+                    )
+                }));
+                ratios.sort_by(|a, b| a.0.total_cmp(&b.0));
+                let mut seen = 0.0;
+                let mut ratio = 1.0;
+                for (r, w) in &ratios {
+                    seen += w;
+                    if seen >= members / 2.0 {
+                        ratio = r.clamp(0.125, 8.0);
+                        break;
+                    }
+                }
+                if ratio.is_finite() && ratio > 0.0 {
+                    self.prior[f] = (self.prior[f] * ratio).max(self.floor_var(f));
+                }
+            }
+            self.refresh_all();
+            let settled = self
+                .prior
+                .iter()
+                .zip(&before)
+                .all(|(now, was)| (now - was).abs() <= 0.05 * was.abs());
+            if settled {
+                break;
             }
         }
         for p in &buffered {
-            let a = self.place(p, alarms);
+            self.place(p, alarms);
+        }
+        for p in &buffered {
+            let a = self.judge(p);
             assignments.push(a);
         }
     }
 
-    /// The first prior: isotropic in online-standardised units, scaled so that a point's
-    /// second-nearest warm-up neighbour (most likely of the same blob) is a typical member pair.
+    /// The assignment of `x` against the current clusters, without learning from it.
+    fn judge(&mut self, x: &[f64]) -> Assignment {
+        let (best, best_d2, _) = self.nearest(x);
+        if best == usize::MAX {
+            return outlier(1.0 - f64::EPSILON, None);
+        }
+        let nearest = best_d2 / self.accept;
+        let score = best_d2 / (best_d2 + self.accept);
+        if best_d2 <= self.accept {
+            return Assignment {
+                cluster_id: Some(self.clusters[best].id),
+                is_outlier: false,
+                outlier_score: score,
+                reason: None,
+                nearest: Some(nearest),
+            };
+        }
+        outlier(score, Some(nearest))
+    }
+
+    /// The first prior: isotropic in online-standardised units, scaled so that a close pair of
+    /// warm-up points (a low quantile of nearest-neighbour distances, which stays within one
+    /// blob even when there are more blobs than warm-up points) is a typical member pair. An
+    /// underestimate only splits blobs at first, which the rehearsals and merges repair; an
+    /// overestimate would let one cluster swallow several blobs.
     fn bootstrap_prior(&mut self) {
         let inv: Vec<f64> = (0..self.dim).map(|f| 1.0 / self.global_var(f)).collect();
         let pts = &self.warmup;
@@ -481,54 +827,98 @@ impl Ncs {
                 .map(|((x, y), w)| (x - y) * (x - y) * w)
                 .sum()
         };
-        let mut kth: Vec<f64> = pts
+        let mut nearest: Vec<f64> = pts
             .iter()
             .enumerate()
             .filter_map(|(i, p)| {
-                let mut d: Vec<f64> = pts
-                    .iter()
+                pts.iter()
                     .enumerate()
                     .filter(|(j, _)| *j != i)
                     .map(|(_, q)| dist2(p, q))
-                    .collect();
-                d.sort_by(f64::total_cmp);
-                d.get(1.min(d.len().saturating_sub(1))).copied()
+                    .min_by(f64::total_cmp)
             })
             .collect();
-        kth.sort_by(f64::total_cmp);
-        let median = kth.get(kth.len() / 2).copied().unwrap_or(0.0);
+        nearest.sort_by(f64::total_cmp);
+        let low = nearest.get(nearest.len() / 4).copied().unwrap_or(0.0);
         // A member pair differs by twice the per-feature variance in every feature.
-        let per_feature = (median / (2.0 * self.dim as f64)).max(1e-12);
+        let per_feature = (low / (2.0 * self.dim as f64)).max(1e-12);
         for f in 0..self.dim {
             self.prior[f] = per_feature * self.global_var(f);
         }
+        self.refresh_all();
     }
 
-    fn place(&mut self, x: &[f64], alarms: &mut Vec<DriftAlarm>) -> Assignment {
-        self.t += 1;
-        if self.t % 256 == 0 {
-            self.refresh_prior();
-        }
+    /// The nearest cluster by `D²` (index, `D²`, second-best `D²`); `usize::MAX` when there
+    /// is none.
+    fn nearest(&mut self, x: &[f64]) -> (usize, f64, f64) {
         let (mut best, mut best_d2, mut second_d2) = (usize::MAX, f64::INFINITY, f64::INFINITY);
-        // One fused pass over the contiguous centroids and inverse variances.
-        let rows = self
-            .centroids
-            .chunks_exact(self.dim)
-            .zip(self.inv_var.chunks_exact(self.dim));
-        for (i, (c, w)) in rows.enumerate() {
-            let mut d2 = 0.0;
-            for ((xi, ci), wi) in x.iter().zip(c).zip(w) {
-                let d = xi - ci;
-                d2 += d * d * wi;
+        let d = self.dim;
+        if !self.full {
+            // One fused pass over the contiguous centroids and inverse variances.
+            let rows = self
+                .centroids
+                .chunks_exact(d)
+                .zip(self.inv_var.chunks_exact(d));
+            for (i, (c, w)) in rows.enumerate() {
+                let mut d2 = 0.0;
+                for ((xi, ci), wi) in x.iter().zip(c).zip(w) {
+                    let diff = xi - ci;
+                    d2 += diff * diff * wi;
+                }
+                if d2 < best_d2 {
+                    second_d2 = best_d2;
+                    best = i;
+                    best_d2 = d2;
+                } else if d2 < second_d2 {
+                    second_d2 = d2;
+                }
             }
+            return (best, best_d2, second_d2);
+        }
+        // Lower bounds for every cluster in one pass, then exact distances in bound order
+        // until no bound can beat the second best.
+        let mut bounds = std::mem::take(&mut self.scratch.bounds);
+        bounds.clear();
+        for (c, b) in self.centroids.chunks_exact(d).zip(&self.bound) {
+            let mut e = 0.0;
+            for ((xi, ci), s) in x.iter().zip(c).zip(&self.scale) {
+                let diff = xi - ci;
+                e += diff * diff * s;
+            }
+            bounds.push(e * b);
+        }
+        loop {
+            let mut pick = usize::MAX;
+            let mut lowest = second_d2;
+            for (i, &b) in bounds.iter().enumerate() {
+                if b < lowest {
+                    lowest = b;
+                    pick = i;
+                }
+            }
+            if pick == usize::MAX {
+                break;
+            }
+            bounds[pick] = f64::INFINITY;
+            let d2 = self.d2(pick, x);
             if d2 < best_d2 {
                 second_d2 = best_d2;
-                best = i;
+                best = pick;
                 best_d2 = d2;
             } else if d2 < second_d2 {
                 second_d2 = d2;
             }
         }
+        self.scratch.bounds = bounds;
+        (best, best_d2, second_d2)
+    }
+
+    fn place(&mut self, x: &[f64], alarms: &mut Vec<DriftAlarm>) -> Assignment {
+        self.t += 1;
+        if self.t % REFRESH_EVERY == 0 {
+            self.refresh_all();
+        }
+        let (best, best_d2, second_d2) = self.nearest(x);
         if best == usize::MAX {
             return self.unplaced(x, 1.0 - f64::EPSILON, None);
         }
@@ -554,7 +944,17 @@ impl Ncs {
     }
 
     fn feed_detectors(&mut self, nearest: f64, alarms: &mut Vec<DriftAlarm>) {
-        let v = nearest.min(10.0);
+        if !self.settled {
+            // The first clusters form, merge and grow: their distances change by design.
+            let quiet = self.t.saturating_sub(self.last_created);
+            if !(quiet >= SETTLE_QUIET || self.t >= SETTLE_MAX) {
+                return;
+            }
+            self.settled = true;
+        }
+        // Bounded: an outlier weighs like two acceptance radii however far it is, so a steady
+        // share of far outliers is a steady mean, not a stream of spikes.
+        let v = nearest.min(2.0);
         if let Some(statistic) = self.page_hinkley.update(v) {
             alarms.push(DriftAlarm {
                 detector: "page_hinkley",
@@ -571,22 +971,43 @@ impl Ncs {
 
     fn update(&mut self, i: usize, x: &[f64]) -> u64 {
         let t = self.t;
+        let d = self.dim;
         let weight = self.weight_now(&self.clusters[i]) + 1.0;
         let rate = (1.0 / weight).max(self.params.min_learning_rate);
-        let beta = (1.0 / (self.clusters[i].updates as f64 + 1.0)).max(0.02);
-        let rows = i * self.dim..(i + 1) * self.dim;
+        let beta = (1.0 / (self.clusters[i].updates as f64 + 1.0)).max(MIN_SPREAD_RATE);
         let mut moved = 0.0f64;
-        let cells = self.centroids[rows.clone()]
-            .iter_mut()
-            .zip(&mut self.spread[rows.clone()])
-            .zip(&self.inv_var[rows]);
-        for (xi, ((c, s), w)) in x.iter().zip(cells) {
-            let diff = xi - *c;
-            let step = rate * diff;
-            *c += step;
-            *s += beta * (diff * diff * (1.0 - rate) - *s);
-            moved += step * step * w;
+        let mut diff = std::mem::take(&mut self.scratch.diff);
+        diff.clear();
+        {
+            let c = &mut self.centroids[i * d..(i + 1) * d];
+            for (xi, ci) in x.iter().zip(c.iter_mut()) {
+                let delta = xi - *ci;
+                diff.push(delta);
+                *ci += rate * delta;
+            }
         }
+        if self.full {
+            let s = &mut self.spread[i * d * d..(i + 1) * d * d];
+            let keep = beta * (1.0 - rate);
+            for a in 0..d {
+                for b in 0..d {
+                    let cell = &mut s[a * d + b];
+                    *cell += keep * diff[a] * diff[b] - beta * *cell;
+                }
+            }
+            let p = &self.inv_var[i * d * d..(i + 1) * d * d];
+            moved = rate * rate * quadratic_diff(p, &diff);
+        } else {
+            let cells = self.spread[i * d..(i + 1) * d]
+                .iter_mut()
+                .zip(&self.inv_var[i * d..(i + 1) * d]);
+            for (delta, (s, w)) in diff.iter().zip(cells) {
+                *s += beta * (delta * delta * (1.0 - rate) - *s);
+                let step = rate * delta;
+                moved += step * step * w;
+            }
+        }
+        self.scratch.diff = diff;
         let c = &mut self.clusters[i];
         c.weight = weight;
         c.weighed_at = t;
@@ -594,8 +1015,12 @@ impl Ncs {
         c.updates += 1;
         c.updated_at = t;
         let id = c.id;
-        let check = c.updates % self.params.merge_check_every == 0;
-        self.refresh_inv_var(i);
+        let updates = c.updates;
+        let check = updates % self.params.merge_check_every == 0;
+        let every = if self.full { (d / 4).max(1) as u64 } else { 1 };
+        if updates <= 2 * d as u64 + 8 || updates % every == 0 {
+            self.refresh_inv_var(i);
+        }
         self.events.push((ClusterEvent::Updated, id));
         if check {
             self.merge_around(i);
@@ -606,17 +1031,15 @@ impl Ncs {
     fn unplaced(&mut self, x: &[f64], score: f64, nearest: Option<f64>) -> Assignment {
         // Two members of one blob differ by twice its variance per feature.
         let reach = 2.0 * self.accept;
-        let close: Vec<usize> = self
+        let close = self
             .pending
             .iter()
-            .enumerate()
-            .filter(|(_, p)| self.d2_prior(x, p) <= reach)
-            .map(|(j, _)| j)
-            .collect();
+            .filter(|p| self.d2_prior(x, p) <= reach)
+            .count();
         // A new cluster must stand apart: fringe points of a cluster stay outliers instead of
         // splitting it.
         let apart = nearest.is_none_or(|r| r > 2.0);
-        if apart && close.len() + 1 >= self.params.min_cluster_points {
+        if apart && close + 1 >= self.params.min_cluster_points {
             if self.clusters.len() >= self.params.max_clusters && !self.evict_stalest() {
                 return Assignment {
                     cluster_id: None,
@@ -627,9 +1050,13 @@ impl Ncs {
                 };
             }
             let mut members = vec![x.to_vec()];
-            for &j in close.iter().rev() {
-                if let Some(p) = self.pending.remove(j) {
-                    members.push(p);
+            let mut j = self.pending.len();
+            while j > 0 {
+                j -= 1;
+                if self.d2_prior(x, &self.pending[j]) <= reach {
+                    if let Some(p) = self.pending.remove(j) {
+                        members.push(p);
+                    }
                 }
             }
             let id = self.create(&members);
@@ -641,38 +1068,50 @@ impl Ncs {
                 nearest,
             };
         }
-        if self.pending.len() == self.params.pending_capacity {
+        let capacity = self
+            .params
+            .pending_capacity
+            .min(PENDING_VALUES / self.dim.max(1))
+            .max(1);
+        while self.pending.len() >= capacity {
             self.pending.pop_front();
         }
         self.pending.push_back(x.to_vec());
-        Assignment {
-            cluster_id: None,
-            is_outlier: true,
-            outlier_score: score.clamp(0.5 + f64::EPSILON, 1.0 - f64::EPSILON),
-            reason: Some(OutlierReason::Score),
-            nearest,
-        }
+        outlier(score, nearest)
     }
 
     fn create(&mut self, members: &[Vec<f64>]) -> u64 {
+        let d = self.dim;
         let n = members.len() as f64;
-        let mut centre = vec![0.0; self.dim];
+        let mut centre = vec![0.0; d];
         for m in members {
             for (c, v) in centre.iter_mut().zip(m) {
                 *c += v / n;
             }
         }
-        let mut spread = vec![0.0; self.dim];
+        // Unbiased (n − 1) scatter of the founders.
+        let norm = (n - 1.0).max(1.0);
+        let cells = self.cells();
+        let mut spread = vec![0.0; cells];
         for m in members {
-            for ((s, v), c) in spread.iter_mut().zip(m).zip(&centre) {
-                *s += (v - c) * (v - c) / n;
+            if self.full {
+                for a in 0..d {
+                    for b in 0..d {
+                        spread[a * d + b] += (m[a] - centre[a]) * (m[b] - centre[b]) / norm;
+                    }
+                }
+            } else {
+                for ((s, v), c) in spread.iter_mut().zip(m).zip(&centre) {
+                    *s += (v - c) * (v - c) / norm;
+                }
             }
         }
         let id = self.next_id;
         self.next_id += 1;
         self.centroids.extend_from_slice(&centre);
         self.spread.extend_from_slice(&spread);
-        self.inv_var.extend(std::iter::repeat_n(0.0, self.dim));
+        self.inv_var.extend(std::iter::repeat_n(0.0, cells));
+        self.bound.push(0.0);
         self.clusters.push(ClusterMeta {
             id,
             weight: n,
@@ -682,6 +1121,7 @@ impl Ncs {
             created_at: self.t,
             updated_at: self.t,
         });
+        self.last_created = self.t;
         let i = self.clusters.len() - 1;
         self.refresh_inv_var(i);
         self.events.push((ClusterEvent::Created, id));
@@ -702,11 +1142,12 @@ impl Ncs {
 
     fn remove(&mut self, i: usize, event: ClusterEvent) {
         let id = self.clusters[i].id;
+        let cells = self.cells();
         self.clusters.remove(i);
-        let range = i * self.dim..(i + 1) * self.dim;
-        self.centroids.drain(range.clone());
-        self.spread.drain(range.clone());
-        self.inv_var.drain(range);
+        self.centroids.drain(i * self.dim..(i + 1) * self.dim);
+        self.spread.drain(i * cells..(i + 1) * cells);
+        self.inv_var.drain(i * cells..(i + 1) * cells);
+        self.bound.remove(i);
         self.events.push((event, id));
     }
 
@@ -733,16 +1174,7 @@ impl Ncs {
             } else {
                 (j, i, wj, wi)
             };
-            let dim = self.dim;
-            for f in 0..dim {
-                let (k, g) = (keep * dim + f, gone * dim + f);
-                let (ck, cg) = (self.centroids[k], self.centroids[g]);
-                let merged = (ck * wk + cg * wg) / (wk + wg);
-                self.spread[k] = (wk * (self.spread[k] + (ck - merged).powi(2))
-                    + wg * (self.spread[g] + (cg - merged).powi(2)))
-                    / (wk + wg);
-                self.centroids[k] = merged;
-            }
+            self.combine(keep, gone, wk, wg);
             let gone_updates = self.clusters[gone].updates;
             let t = self.t;
             let k = &mut self.clusters[keep];
@@ -761,4 +1193,113 @@ impl Ncs {
             j = 0;
         }
     }
+
+    /// Cluster `keep` becomes the weighted union of itself and `gone`: centroid and covariance
+    /// (each part's covariance plus its centroid's offset from the merged one).
+    fn combine(&mut self, keep: usize, gone: usize, wk: f64, wg: f64) {
+        let d = self.dim;
+        let total = wk + wg;
+        let mut merged = vec![0.0; d];
+        for (f, m) in merged.iter_mut().enumerate() {
+            *m = (self.centroids[keep * d + f] * wk + self.centroids[gone * d + f] * wg) / total;
+        }
+        let ok: Vec<f64> = (0..d)
+            .map(|f| self.centroids[keep * d + f] - merged[f])
+            .collect();
+        let og: Vec<f64> = (0..d)
+            .map(|f| self.centroids[gone * d + f] - merged[f])
+            .collect();
+        let cells = self.cells();
+        for cell in 0..cells {
+            let (a, b) = if self.full {
+                (cell / d, cell % d)
+            } else {
+                (cell, cell)
+            };
+            let (k, g) = (keep * cells + cell, gone * cells + cell);
+            self.spread[k] = (wk * (self.spread[k] + ok[a] * ok[b])
+                + wg * (self.spread[g] + og[a] * og[b]))
+                / total;
+        }
+        self.centroids[keep * d..(keep + 1) * d].copy_from_slice(&merged);
+    }
+}
+
+/// An unplaced point's assignment.
+fn outlier(score: f64, nearest: Option<f64>) -> Assignment {
+    Assignment {
+        cluster_id: None,
+        is_outlier: true,
+        outlier_score: score.clamp(0.5 + f64::EPSILON, 1.0 - f64::EPSILON),
+        reason: Some(OutlierReason::Score),
+        nearest,
+    }
+}
+
+/// `(x − c)ᵀ P (x − c)` for a symmetric d×d `P`.
+fn quadratic(p: &[f64], x: &[f64], c: &[f64]) -> f64 {
+    let d = x.len();
+    let mut diff = [0.0f64; FULL_COVARIANCE_MAX_DIM];
+    for f in 0..d {
+        diff[f] = x[f] - c[f];
+    }
+    quadratic_diff(p, &diff[..d])
+}
+
+/// `δᵀ P δ` for a symmetric d×d `P`.
+fn quadratic_diff(p: &[f64], diff: &[f64]) -> f64 {
+    let d = diff.len();
+    let mut total = 0.0;
+    for a in 0..d {
+        let row = &p[a * d..(a + 1) * d];
+        let mut r = 0.0;
+        for b in 0..d {
+            r += row[b] * diff[b];
+        }
+        total += r * diff[a];
+    }
+    total
+}
+
+/// Inverts the symmetric positive definite d×d `m` into `out` (Cholesky, `m` is overwritten);
+/// false when `m` is not numerically positive definite.
+fn invert_spd(m: &mut [f64], d: usize, out: &mut [f64]) -> bool {
+    // m = L Lᵀ, L stored in the lower triangle of m.
+    for j in 0..d {
+        let mut diag = m[j * d + j];
+        for k in 0..j {
+            diag -= m[j * d + k] * m[j * d + k];
+        }
+        if !(diag > 0.0) || !diag.is_finite() {
+            return false;
+        }
+        let l = diag.sqrt();
+        m[j * d + j] = l;
+        for i in j + 1..d {
+            let mut v = m[i * d + j];
+            for k in 0..j {
+                v -= m[i * d + k] * m[j * d + k];
+            }
+            m[i * d + j] = v / l;
+        }
+    }
+    // out = (L⁻¹)ᵀ L⁻¹, column by column: solve L y = e_c, then Lᵀ z = y.
+    for c in 0..d {
+        let mut y = [0.0f64; FULL_COVARIANCE_MAX_DIM];
+        for i in 0..d {
+            let mut v = if i == c { 1.0 } else { 0.0 };
+            for k in 0..i {
+                v -= m[i * d + k] * y[k];
+            }
+            y[i] = v / m[i * d + i];
+        }
+        for i in (0..d).rev() {
+            let mut v = y[i];
+            for k in i + 1..d {
+                v -= m[k * d + i] * out[k * d + c];
+            }
+            out[i * d + c] = v / m[i * d + i];
+        }
+    }
+    true
 }
