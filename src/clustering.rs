@@ -345,12 +345,7 @@ impl ClusteringStage {
         let affected: Vec<u64> = clusters.iter().take(3).map(|c| c.id).collect();
         for alarm in self.alarms.drain(..) {
             self.drift_since_status = true;
-            // Page-Hinkley's statistic is in units of its threshold; ADWIN's is the jump of
-            // the mean of D²/A (1 = a whole acceptance radius).
-            let strength = match alarm.detector {
-                "page_hinkley" => alarm.statistic / 50.0,
-                _ => alarm.statistic,
-            };
+            let strength = alarm.strength;
             let severity = if strength >= 2.0 {
                 "high"
             } else if strength >= 1.0 {
@@ -358,10 +353,17 @@ impl ClusteringStage {
             } else {
                 "low"
             };
-            let recommendation = match severity {
-                "high" => "the data moved away from the learned clusters: expect new clusters; review downstream thresholds",
-                "medium" => "cluster positions are shifting: watch the affected clusters",
+            let recommendation = match (alarm.detector, severity) {
+                ("appeared", _) => "a new cluster formed after the clusters had settled: a new kind of event arrives",
+                ("moved", _) => "a cluster's centre is moving steadily: the events it describes change gradually",
+                ("vanished", _) => "an established cluster stopped receiving events: a source or behaviour may have stopped",
+                (_, "high") => "the data moved away from the learned clusters: expect new clusters; review downstream thresholds",
+                (_, "medium") => "cluster positions are shifting: watch the affected clusters",
                 _ => "minor change in the distance distribution: no action needed",
+            };
+            let affected = match alarm.cluster {
+                Some(id) => vec![id],
+                None => affected.clone(),
             };
             out.push(Emitted {
                 seq: 0,
@@ -369,7 +371,7 @@ impl ClusteringStage {
                 output: Output::DriftDetection(DriftRecord {
                     partition,
                     severity: severity.into(),
-                    affected_clusters: affected.clone(),
+                    affected_clusters: affected,
                     detector: alarm.detector.into(),
                     statistic: alarm.statistic,
                     recommendation: recommendation.into(),

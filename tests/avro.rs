@@ -353,9 +353,21 @@ async fn produce_writes_avro_and_tail_reads_it() {
 #[test]
 fn process_reads_avro_container_files_like_json_lines() {
     // fastavro writes the container (v3: promoted types and aliases); the offline processor's
-    // outputs equal those of the same events as JSON lines.
+    // outputs equal those of the same events as JSON lines. Every 97th event lies far from the
+    // others, each somewhere else, so there are outliers to compare too.
     let dir = tempfile::tempdir().unwrap();
-    let events = stream(0, 400);
+    let events: Vec<Vec<u8>> = stream(0, 400)
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| {
+            if i % 97 != 50 {
+                return e;
+            }
+            let mut v: serde_json::Value = serde_json::from_slice(&e).unwrap();
+            v["features"] = serde_json::json!([40.0 + i as f64, -25.0 - 3.0 * i as f64]);
+            serde_json::to_vec(&v).unwrap()
+        })
+        .collect();
     let jsonl = dir.path().join("events.jsonl");
     let mut text = Vec::new();
     for e in &events {

@@ -147,13 +147,23 @@ pub struct Assignment {
     pub nearest: Option<f64>,
 }
 
-/// A global drift alarm.
+/// A drift alarm.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct DriftAlarm {
-    /// `page_hinkley` or `adwin`.
+    /// `page_hinkley` or `adwin` (points fit the clusters worse), `appeared` (a cluster founded
+    /// after the clusters settled became established), `moved` (a cluster's centroid travelled
+    /// further than a stationary one's can) or `vanished` (an established cluster stopped
+    /// receiving points).
     pub detector: &'static str,
-    /// The detector's statistic at the alarm.
+    /// The detector's statistic at the alarm: Page-Hinkley's cumulative sum, ADWIN's jump of
+    /// the mean of `min(D²/A, 2)`, the new cluster's members, the moved centroid's distance
+    /// in units of the cluster's spread, or the points the vanished cluster was expected to
+    /// receive since its last.
     pub statistic: f64,
+    /// The statistic in units of its alarm threshold (1 = just past it).
+    pub strength: f64,
+    /// The cluster concerned (`appeared`, `moved`, `vanished`).
+    pub cluster: Option<u64>,
 }
 
 /// A cluster's public state.
@@ -188,6 +198,23 @@ struct ClusterMeta {
     updates: u64,
     created_at: u64,
     updated_at: u64,
+    /// Founded after the clusters settled, not yet announced as `appeared`.
+    #[serde(default)]
+    newcomer: bool,
+    /// Announced as `vanished`, and no point since.
+    #[serde(default)]
+    silent: bool,
+    /// A newcomer's points joined since its founding, and the sum of their `D² / A`.
+    #[serde(default)]
+    joined: u64,
+    #[serde(default)]
+    fit: f64,
+    /// The centroid when the current `moved` span began (empty: not begun), and the cluster's
+    /// update count then.
+    #[serde(default)]
+    anchor: Vec<f64>,
+    #[serde(default)]
+    anchored_at: u64,
 }
 
 /// The dimension of a point differs from the stream's.
@@ -208,10 +235,29 @@ const MATURE: u64 = 20;
 const REFRESH_EVERY: u64 = 256;
 /// Smallest covariance learning rate: the spread follows about the last 100 members.
 const MIN_SPREAD_RATE: f64 = 0.01;
-/// The drift detectors start once no cluster was founded for this many points...
+/// The drift detectors start once no cluster was founded for this many points (or 30 per
+/// live cluster, if more: with many clusters the rarer ones take longer to found)...
 const SETTLE_QUIET: u64 = 1_000;
 /// ...or at the latest after this many points.
 const SETTLE_MAX: u64 = 20_000;
+/// Points joined that make a cluster founded after the clusters settled an `appeared` alarm,
+/// when they join within `APPEARED_WITHIN` points of its founding and fit it like members of a
+/// blob rather than like background noise (see [`Ncs::announce_newcomer`]).
+const APPEARED_AT: u64 = 20;
+const APPEARED_WITHIN: u64 = 1_000;
+/// Updates after which a cluster that stops receiving points raises `vanished`.
+const ESTABLISHED: u64 = 50;
+/// Points a cluster must have been expected to receive, and did not, to count as vanished
+/// (the chance that a live cluster misses that many by luck is e^−20).
+const VANISHED_AFTER: f64 = 20.0;
+/// Weight from which a cluster's centroid is watched for `moved`: below it the centroid still
+/// settles from its founders.
+const MOVED_MIN_WEIGHT: f64 = 20.0;
+/// `ln(1/p)` for the `moved` test's false-alarm probability p per check (e^−20 ≈ 2·10⁻⁹).
+const MOVED_LOG_ODDS: f64 = 20.0;
+/// Margin of the `moved` threshold over the χ² bound, for a covariance that is an estimate (or
+/// a diagonal describing a rotated cluster).
+const MOVED_MARGIN: f64 = 4.0;
 /// Values kept in the pending buffer at most (`pending_capacity` is reduced to fit).
 const PENDING_VALUES: usize = 65_536;
 
@@ -390,9 +436,12 @@ impl Ncs {
                 30,
                 params.page_hinkley_delta,
                 params.page_hinkley_threshold,
-                0.9999,
-            ),
-            adwin: Adwin::new(params.adwin_delta),
+                // No forgetting: with a tolerance as wide as ncs's, forgetting turns the
+                // cumulative sum into a wandering process that crosses any threshold in time.
+                1.0,
+            )
+            .rising_only(),
+            adwin: Adwin::new(params.adwin_delta).rising_only(),
             accept: d + params.accept_sigmas * (2.0 * d).sqrt(),
             params,
             dim,
@@ -917,6 +966,9 @@ impl Ncs {
         self.t += 1;
         if self.t % REFRESH_EVERY == 0 {
             self.refresh_all();
+            if self.settled {
+                self.find_vanished(alarms);
+            }
         }
         let (best, best_d2, second_d2) = self.nearest(x);
         if best == usize::MAX {
@@ -931,7 +983,13 @@ impl Ncs {
                 let s = (b - a) / a.max(b).max(f64::MIN_POSITIVE);
                 self.silhouette += 0.001 * (s - self.silhouette);
             }
-            let id = self.update(best, x);
+            let c = &mut self.clusters[best];
+            if c.newcomer {
+                c.joined += 1;
+                c.fit += nearest;
+            }
+            let id = self.update(best, x, alarms);
+            self.announce_newcomer(alarms);
             return Assignment {
                 cluster_id: Some(id),
                 is_outlier: false,
@@ -943,11 +1001,76 @@ impl Ncs {
         self.unplaced(x, score, Some(nearest))
     }
 
+    /// `appeared` for a cluster founded after the clusters settled, once [`APPEARED_AT`]
+    /// points joined it within [`APPEARED_WITHIN`] points of its founding, if they fit it like
+    /// a blob's members.
+    ///
+    /// Noise points that happen to lie close found clusters too, and in a stream with uniform
+    /// background noise such a cluster keeps gathering: the noise points inside its acceptance
+    /// region `D² ≤ A` are spread evenly over it, so their mean `D²/A` is `d/(d+2)` (the mean
+    /// of a uniform point in a d-ball), while a Gaussian blob's members have a mean `D²` of `d`,
+    /// a mean `D²/A` of `d/A`. A newcomer whose joined points average below the midpoint of the
+    /// two is announced.
+    fn announce_newcomer(&mut self, alarms: &mut Vec<DriftAlarm>) {
+        let t = self.t;
+        let d = self.dim as f64;
+        let blob = d / self.accept;
+        let noise = d / (d + 2.0);
+        let cut = 0.5 * (blob + noise);
+        for c in &mut self.clusters {
+            let late = t - c.created_at > APPEARED_WITHIN;
+            if !c.newcomer || (c.joined < APPEARED_AT && !late) {
+                continue;
+            }
+            c.newcomer = false;
+            let fit = c.fit / c.joined.max(1) as f64;
+            if !late && fit <= cut {
+                alarms.push(DriftAlarm {
+                    detector: "appeared",
+                    statistic: c.joined as f64,
+                    strength: 1.0,
+                    cluster: Some(c.id),
+                });
+            }
+        }
+    }
+
+    /// `vanished` for each established cluster that missed [`VANISHED_AFTER`] of the points
+    /// its share of the stream would have brought since its last one. The share is its decayed
+    /// weight over the decayed count of points while it lived.
+    fn find_vanished(&mut self, alarms: &mut Vec<DriftAlarm>) {
+        let decay = self.params.decay;
+        let t = self.t;
+        for c in &mut self.clusters {
+            if c.silent || c.updates < ESTABLISHED {
+                continue;
+            }
+            let age = (c.updated_at - c.created_at + 1) as f64;
+            let lived = if decay < 1.0 {
+                (1.0 - decay.powf(age)) / (1.0 - decay)
+            } else {
+                age
+            };
+            let share = (c.weight / lived).min(1.0);
+            let missed = share * (t - c.updated_at) as f64;
+            if missed >= VANISHED_AFTER {
+                c.silent = true;
+                alarms.push(DriftAlarm {
+                    detector: "vanished",
+                    statistic: missed,
+                    strength: missed / VANISHED_AFTER,
+                    cluster: Some(c.id),
+                });
+            }
+        }
+    }
+
     fn feed_detectors(&mut self, nearest: f64, alarms: &mut Vec<DriftAlarm>) {
         if !self.settled {
             // The first clusters form, merge and grow: their distances change by design.
             let quiet = self.t.saturating_sub(self.last_created);
-            if !(quiet >= SETTLE_QUIET || self.t >= SETTLE_MAX) {
+            let needed = SETTLE_QUIET.max(30 * self.clusters.len() as u64);
+            if !(quiet >= needed || self.t >= SETTLE_MAX) {
                 return;
             }
             self.settled = true;
@@ -959,17 +1082,22 @@ impl Ncs {
             alarms.push(DriftAlarm {
                 detector: "page_hinkley",
                 statistic,
+                strength: statistic / self.params.page_hinkley_threshold,
+                cluster: None,
             });
         }
         if let Some(statistic) = self.adwin.update(v) {
+            // A rise of the mean by half an acceptance radius is a clear change.
             alarms.push(DriftAlarm {
                 detector: "adwin",
                 statistic,
+                strength: statistic / 0.5,
+                cluster: None,
             });
         }
     }
 
-    fn update(&mut self, i: usize, x: &[f64]) -> u64 {
+    fn update(&mut self, i: usize, x: &[f64], alarms: &mut Vec<DriftAlarm>) -> u64 {
         let t = self.t;
         let d = self.dim;
         let weight = self.weight_now(&self.clusters[i]) + 1.0;
@@ -1014,6 +1142,7 @@ impl Ncs {
         c.drift += 0.05 * (moved.sqrt() - c.drift);
         c.updates += 1;
         c.updated_at = t;
+        c.silent = false;
         let id = c.id;
         let updates = c.updates;
         let check = updates % self.params.merge_check_every == 0;
@@ -1021,11 +1150,65 @@ impl Ncs {
         if updates <= 2 * d as u64 + 8 || updates % every == 0 {
             self.refresh_inv_var(i);
         }
+        if self.settled && weight >= MOVED_MIN_WEIGHT {
+            self.watch_movement(i, rate, alarms);
+        }
         self.events.push((ClusterEvent::Updated, id));
         if check {
             self.merge_around(i);
         }
         id
+    }
+
+    /// `moved` when cluster `i`'s centroid travelled further over its last `3/rate` updates
+    /// than a stationary cluster's could.
+    ///
+    /// A centroid learning at rate r from a stationary blob with covariance Σ wanders with
+    /// covariance `r/(2−r)·Σ`; two positions `3/r` updates apart are nearly independent, so
+    /// their difference has a `D²` (under Σ) of about `v·χ²_d`, v = `2r/(2−r)`. The alarm
+    /// threshold is [`MOVED_MARGIN`]·v times the Laurent–Massart bound `d + 2√(dL) + 2L` on
+    /// χ²_d's tail at probability e^−L. A blob moving a tenth of its width per 100 of its
+    /// points exceeds it tens of times over; cost: O(d) (O(d²) for the full model) per span.
+    fn watch_movement(&mut self, i: usize, rate: f64, alarms: &mut Vec<DriftAlarm>) {
+        let d = self.dim;
+        let centroid = &self.centroids[i * d..(i + 1) * d];
+        let c = &mut self.clusters[i];
+        if c.anchor.len() != d {
+            c.anchor.clear();
+            c.anchor.extend_from_slice(centroid);
+            c.anchored_at = c.updates;
+            return;
+        }
+        let span = (3.0 / rate).ceil() as u64;
+        if c.updates - c.anchored_at < span {
+            return;
+        }
+        let mut diff = std::mem::take(&mut self.scratch.diff);
+        diff.clear();
+        diff.extend(centroid.iter().zip(&c.anchor).map(|(a, b)| a - b));
+        c.anchor.copy_from_slice(centroid);
+        c.anchored_at = c.updates;
+        let moved = if self.full {
+            quadratic_diff(&self.inv_var[i * d * d..(i + 1) * d * d], &diff)
+        } else {
+            diff.iter()
+                .zip(&self.inv_var[i * d..(i + 1) * d])
+                .map(|(v, w)| v * v * w)
+                .sum()
+        };
+        self.scratch.diff = diff;
+        let df = d as f64;
+        let wander = 2.0 * rate / (2.0 - rate);
+        let bound = df + 2.0 * (df * MOVED_LOG_ODDS).sqrt() + 2.0 * MOVED_LOG_ODDS;
+        let threshold = MOVED_MARGIN * wander * bound;
+        if moved > threshold {
+            alarms.push(DriftAlarm {
+                detector: "moved",
+                statistic: moved.sqrt(),
+                strength: moved / threshold,
+                cluster: Some(c.id),
+            });
+        }
     }
 
     fn unplaced(&mut self, x: &[f64], score: f64, nearest: Option<f64>) -> Assignment {
@@ -1120,6 +1303,12 @@ impl Ncs {
             updates: members.len() as u64,
             created_at: self.t,
             updated_at: self.t,
+            newcomer: self.settled,
+            silent: false,
+            joined: 0,
+            fit: 0.0,
+            anchor: Vec::new(),
+            anchored_at: 0,
         });
         self.last_created = self.t;
         let i = self.clusters.len() - 1;
@@ -1181,6 +1370,7 @@ impl Ncs {
             k.weight = wk + wg;
             k.weighed_at = t;
             k.updates += gone_updates;
+            k.anchor.clear();
             let keep_id = k.id;
             self.refresh_inv_var(keep);
             self.events.push((ClusterEvent::Merged, keep_id));

@@ -16,6 +16,9 @@ pub struct PageHinkley {
     pub threshold: f64,
     /// Forgetting factor of the cumulative sums.
     pub alpha: f64,
+    /// Alarm only when the mean rises (River's detector watches both directions).
+    #[serde(default)]
+    pub increase_only: bool,
     n: u64,
     mean: f64,
     sum_increase: f64,
@@ -39,6 +42,7 @@ impl PageHinkley {
             delta,
             threshold,
             alpha,
+            increase_only: false,
             n: 0,
             mean: 0.0,
             sum_increase: 0.0,
@@ -50,8 +54,17 @@ impl PageHinkley {
         }
     }
 
+    /// The same detector, alarming only when the mean rises.
+    pub fn rising_only(mut self) -> Self {
+        self.increase_only = true;
+        self
+    }
+
     fn reset(&mut self) {
-        *self = Self::new(self.min_instances, self.delta, self.threshold, self.alpha);
+        *self = Self {
+            increase_only: self.increase_only,
+            ..Self::new(self.min_instances, self.delta, self.threshold, self.alpha)
+        };
     }
 
     /// Adds `x`; returns the test statistic when it raises an alarm (the detector then restarts).
@@ -71,7 +84,7 @@ impl PageHinkley {
         }
         let up = self.sum_increase - self.min_increase;
         let down = self.max_decrease - self.sum_decrease;
-        let statistic = up.max(down);
+        let statistic = if self.increase_only { up } else { up.max(down) };
         if statistic > self.threshold {
             self.detected = true;
             Some(statistic)
@@ -101,6 +114,10 @@ pub struct Adwin {
     pub max_buckets: usize,
     /// Smallest sub-window on either side of a cut.
     pub min_window_length: u64,
+    /// Alarm only when the newer part's mean is the higher (the window still drops the older
+    /// part at any significant cut).
+    #[serde(default)]
+    pub increase_only: bool,
     /// Oldest first; sizes never increase from oldest to newest.
     buckets: Vec<Bucket>,
     seen: u64,
@@ -120,6 +137,7 @@ impl Adwin {
             clock: 32,
             max_buckets: 5,
             min_window_length: 5,
+            increase_only: false,
             buckets: Vec::new(),
             seen: 0,
         }
@@ -153,9 +171,11 @@ impl Adwin {
             return None;
         }
         let mut alarm = None;
-        while let Some((cut, diff)) = self.find_cut() {
+        while let Some((cut, diff, rose)) = self.find_cut() {
             self.buckets.drain(..=cut);
-            alarm = Some(diff);
+            if rose || !self.increase_only {
+                alarm = Some(diff);
+            }
         }
         alarm
     }
@@ -180,8 +200,15 @@ impl Adwin {
         }
     }
 
-    /// The newest bucket boundary where the two sides' means differ beyond the bound.
-    fn find_cut(&self) -> Option<(usize, f64)> {
+    /// The same detector, alarming only when the mean rises.
+    pub fn rising_only(mut self) -> Self {
+        self.increase_only = true;
+        self
+    }
+
+    /// The newest bucket boundary where the two sides' means differ beyond the bound: its
+    /// index, the difference, and whether the newer side's mean is the higher.
+    fn find_cut(&self) -> Option<(usize, f64, bool)> {
         let n: u64 = self.width();
         if n <= 10 {
             return None;
@@ -202,9 +229,10 @@ impl Adwin {
             }
             let m = 1.0 / (1.0 / n0 as f64 + 1.0 / n1 as f64);
             let epsilon = (2.0 / m * variance * dd).sqrt() + 2.0 / (3.0 * m) * dd;
-            let diff = (s0 / n0 as f64 - (total - s0) / n1 as f64).abs();
+            let signed = (total - s0) / n1 as f64 - s0 / n0 as f64;
+            let diff = signed.abs();
             if diff > epsilon {
-                best = Some((k, diff));
+                best = Some((k, diff, signed > 0.0));
             }
         }
         best
