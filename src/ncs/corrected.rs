@@ -20,11 +20,16 @@
 //! - Overlapping clusters (one centroid within the other's acceptance) merge, checked for the
 //!   updated cluster only, every `merge_check_every` of its updates.
 //! - Drift: a per-cluster drift coefficient (centroid displacement per update in units of the
-//!   cluster's spread, smoothed), and Page-Hinkley and ADWIN on the bounded, scale-free stream
-//!   `min(D² / A, 2)`, started once the clusters have settled after the warm-up.
+//!   cluster's spread, smoothed); Page-Hinkley and ADWIN watching rises of the bounded,
+//!   scale-free stream `min(D² / A, 2)` (points fitting the clusters worse); and per-cluster
+//!   alarms: `appeared` (a cluster founded after the clusters settled whose members fit it like
+//!   a blob's, not like background noise), `moved` (a centroid travelled further than a
+//!   stationary one can wander) and `vanished` (an established cluster stopped receiving its
+//!   share of points). All start once the clusters have settled after the warm-up, so the
+//!   warm-up itself never alarms.
 //!
 //! Cost per point, with k clusters of dimension d: diagonal model, one fused O(k·d) pass over
-//! contiguous centroids and inverse variances. Full model (d ≤ 16), an O(k·d) pass computing
+//! contiguous centroids and inverse variances. Full model (d ≤ 8), an O(k·d) pass computing
 //! a lower bound of every cluster's `D²` (the Euclidean distance in globally standardised units
 //! times the cluster's smallest precision eigenvalue bound), then the exact O(d²) `D²` only for
 //! the clusters whose bound beats the second-best exact distance (one to three on separated
@@ -209,6 +214,10 @@ struct ClusterMeta {
     joined: u64,
     #[serde(default)]
     fit: f64,
+    /// Smoothed `D²/A` of the points that joined (about the last 50): how the cluster's
+    /// members fit it, blob-like or spread evenly like background noise.
+    #[serde(default)]
+    member_fit: f64,
     /// The centroid when the current `moved` span began (empty: not begun), and the cluster's
     /// update count then.
     #[serde(default)]
@@ -235,6 +244,10 @@ const MATURE: u64 = 20;
 const REFRESH_EVERY: u64 = 256;
 /// Smallest covariance learning rate: the spread follows about the last 100 members.
 const MIN_SPREAD_RATE: f64 = 0.01;
+/// Periods of [`REFRESH_EVERY`] points between two full refreshes once the clusters settled.
+const FULL_REFRESH_EVERY: u64 = 2;
+/// Updates between two refreshes of a mature cluster's precision.
+const MATURE_REFRESH_EVERY: u64 = 32;
 /// The drift detectors start once no cluster was founded for this many points (or 30 per
 /// live cluster, if more: with many clusters the rarer ones take longer to found)...
 const SETTLE_QUIET: u64 = 1_000;
@@ -318,6 +331,12 @@ struct Scratch {
     matrix: Vec<f64>,
     /// One d-vector.
     diff: Vec<f64>,
+    /// The centroids feature by feature (`columns[f·k + i]` = centroid i's feature f), so the
+    /// full model's bound pass runs over contiguous clusters and vectorises; `columns_for` is
+    /// the cluster count they were built for, `None` once clusters were added, removed or
+    /// merged (rebuilt on the next point).
+    columns: Vec<f64>,
+    columns_for: Option<usize>,
 }
 
 /// The serialised form, checked before it becomes an [`Ncs`]: a snapshot from another version
@@ -393,7 +412,22 @@ impl TryFrom<NcsState> for Ncs {
         } else {
             return Err(StateError("cluster spreads"));
         };
-        let _ = (s.inv_var, s.bound, s.scale);
+        // Precisions, bounds and the scales they are computed in follow the refresh cadence
+        // rather than the rest of the state, so a snapshot carries them; a snapshot without
+        // them (or with values that cannot be right) gets them recomputed.
+        let finite = |v: &[f64]| v.iter().all(|x| x.is_finite());
+        let derived = ok(&s.inv_var, k * cells)
+            && ok(&s.bound, k)
+            && ok(&s.scale, d)
+            && finite(&s.inv_var)
+            && finite(&s.bound)
+            && s.scale.iter().all(|x| x.is_finite() && *x > 0.0)
+            && s.full == full;
+        let (inv_var, bound, scale) = if derived {
+            (s.inv_var, s.bound, s.scale)
+        } else {
+            (vec![0.0; k * cells], vec![0.0; k], vec![1.0; d])
+        };
         let mut ncs = Ncs {
             params: s.params,
             dim: d,
@@ -403,11 +437,11 @@ impl TryFrom<NcsState> for Ncs {
             mean: s.mean,
             m2: s.m2,
             seen: s.seen,
-            scale: vec![1.0; d],
+            scale,
             centroids: s.centroids,
             spread,
-            inv_var: vec![0.0; k * cells],
-            bound: vec![0.0; k],
+            inv_var,
+            bound,
             clusters: s.clusters,
             prior: s.prior,
             pending: s.pending,
@@ -421,8 +455,9 @@ impl TryFrom<NcsState> for Ncs {
             events: s.events,
             scratch: Scratch::default(),
         };
-        // Precisions and bounds are derived state: recomputed rather than trusted.
-        ncs.refresh_all();
+        if !derived {
+            ncs.refresh_all();
+        }
         Ok(ncs)
     }
 }
@@ -561,7 +596,9 @@ impl Ncs {
     }
 
     fn weight_now(&self, c: &ClusterMeta) -> f64 {
-        c.weight * self.params.decay.powf((self.t - c.weighed_at) as f64)
+        // powi (repeated squaring) is several times cheaper than powf on the hot path.
+        let dt = (self.t - c.weighed_at).min(i32::MAX as u64) as i32;
+        c.weight * self.params.decay.powi(dt)
     }
 
     fn global_var(&self, f: usize) -> f64 {
@@ -654,11 +691,12 @@ impl Ncs {
         }
         let mut m = std::mem::take(&mut self.scratch.matrix);
         m.clear();
-        m.extend(
-            self.spread[i * d * d..(i + 1) * d * d]
-                .iter()
-                .map(|s| own_share * s),
-        );
+        // Updates maintain the spread's lower triangle: mirror it.
+        let spread = &self.spread[i * d * d..(i + 1) * d * d];
+        m.extend((0..d * d).map(|cell| {
+            let (a, b) = (cell / d, cell % d);
+            own_share * spread[a.max(b) * d + a.min(b)]
+        }));
         for f in 0..d {
             let cell = &mut m[f * d + f];
             *cell += (1.0 - own_share) * ratio * self.prior[f];
@@ -670,11 +708,11 @@ impl Ncs {
         // Largest eigenvalue of the standardised covariance, bounded by Gershgorin's circles:
         // D² ≥ |x − c|²_standardised / λ_max.
         let mut lambda = 0.0f64;
+        let roots: [f64; FULL_COVARIANCE_MAX_DIM] =
+            std::array::from_fn(|f| self.scale.get(f).map_or(0.0, |s| s.sqrt()));
         for a in 0..d {
-            let row: f64 = (0..d)
-                .map(|b| m[a * d + b].abs() * (self.scale[a] * self.scale[b]).sqrt())
-                .sum();
-            lambda = lambda.max(row);
+            let row: f64 = (0..d).map(|b| m[a * d + b].abs() * roots[b]).sum();
+            lambda = lambda.max(row * roots[a]);
         }
         self.bound[i] = if lambda > 0.0 { 1.0 / lambda } else { 0.0 };
         let out = &mut self.inv_var[i * d * d..(i + 1) * d * d];
@@ -691,6 +729,36 @@ impl Ncs {
     /// The prior (mean spread of mature clusters, if any), the frozen global scales, every
     /// precision; clusters whose weight decayed below one point are retired.
     fn refresh_all(&mut self) {
+        self.refresh_prior();
+        for f in 0..self.dim {
+            self.scale[f] = 1.0 / self.global_var(f);
+        }
+        for i in 0..self.clusters.len() {
+            self.refresh_inv_var(i);
+        }
+    }
+
+    /// Every [`REFRESH_EVERY`] points: the prior and retirement, and the precisions of young
+    /// clusters (mature ones refresh on their own cadence, see [`Ncs::update`]). The global
+    /// scales, which every cluster's distance bound is computed in, change only with a full
+    /// refresh of all clusters: until the clusters settled, then every
+    /// [`FULL_REFRESH_EVERY`] periods (an O(k·d³) step amortised over thousands of points).
+    fn refresh_periodic(&mut self) {
+        if !self.settled || (self.t / REFRESH_EVERY) % FULL_REFRESH_EVERY == 0 {
+            self.refresh_all();
+            return;
+        }
+        self.refresh_prior();
+        for i in 0..self.clusters.len() {
+            if (self.clusters[i].updates as f64) * MIN_SPREAD_RATE < 1.0 {
+                self.refresh_inv_var(i);
+            }
+        }
+    }
+
+    /// The prior from the clusters with a few updates; clusters whose weight decayed below one
+    /// point are retired.
+    fn refresh_prior(&mut self) {
         // Pooled over the clusters with a few updates, each weighted by its (capped) count, so
         // young clusters inform the prior early and mature ones dominate it.
         let weights: Vec<(usize, f64)> = (0..self.clusters.len())
@@ -712,9 +780,6 @@ impl Ncs {
                     / total;
             }
         }
-        for f in 0..self.dim {
-            self.scale[f] = 1.0 / self.global_var(f);
-        }
         let mut i = 0;
         while i < self.clusters.len() {
             if self.t > 0 && self.weight_now(&self.clusters[i]) < 1.0 {
@@ -722,9 +787,6 @@ impl Ncs {
             } else {
                 i += 1;
             }
-        }
-        for i in 0..self.clusters.len() {
-            self.refresh_inv_var(i);
         }
     }
 
@@ -924,30 +986,36 @@ impl Ncs {
             }
             return (best, best_d2, second_d2);
         }
-        // Lower bounds for every cluster in one pass, then exact distances in bound order
-        // until no bound can beat the second best.
+        // Lower bounds for every cluster in one pass, remembering the lowest; its exact
+        // distance first, then exact distances in bound order while a bound can still beat
+        // the best: that settles the nearest cluster. The second best is only needed for the
+        // silhouette: the exact ones computed or the lowest bound left, whichever is smaller.
         let mut bounds = std::mem::take(&mut self.scratch.bounds);
         bounds.clear();
-        for (c, b) in self.centroids.chunks_exact(d).zip(&self.bound) {
-            let mut e = 0.0;
-            for ((xi, ci), s) in x.iter().zip(c).zip(&self.scale) {
-                let diff = xi - ci;
-                e += diff * diff * s;
-            }
-            bounds.push(e * b);
+        let k = self.clusters.len();
+        if self.scratch.columns_for != Some(k) {
+            let columns = &mut self.scratch.columns;
+            columns.clear();
+            columns.extend((0..d * k).map(|cell| self.centroids[(cell % k) * d + cell / k]));
+            self.scratch.columns_for = Some(k);
         }
-        loop {
-            let mut pick = usize::MAX;
-            let mut lowest = second_d2;
-            for (i, &b) in bounds.iter().enumerate() {
-                if b < lowest {
-                    lowest = b;
-                    pick = i;
-                }
+        let (mut pick, next) = lower_bounds(
+            x,
+            &self.scratch.columns,
+            &self.scale,
+            &self.bound,
+            &mut bounds,
+        );
+        if pick != usize::MAX {
+            // Usually the lowest bound's cluster is the nearest and no other bound comes
+            // below its distance: one exact distance, no second pass.
+            let d2 = self.d2(pick, x);
+            if next >= d2 {
+                self.scratch.bounds = bounds;
+                return (pick, d2, next);
             }
-            if pick == usize::MAX {
-                break;
-            }
+        }
+        while pick != usize::MAX {
             bounds[pick] = f64::INFINITY;
             let d2 = self.d2(pick, x);
             if d2 < best_d2 {
@@ -957,7 +1025,16 @@ impl Ncs {
             } else if d2 < second_d2 {
                 second_d2 = d2;
             }
+            pick = usize::MAX;
+            let mut lowest = best_d2;
+            for (i, &b) in bounds.iter().enumerate() {
+                if b < lowest {
+                    (pick, lowest) = (i, b);
+                }
+            }
         }
+        let rest = bounds.iter().copied().fold(f64::INFINITY, f64::min);
+        second_d2 = second_d2.min(rest);
         self.scratch.bounds = bounds;
         (best, best_d2, second_d2)
     }
@@ -965,7 +1042,7 @@ impl Ncs {
     fn place(&mut self, x: &[f64], alarms: &mut Vec<DriftAlarm>) -> Assignment {
         self.t += 1;
         if self.t % REFRESH_EVERY == 0 {
-            self.refresh_all();
+            self.refresh_periodic();
             if self.settled {
                 self.find_vanished(alarms);
             }
@@ -984,12 +1061,11 @@ impl Ncs {
                 self.silhouette += 0.001 * (s - self.silhouette);
             }
             let c = &mut self.clusters[best];
+            c.member_fit += 0.02 * (nearest - c.member_fit);
             if c.newcomer {
-                c.joined += 1;
-                c.fit += nearest;
+                self.judge_newcomer(best, nearest, alarms);
             }
             let id = self.update(best, x, alarms);
-            self.announce_newcomer(alarms);
             return Assignment {
                 cluster_id: Some(id),
                 is_outlier: false,
@@ -1001,9 +1077,18 @@ impl Ncs {
         self.unplaced(x, score, Some(nearest))
     }
 
-    /// `appeared` for a cluster founded after the clusters settled, once [`APPEARED_AT`]
-    /// points joined it within [`APPEARED_WITHIN`] points of its founding, if they fit it like
-    /// a blob's members.
+    /// The mean `D²/A` of a cluster's members below which they fit it like a blob's: the
+    /// midpoint of a Gaussian blob's `d/A` and the `d/(d+2)` of points spread evenly over the
+    /// acceptance region (see [`Ncs::judge_newcomer`]).
+    fn blob_fit_cut(&self) -> f64 {
+        let d = self.dim as f64;
+        0.5 * (d / self.accept + d / (d + 2.0))
+    }
+
+    /// Counts a point joining newcomer `i` at `D²/A` = `fit`, and decides `appeared` once
+    /// [`APPEARED_AT`] points joined it within [`APPEARED_WITHIN`] points of its founding, if
+    /// they fit it like a blob's members (a newcomer that gathers them later is never
+    /// announced).
     ///
     /// Noise points that happen to lie close found clusters too, and in a stream with uniform
     /// background noise such a cluster keeps gathering: the noise points inside its acceptance
@@ -1011,27 +1096,27 @@ impl Ncs {
     /// of a uniform point in a d-ball), while a Gaussian blob's members have a mean `D²` of `d`,
     /// a mean `D²/A` of `d/A`. A newcomer whose joined points average below the midpoint of the
     /// two is announced.
-    fn announce_newcomer(&mut self, alarms: &mut Vec<DriftAlarm>) {
+    fn judge_newcomer(&mut self, i: usize, fit: f64, alarms: &mut Vec<DriftAlarm>) {
+        let cut = self.blob_fit_cut();
         let t = self.t;
-        let d = self.dim as f64;
-        let blob = d / self.accept;
-        let noise = d / (d + 2.0);
-        let cut = 0.5 * (blob + noise);
-        for c in &mut self.clusters {
-            let late = t - c.created_at > APPEARED_WITHIN;
-            if !c.newcomer || (c.joined < APPEARED_AT && !late) {
-                continue;
-            }
+        let c = &mut self.clusters[i];
+        if t - c.created_at > APPEARED_WITHIN {
             c.newcomer = false;
-            let fit = c.fit / c.joined.max(1) as f64;
-            if !late && fit <= cut {
-                alarms.push(DriftAlarm {
-                    detector: "appeared",
-                    statistic: c.joined as f64,
-                    strength: 1.0,
-                    cluster: Some(c.id),
-                });
-            }
+            return;
+        }
+        c.joined += 1;
+        c.fit += fit;
+        if c.joined < APPEARED_AT {
+            return;
+        }
+        c.newcomer = false;
+        if c.fit / c.joined as f64 <= cut {
+            alarms.push(DriftAlarm {
+                detector: "appeared",
+                statistic: c.joined as f64,
+                strength: 1.0,
+                cluster: Some(c.id),
+            });
         }
     }
 
@@ -1041,8 +1126,10 @@ impl Ncs {
     fn find_vanished(&mut self, alarms: &mut Vec<DriftAlarm>) {
         let decay = self.params.decay;
         let t = self.t;
+        let cut = self.blob_fit_cut();
         for c in &mut self.clusters {
-            if c.silent || c.updates < ESTABLISHED {
+            // A cluster gathered from background noise is no source that could stop.
+            if c.silent || c.updates < ESTABLISHED || c.member_fit > cut {
                 continue;
             }
             let age = (c.updated_at - c.created_at + 1) as f64;
@@ -1113,14 +1200,22 @@ impl Ncs {
                 diff.push(delta);
                 *ci += rate * delta;
             }
+            let k = self.clusters.len();
+            if self.scratch.columns_for == Some(k) {
+                for (f, v) in c.iter().enumerate() {
+                    self.scratch.columns[f * k + i] = *v;
+                }
+            }
         }
         if self.full {
             let s = &mut self.spread[i * d * d..(i + 1) * d * d];
             let keep = beta * (1.0 - rate);
+            // The lower triangle only (the matrix is symmetric; readers mirror it).
             for a in 0..d {
-                for b in 0..d {
+                let ka = keep * diff[a];
+                for b in 0..=a {
                     let cell = &mut s[a * d + b];
-                    *cell += keep * diff[a] * diff[b] - beta * *cell;
+                    *cell += ka * diff[b] - beta * *cell;
                 }
             }
             let p = &self.inv_var[i * d * d..(i + 1) * d * d];
@@ -1146,7 +1241,17 @@ impl Ncs {
         let id = c.id;
         let updates = c.updates;
         let check = updates % self.params.merge_check_every == 0;
-        let every = if self.full { (d / 4).max(1) as u64 } else { 1 };
+        // The precision follows the spread, which moves by β per update: every update while
+        // the cluster is young, then every max(1, d/4) updates (full model, O(d³) each), and
+        // every `MATURE_REFRESH_EVERY` once β is at its floor (a spread then changes by about
+        // 1 % per update).
+        let every = if updates as f64 * MIN_SPREAD_RATE >= 1.0 {
+            MATURE_REFRESH_EVERY
+        } else if self.full {
+            (d / 4).max(1) as u64
+        } else {
+            1
+        };
         if updates <= 2 * d as u64 + 8 || updates % every == 0 {
             self.refresh_inv_var(i);
         }
@@ -1160,15 +1265,16 @@ impl Ncs {
         id
     }
 
-    /// `moved` when cluster `i`'s centroid travelled further over its last `3/rate` updates
-    /// than a stationary cluster's could.
+    /// `moved` when cluster `i`'s centroid travelled further over its last `3/r` updates (r
+    /// its learning rate) than a stationary cluster's could.
     ///
     /// A centroid learning at rate r from a stationary blob with covariance Σ wanders with
-    /// covariance `r/(2−r)·Σ`; two positions `3/r` updates apart are nearly independent, so
-    /// their difference has a `D²` (under Σ) of about `v·χ²_d`, v = `2r/(2−r)`. The alarm
-    /// threshold is [`MOVED_MARGIN`]·v times the Laurent–Massart bound `d + 2√(dL) + 2L` on
-    /// χ²_d's tail at probability e^−L. A blob moving a tenth of its width per 100 of its
-    /// points exceeds it tens of times over; cost: O(d) (O(d²) for the full model) per span.
+    /// covariance `r/(2−r)·Σ`, and two of its positions m updates apart differ with covariance
+    /// `v·Σ`, v = `2r/(2−r)·(1 − (1−r)^m)`, so the difference's `D²` (under Σ) is about
+    /// `v·χ²_d`. The alarm threshold is [`MOVED_MARGIN`]·v times the Laurent–Massart bound
+    /// `d + 2√(dL) + 2L` on χ²_d's tail at probability e^−L. A blob moving a tenth of its width
+    /// per 100 of its points exceeds it several times over; cost: O(d) (O(d²) for the full
+    /// model) per span.
     fn watch_movement(&mut self, i: usize, rate: f64, alarms: &mut Vec<DriftAlarm>) {
         let d = self.dim;
         let centroid = &self.centroids[i * d..(i + 1) * d];
@@ -1179,10 +1285,13 @@ impl Ncs {
             c.anchored_at = c.updates;
             return;
         }
+        // Over 3/r updates the two positions are nearly independent (correlation e^−3) and
+        // a steady move has built up nine times the squared displacement of 1/r updates.
         let span = (3.0 / rate).ceil() as u64;
         if c.updates - c.anchored_at < span {
             return;
         }
+        let elapsed = (c.updates - c.anchored_at) as f64;
         let mut diff = std::mem::take(&mut self.scratch.diff);
         diff.clear();
         diff.extend(centroid.iter().zip(&c.anchor).map(|(a, b)| a - b));
@@ -1198,7 +1307,7 @@ impl Ncs {
         };
         self.scratch.diff = diff;
         let df = d as f64;
-        let wander = 2.0 * rate / (2.0 - rate);
+        let wander = 2.0 * rate / (2.0 - rate) * (1.0 - (1.0 - rate).powf(elapsed));
         let bound = df + 2.0 * (df * MOVED_LOG_ODDS).sqrt() + 2.0 * MOVED_LOG_ODDS;
         let threshold = MOVED_MARGIN * wander * bound;
         if moved > threshold {
@@ -1292,6 +1401,7 @@ impl Ncs {
         let id = self.next_id;
         self.next_id += 1;
         self.centroids.extend_from_slice(&centre);
+        self.scratch.columns_for = None;
         self.spread.extend_from_slice(&spread);
         self.inv_var.extend(std::iter::repeat_n(0.0, cells));
         self.bound.push(0.0);
@@ -1307,6 +1417,7 @@ impl Ncs {
             silent: false,
             joined: 0,
             fit: 0.0,
+            member_fit: 0.0,
             anchor: Vec::new(),
             anchored_at: 0,
         });
@@ -1334,6 +1445,7 @@ impl Ncs {
         let cells = self.cells();
         self.clusters.remove(i);
         self.centroids.drain(i * self.dim..(i + 1) * self.dim);
+        self.scratch.columns_for = None;
         self.spread.drain(i * cells..(i + 1) * cells);
         self.inv_var.drain(i * cells..(i + 1) * cells);
         self.bound.remove(i);
@@ -1350,7 +1462,7 @@ impl Ncs {
                 j += 1;
                 continue;
             }
-            if self.d2_rows(i, j) > self.accept && self.d2_rows(j, i) > self.accept {
+            if self.apart(i, j) {
                 j += 1;
                 continue;
             }
@@ -1384,6 +1496,24 @@ impl Ncs {
         }
     }
 
+    /// Neither centroid lies within the other's acceptance. The full model first tries the
+    /// O(d) lower bounds of both `D²` (most pairs are far apart), then the exact O(d²) ones.
+    fn apart(&self, i: usize, j: usize) -> bool {
+        if self.full {
+            let (a, b) = (self.centroid(i), self.centroid(j));
+            let e: f64 = a
+                .iter()
+                .zip(b)
+                .zip(&self.scale)
+                .map(|((x, y), s)| (x - y) * (x - y) * s)
+                .sum();
+            if e * self.bound[i] > self.accept && e * self.bound[j] > self.accept {
+                return true;
+            }
+        }
+        self.d2_rows(i, j) > self.accept && self.d2_rows(j, i) > self.accept
+    }
+
     /// Cluster `keep` becomes the weighted union of itself and `gone`: centroid and covariance
     /// (each part's covariance plus its centroid's offset from the merged one).
     fn combine(&mut self, keep: usize, gone: usize, wk: f64, wg: f64) {
@@ -1406,12 +1536,17 @@ impl Ncs {
             } else {
                 (cell, cell)
             };
+            if a < b {
+                // The upper triangle is not maintained (see `update`).
+                continue;
+            }
             let (k, g) = (keep * cells + cell, gone * cells + cell);
             self.spread[k] = (wk * (self.spread[k] + ok[a] * ok[b])
                 + wg * (self.spread[g] + og[a] * og[b]))
                 / total;
         }
         self.centroids[keep * d..(keep + 1) * d].copy_from_slice(&merged);
+        self.scratch.columns_for = None;
     }
 }
 
@@ -1436,19 +1571,55 @@ fn quadratic(p: &[f64], x: &[f64], c: &[f64]) -> f64 {
     quadratic_diff(p, &diff[..d])
 }
 
-/// `δᵀ P δ` for a symmetric d×d `P`.
+/// The full model's lower bound of every cluster's `D²` to `x` (its standardised squared
+/// distance times the cluster's eigenvalue bound) into `bounds`, from the centroids stored
+/// feature by feature; the lowest one's index and the second lowest bound.
+fn lower_bounds(
+    x: &[f64],
+    columns: &[f64],
+    scale: &[f64],
+    bound: &[f64],
+    bounds: &mut Vec<f64>,
+) -> (usize, f64) {
+    let k = bound.len();
+    bounds.clear();
+    bounds.resize(k, 0.0);
+    if k == 0 {
+        return (usize::MAX, f64::INFINITY);
+    }
+    // Feature by feature over contiguous clusters: independent lanes, so it vectorises.
+    for ((xf, sf), column) in x.iter().zip(scale).zip(columns.chunks_exact(k)) {
+        for (e, c) in bounds.iter_mut().zip(column) {
+            let diff = xf - c;
+            *e += diff * diff * sf;
+        }
+    }
+    let (mut pick, mut lowest, mut next) = (usize::MAX, f64::INFINITY, f64::INFINITY);
+    for (i, (e, b)) in bounds.iter_mut().zip(bound).enumerate() {
+        *e *= b;
+        if *e < lowest {
+            next = lowest;
+            (pick, lowest) = (i, *e);
+        } else if *e < next {
+            next = *e;
+        }
+    }
+    (pick, next)
+}
+
+/// `δᵀ P δ` for a symmetric d×d `P`, from its lower triangle.
 fn quadratic_diff(p: &[f64], diff: &[f64]) -> f64 {
     let d = diff.len();
     let mut total = 0.0;
     for a in 0..d {
-        let row = &p[a * d..(a + 1) * d];
-        let mut r = 0.0;
-        for b in 0..d {
+        let row = &p[a * d..a * d + a + 1];
+        let mut r = 0.5 * row[a] * diff[a];
+        for b in 0..a {
             r += row[b] * diff[b];
         }
         total += r * diff[a];
     }
-    total
+    2.0 * total
 }
 
 /// Inverts the symmetric positive definite d×d `m` into `out` (Cholesky, `m` is overwritten);
