@@ -75,8 +75,13 @@ pub struct KafkaConfig {
     /// Must be below `session_timeout_ms`.
     pub revoke_deadline_ms: u64,
     /// Messages buffered per partition between the consumer and its worker; when full, the
-    /// partition is paused (backpressure) instead of buffering more.
+    /// partition is paused (backpressure) instead of buffering more. The queue absorbs what
+    /// arrives while the worker flushes a batch: every pause and resume costs a fetch round
+    /// trip, so a queue smaller than one flush's worth of messages stalls the partition.
     pub partition_queue_capacity: usize,
+    /// Payload and key bytes buffered per partition at most (the partition is paused past
+    /// them): bounds the queue's memory whatever the message size.
+    pub partition_queue_bytes: usize,
     /// Larger input messages go to the dead-letter topic with reason `oversized`. The producer's
     /// `message.max.bytes` is set to this plus 64 KiB so a dead letter of any accepted size fits
     /// (a broker with a lower limit gets it truncated, with a header saying so).
@@ -160,7 +165,8 @@ impl Default for KafkaConfig {
             auto_offset_reset: "earliest".into(),
             session_timeout_ms: 45_000,
             revoke_deadline_ms: 15_000,
-            partition_queue_capacity: 2_048,
+            partition_queue_capacity: 16_384,
+            partition_queue_bytes: 64 << 20,
             max_event_bytes: 1 << 20,
             create_topics: true,
             topic_partitions: None,
@@ -314,6 +320,11 @@ pub struct ProcessingConfig {
     /// that is earlier) before it is rejected (`future_timestamp`): one bogus far-future event
     /// must never move stream time.
     pub max_event_time_ahead_ms: u64,
+    /// Most open (key, window) pairs a partition holds over all its windows: an event that
+    /// would open one more is dead-lettered (`state_limit`) and changes nothing, until windows
+    /// close. This bounds a partition's memory and checkpoint (about 200 bytes per open
+    /// tumbling window and key, see the README's State at scale).
+    pub max_open_windows: usize,
     /// Online clustering of the events' features.
     pub clustering: ClusteringConfig,
     /// Event-time windows, each a `[[processing.windows]]` table.
@@ -326,6 +337,7 @@ impl Default for ProcessingConfig {
             dimension: None,
             max_key_bytes: 1_024,
             max_event_time_ahead_ms: 86_400_000,
+            max_open_windows: 1_000_000,
             clustering: ClusteringConfig::default(),
             windows: vec![WindowConfig::default()],
         }
@@ -1176,6 +1188,9 @@ impl Config {
                 k.revoke_deadline_ms, k.session_timeout_ms
             ));
         }
+        if k.partition_queue_bytes == 0 {
+            p.push("kafka.partition_queue_bytes must be at least 1".into());
+        }
         if k.partition_queue_capacity == 0 {
             p.push("kafka.partition_queue_capacity must be at least 1".into());
         }
@@ -1259,6 +1274,9 @@ impl Config {
                     "processing.dimension must be within 1..=1024, not {d}"
                 ));
             }
+        }
+        if self.processing.max_open_windows == 0 {
+            p.push("processing.max_open_windows must be at least 1".to_string());
         }
         if !(1..=2_048).contains(&self.processing.max_key_bytes) {
             p.push(format!(

@@ -134,6 +134,17 @@ pub enum DecodeError {
         /// This event's dimension.
         got: usize,
     },
+    /// The partition holds `processing.max_open_windows` open windows and this event would
+    /// open another.
+    #[error(
+        "the partition holds {open} open windows, the limit (processing.max_open_windows = {limit}); this event would open another"
+    )]
+    StateLimit {
+        /// Open (key, window) pairs now.
+        open: usize,
+        /// `processing.max_open_windows`.
+        limit: usize,
+    },
     /// Avro input without the Confluent header (magic byte 0, schema id).
     #[error("not in the Confluent Avro wire format: {0}")]
     UnknownMagicByte(String),
@@ -164,6 +175,7 @@ impl DecodeError {
             DecodeError::InvalidField { .. } => "invalid_field",
             DecodeError::MissingTimestamp => "missing_timestamp",
             DecodeError::DimensionMismatch { .. } => "dimension_mismatch",
+            DecodeError::StateLimit { .. } => "state_limit",
             DecodeError::NulCharacter { .. } => "nul_character",
             DecodeError::KeyTooLong { .. } => "key_too_long",
             DecodeError::TimestampOutOfRange { .. } => "timestamp_out_of_range",

@@ -86,6 +86,8 @@ pub struct Processor {
     partition: i32,
     /// What the decoder accepts (its clock is the batch's wall clock).
     limits: event::Limits,
+    /// `processing.max_open_windows`.
+    max_open_windows: usize,
     /// Feature dimension of this partition: configured, or fixed by its first event with features.
     dimension: Option<usize>,
     windows: Vec<Windower>,
@@ -113,6 +115,7 @@ impl Processor {
                 max_ahead_ms: config.max_event_time_ahead_ms,
                 now_ms: None,
             },
+            max_open_windows: config.max_open_windows,
             dimension: config.dimension,
             windows: config.windows.iter().cloned().map(Windower::new).collect(),
             clustering: config
@@ -257,6 +260,24 @@ impl Processor {
                 }
                 Some(_) => {}
                 None => self.dimension = Some(event.features.len()),
+            }
+        }
+        // At the cap, an event that would open one more window first moves stream time to
+        // its own (closing what that closes: a full partition must not stop its windows from
+        // ever closing), then is refused if there is still no room, before its clustering or
+        // aggregation changes anything.
+        let open: usize = self.windows.iter().map(Windower::open_windows).sum();
+        if open >= self.max_open_windows && self.windows.iter().any(|w| w.would_open(event)) {
+            for w in &mut self.windows {
+                w.advance(event.ts_ms, offset, self.partition, self.wall_ms, out);
+            }
+            let open: usize = self.windows.iter().map(Windower::open_windows).sum();
+            if open >= self.max_open_windows && self.windows.iter().any(|w| w.would_open(event)) {
+                self.counters.rejected += 1;
+                return Err(DecodeError::StateLimit {
+                    open,
+                    limit: self.max_open_windows,
+                });
             }
         }
         if let Some(stage) = &mut self.clustering {
@@ -504,6 +525,68 @@ mod tests {
         assert_eq!(err.kind(), "dimension_mismatch");
         assert_eq!(p.counters().rejected, 1);
         assert_eq!(p.counters().events, 1);
+    }
+
+    #[test]
+    fn at_the_open_window_cap_new_windows_are_refused_and_nothing_changes() {
+        // Two tumbling windows of 10 ms, at most 3 open (key, window) pairs per partition.
+        let config = ProcessingConfig {
+            max_open_windows: 3,
+            windows: vec![WindowConfig {
+                size_ms: 10,
+                ..WindowConfig::default()
+            }],
+            ..ProcessingConfig::default()
+        };
+        let mut p = Processor::new(&config, 1 << 20, 0);
+        let mut out = Vec::new();
+        let feed = |p: &mut Processor, out: &mut Vec<Emitted>, key: &str, ts: i64, o: i64| {
+            let text = format!(r#"{{"key":"{key}","ts":{ts},"value":1,"features":[1.0]}}"#);
+            p.process(
+                Record {
+                    payload: Some(text.as_bytes()),
+                    key: None,
+                    timestamp_ms: Some(ts),
+                    offset: o,
+                },
+                out,
+            )
+        };
+        for (o, key) in ["a", "b", "c"].iter().enumerate() {
+            feed(&mut p, &mut out, key, 1, o as i64).unwrap();
+        }
+        let before = p.snapshot();
+        let err = feed(&mut p, &mut out, "d", 1, 3).unwrap_err();
+        assert_eq!(err.kind(), "state_limit");
+        assert!(err.to_string().contains("max_open_windows = 3"), "{err}");
+        // Refused before anything changed, clustering included; only the offset and the
+        // rejection count moved.
+        assert_eq!(p.counters().rejected, 1);
+        assert_eq!(p.state_size(), (3, 3));
+        let mut after: Snapshot = rmp_serde::from_slice(&p.snapshot()).unwrap();
+        let before: Snapshot = rmp_serde::from_slice(&before).unwrap();
+        after.counters.rejected = before.counters.rejected;
+        after.last_offset = before.last_offset;
+        assert_eq!(
+            rmp_serde::to_vec_named(&after).unwrap(),
+            rmp_serde::to_vec_named(&before).unwrap()
+        );
+        // An open key still counts. A refused event still moves stream time; once stream time
+        // closes the windows there is room again, also for the event that closes them.
+        feed(&mut p, &mut out, "a", 3, 4).unwrap();
+        feed(&mut p, &mut out, "e", 5, 5).unwrap_err();
+        assert_eq!(p.counters().rejected, 2);
+        out.clear();
+        feed(&mut p, &mut out, "f", 25, 6).unwrap();
+        let finals = out
+            .iter()
+            .filter(
+                |e| matches!(&e.output, crate::output::Output::WindowAggregate(a) if a.is_final),
+            )
+            .count();
+        assert_eq!(finals, 3, "the three full windows closed");
+        feed(&mut p, &mut out, "g", 26, 7).unwrap();
+        assert_eq!(p.state_size(), (2, 2));
     }
 
     #[test]

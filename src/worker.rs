@@ -40,6 +40,15 @@ pub struct WorkerContext {
     pub fatal: Fatal,
     /// Input and output formats.
     pub codecs: crate::avro::Codecs,
+    /// Payload and key bytes in this partition's queue: the consumer adds what it queues
+    /// (and pauses the partition past `kafka.partition_queue_bytes`), the worker subtracts
+    /// what it receives.
+    pub queued_bytes: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// The bytes a queued message holds, as counted against `kafka.partition_queue_bytes`.
+pub fn queued_size(msg: &OwnedMessage) -> usize {
+    msg.payload().map_or(0, <[u8]>::len) + msg.key().map_or(0, <[u8]>::len)
 }
 
 /// A fatal condition any task can raise to stop the service with a message.
@@ -280,6 +289,10 @@ impl PartitionWorker {
                 // Deliveries before ticks: a backlog is never mistaken for a quiet partition.
                 delivery = deliveries_rx.recv() => match delivery {
                     Some(Delivery::Message(msg)) => {
+                        worker
+                            .ctx
+                            .queued_bytes
+                            .fetch_sub(queued_size(&msg), std::sync::atomic::Ordering::Relaxed);
                         // An Avro message's writer schema is fetched first (retrying while the
                         // registry is away); a stop meanwhile leaves the message unprocessed.
                         if let (Some(id), Some(registry)) = (decoder.schema_id(msg.payload()), &registry) {

@@ -8,6 +8,7 @@
 //! sink stops fetching instead of growing memory.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle as ThreadHandle;
 use std::time::Duration;
@@ -37,6 +38,8 @@ type TopicPartition = (String, i32);
 
 struct WorkerHandle {
     deliveries_tx: mpsc::Sender<Delivery>,
+    /// Bytes in the queue (see [`WorkerContext::queued_bytes`]).
+    queued_bytes: Arc<AtomicUsize>,
     stop: CancellationToken,
     join: JoinHandle<()>,
 }
@@ -250,7 +253,9 @@ impl IntakeContext {
             let (deliveries_tx, deliveries_rx) =
                 mpsc::channel(self.shared.config.kafka.partition_queue_capacity);
             let stop = CancellationToken::new();
+            let queued_bytes = Arc::new(AtomicUsize::new(0));
             let ctx = WorkerContext {
+                queued_bytes: queued_bytes.clone(),
                 config: self.shared.config.clone(),
                 store: self.shared.store.clone(),
                 producer: self.shared.producer.clone(),
@@ -284,6 +289,7 @@ impl IntakeContext {
                 tp,
                 WorkerHandle {
                     deliveries_tx,
+                    queued_bytes,
                     stop,
                     join,
                 },
@@ -355,7 +361,7 @@ impl IntakeContext {
             debug!(topic = %tp.0, partition = tp.1, "message for a partition without a worker; the owner re-reads it");
             return;
         };
-        match worker.deliveries_tx.try_send(Delivery::Message(msg)) {
+        match self.queue(worker, Delivery::Message(msg)) {
             Ok(()) => {}
             Err(TrySendError::Full(delivery)) => {
                 if let Err(err) = consumer.pause(&single(&tp)) {
@@ -366,6 +372,29 @@ impl IntakeContext {
             }
             Err(TrySendError::Closed(_)) => {}
         }
+    }
+
+    /// Queues `delivery` for `worker`, or hands it back as `Full` when the queue holds
+    /// `kafka.partition_queue_capacity` messages or `kafka.partition_queue_bytes` bytes (a
+    /// message larger than the budget alone is still queued into an empty queue).
+    fn queue(
+        &self,
+        worker: &WorkerHandle,
+        delivery: Delivery,
+    ) -> Result<(), TrySendError<Delivery>> {
+        let size = match &delivery {
+            Delivery::Message(msg) => crate::worker::queued_size(msg),
+            Delivery::Positioned => 0,
+        };
+        let queued = worker.queued_bytes.load(Ordering::Relaxed);
+        if queued > 0 && queued + size > self.shared.config.kafka.partition_queue_bytes {
+            return Err(TrySendError::Full(delivery));
+        }
+        // Counted before the send: the worker may receive and subtract it at once.
+        worker.queued_bytes.fetch_add(size, Ordering::Relaxed);
+        worker.deliveries_tx.try_send(delivery).inspect_err(|_| {
+            worker.queued_bytes.fetch_sub(size, Ordering::Relaxed);
+        })
     }
 
     /// Serves workers' requests to position their paused partitions: what was fetched before is
@@ -408,7 +437,7 @@ impl IntakeContext {
                 return false;
             };
             while let Some(delivery) = queue.pop_front() {
-                match worker.deliveries_tx.try_send(delivery) {
+                match self.queue(worker, delivery) {
                     Ok(()) => {}
                     Err(TrySendError::Full(delivery)) => {
                         queue.push_front(delivery);

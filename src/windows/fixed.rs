@@ -73,7 +73,22 @@ impl FixedWindower {
             && (state.slide_ms == 0 || state.slide_ms as i64 == self.slide)
     }
 
-    /// Events late for this window and not admitted, so far.
+    /// Open (key, window) pairs, cheaply (one length per open window start).
+    pub fn open_windows(&self) -> usize {
+        self.open.values().map(HashMap::len).sum()
+    }
+
+    /// Whether `event` would open a (key, window) pair that is not open yet.
+    pub fn would_open(&self, event: &Event) -> bool {
+        self.starts_of(event.ts_ms).any(|start| {
+            self.closes_at(start) > self.stream_time
+                && !self
+                    .open
+                    .get(&start)
+                    .is_some_and(|keys| keys.contains_key(event.key.as_str()))
+        })
+    }
+
     /// Keys with an open window, and open (key, window) pairs.
     pub fn state_size(&self) -> (usize, usize) {
         let open: usize = self.open.values().map(HashMap::len).sum();
@@ -188,12 +203,25 @@ impl FixedWindower {
                 _ => self.late_dropped += 1,
             }
         }
+        self.advance(ts, offset, partition, wall_ms, out);
+        late
+    }
+
+    /// Stream time moves to `ts` if that is later, closing what it closes; the wall clock of
+    /// the event is observed for idle close.
+    pub fn advance(
+        &mut self,
+        ts: i64,
+        offset: i64,
+        partition: i32,
+        wall_ms: Option<i64>,
+        out: &mut Vec<Emitted>,
+    ) {
         if ts > self.stream_time {
             self.stream_time = ts;
             self.close_until(self.stream_time, offset, partition, out);
         }
         self.idle.observe(wall_ms, self.stream_time);
-        late
     }
 
     /// Idle close: advances stream time with the wall clock when no event arrived for

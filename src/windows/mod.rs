@@ -290,6 +290,18 @@ impl Windower {
         each!(self, w => w.apply(event, offset, partition, wall_ms, out))
     }
 
+    /// Moves stream time to `ts` (if later) without adding an event, emitting what closes.
+    pub fn advance(
+        &mut self,
+        ts: i64,
+        offset: i64,
+        partition: i32,
+        wall_ms: Option<i64>,
+        out: &mut Vec<Emitted>,
+    ) {
+        each!(self, w => w.advance(ts, offset, partition, wall_ms, out))
+    }
+
     /// Idle close on the wall clock.
     pub fn tick(&mut self, wall_ms: i64, offset: i64, partition: i32, out: &mut Vec<Emitted>) {
         each!(self, w => w.tick(wall_ms, offset, partition, out))
@@ -313,6 +325,17 @@ impl Windower {
     /// Events late for this window and not admitted.
     pub fn late_dropped(&self) -> u64 {
         each!(self, w => w.late_dropped())
+    }
+
+    /// Open (key, window) pairs, cheaply.
+    pub fn open_windows(&self) -> usize {
+        each!(self, w => w.open_windows())
+    }
+
+    /// Whether `event` would open a window that is not open yet (see
+    /// `processing.max_open_windows`).
+    pub fn would_open(&self, event: &Event) -> bool {
+        each!(self, w => w.would_open(event))
     }
 
     /// Keys with state, and open (key, window) pairs: the state's size.

@@ -178,7 +178,17 @@ impl SlidingWindower {
         }
     }
 
-    /// Events late for this window and not admitted.
+    /// Open windows.
+    pub fn open_windows(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Whether `event` may open a window: any event that is not late may (a sliding window
+    /// starts at every event's boundaries).
+    pub fn would_open(&self, event: &Event) -> bool {
+        self.stream_time == i64::MIN || event.ts_ms.saturating_add(self.grace) >= self.stream_time
+    }
+
     /// Keys with records, and open windows.
     pub fn state_size(&self) -> (usize, usize) {
         (self.keys.len(), self.open.len())
@@ -284,12 +294,24 @@ impl SlidingWindower {
         for start in new_starts {
             self.track(start, &event.key);
         }
-        if t > self.stream_time {
-            self.stream_time = t;
-            self.close_until(t, offset, partition, out);
+        self.advance(t, offset, partition, wall_ms, out);
+        None
+    }
+
+    /// See the fixed windows' `advance`.
+    pub fn advance(
+        &mut self,
+        ts: i64,
+        offset: i64,
+        partition: i32,
+        wall_ms: Option<i64>,
+        out: &mut Vec<Emitted>,
+    ) {
+        if ts > self.stream_time {
+            self.stream_time = ts;
+            self.close_until(ts, offset, partition, out);
         }
         self.idle.observe(wall_ms, self.stream_time);
-        None
     }
 
     /// Idle close; see the fixed windows' `tick`.

@@ -143,7 +143,10 @@ pub fn base_config(brokers: &str, db_url: &str) -> Config {
     t.dlq = format!("dlq_{id}");
     c.kafka.session_timeout_ms = 6_000;
     c.kafka.revoke_deadline_ms = 5_000;
+    // Small queues, so backpressure pauses and resumes partitions all the time: by count, and
+    // by bytes (the test events are 40-70 bytes, so about 60 fill 4 KiB).
     c.kafka.partition_queue_capacity = 64;
+    c.kafka.partition_queue_bytes = 4_096;
     c.profile = Profile::Latency;
     c.postgres.url = Some(db_url.into());
     c.postgres.batch_rows = Some(50);

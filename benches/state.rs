@@ -1,0 +1,76 @@
+//! State at scale: one partition's processor holding 1,000,000 distinct keys with open windows
+//! (a 60 s tumbling window, clustering off, as a per-key aggregation job would run), measured
+//! for memory per key, checkpoint (snapshot) bytes and time, and restore time.
+//!
+//! `cargo bench --bench state [-- KEYS]` prints one table row; it is a measurement, not a
+//! criterion benchmark (each step runs once on a state far too large to repeat cheaply).
+
+use std::time::Instant;
+
+use neurostream::config::{ProcessingConfig, WindowConfig, WindowKind};
+use neurostream::event::Event;
+use neurostream::processor::Processor;
+
+/// Resident set size of this process, bytes (Linux `/proc/self/statm`).
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+fn main() {
+    let keys: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
+    let mut config = ProcessingConfig::default();
+    config.clustering.enabled = false;
+    config.windows = vec![WindowConfig {
+        kind: WindowKind::Tumbling,
+        size_ms: 60_000,
+        ..WindowConfig::default()
+    }];
+    config.max_open_windows = keys.max(config.max_open_windows);
+    let mut processor = Processor::new(&config, 1 << 20, 0);
+    let before = rss_bytes();
+    let started = Instant::now();
+    let mut out = Vec::new();
+    for i in 0..keys {
+        let event = Event {
+            key: format!("device-{i:08}"),
+            ts_ms: 1_763_866_800_000 + (i % 1_000) as i64,
+            features: vec![],
+            value: Some((i % 97) as f64),
+            id: None,
+            metadata: None,
+        };
+        processor
+            .apply(&event, i as i64, &mut out)
+            .expect("every event is valid");
+        out.clear();
+    }
+    let applied = started.elapsed();
+    let grown = rss_bytes().saturating_sub(before);
+    let (held_keys, open) = processor.state_size();
+    let started = Instant::now();
+    let snapshot = processor.snapshot();
+    let snapshot_time = started.elapsed();
+    let started = Instant::now();
+    let restored = Processor::restore(&config, 1 << 20, 0, &snapshot).expect("own snapshot");
+    let restore_time = started.elapsed();
+    assert_eq!(restored.state_size(), (held_keys, open));
+    println!("| keys | open windows | memory per key | snapshot | snapshot time | restore time | events/s while filling |");
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| {held_keys} | {open} | {:.0} B | {:.1} MB | {:.0} ms | {:.0} ms | {:.2} M |",
+        grown as f64 / keys as f64,
+        snapshot.len() as f64 / 1e6,
+        snapshot_time.as_secs_f64() * 1e3,
+        restore_time.as_secs_f64() * 1e3,
+        keys as f64 / applied.as_secs_f64() / 1e6,
+    );
+}
