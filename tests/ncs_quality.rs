@@ -801,3 +801,32 @@ fn real_changes_raise_alarms_and_only_after_them() {
     }
     assert!(report.is_empty(), "{}", report.join("\n"));
 }
+
+/// Inputs shorter than the warm-up: at the end of input the warm-up points are judged against
+/// the clusters they formed, so the founders of a cluster are its members, never outliers, and
+/// a point on the final centroid scores (nearly) 0.
+#[test]
+fn short_inputs_keep_founders_in_their_cluster() {
+    for n in [3usize, 4, 7, 12, 60] {
+        let mut points: Vec<Vec<f64>> = (0..n - 1)
+            .map(|i| {
+                let a = i as f64 * 2.399;
+                vec![10.0 + 0.3 * a.cos(), -4.0 + 0.3 * a.sin()]
+            })
+            .collect();
+        let centre: Vec<f64> = (0..2)
+            .map(|f| points.iter().map(|p| p[f]).sum::<f64>() / points.len() as f64)
+            .collect();
+        points.push(centre);
+        let r = run_full(&points);
+        for (i, a) in r.out.iter().enumerate() {
+            assert!(!a.is_outlier, "n = {n}: point {i} is an outlier: {a:?}");
+        }
+        let last = r.out.last().unwrap();
+        assert!(
+            last.outlier_score < 0.05,
+            "n = {n}: the point on the centroid scores {}",
+            last.outlier_score
+        );
+    }
+}

@@ -1065,7 +1065,7 @@ impl Ncs {
             if c.newcomer {
                 self.judge_newcomer(best, nearest, alarms);
             }
-            let id = self.update(best, x, alarms);
+            let id = self.update(best, x, best_d2, alarms);
             return Assignment {
                 cluster_id: Some(id),
                 is_outlier: false,
@@ -1184,13 +1184,15 @@ impl Ncs {
         }
     }
 
-    fn update(&mut self, i: usize, x: &[f64], alarms: &mut Vec<DriftAlarm>) -> u64 {
+    /// Moves cluster `i` towards `x`, whose `D²` to it is `d2`.
+    fn update(&mut self, i: usize, x: &[f64], d2: f64, alarms: &mut Vec<DriftAlarm>) -> u64 {
         let t = self.t;
         let d = self.dim;
         let weight = self.weight_now(&self.clusters[i]) + 1.0;
         let rate = (1.0 / weight).max(self.params.min_learning_rate);
         let beta = (1.0 / (self.clusters[i].updates as f64 + 1.0)).max(MIN_SPREAD_RATE);
-        let mut moved = 0.0f64;
+        // The centroid moves by rate·(x − c): under the cluster's precision that is rate²·D².
+        let moved = rate * rate * d2;
         let mut diff = std::mem::take(&mut self.scratch.diff);
         diff.clear();
         {
@@ -1218,16 +1220,9 @@ impl Ncs {
                     *cell += ka * diff[b] - beta * *cell;
                 }
             }
-            let p = &self.inv_var[i * d * d..(i + 1) * d * d];
-            moved = rate * rate * quadratic_diff(p, &diff);
         } else {
-            let cells = self.spread[i * d..(i + 1) * d]
-                .iter_mut()
-                .zip(&self.inv_var[i * d..(i + 1) * d]);
-            for (delta, (s, w)) in diff.iter().zip(cells) {
+            for (delta, s) in diff.iter().zip(&mut self.spread[i * d..(i + 1) * d]) {
                 *s += beta * (delta * delta * (1.0 - rate) - *s);
-                let step = rate * delta;
-                moved += step * step * w;
             }
         }
         self.scratch.diff = diff;
@@ -1631,7 +1626,7 @@ fn invert_spd(m: &mut [f64], d: usize, out: &mut [f64]) -> bool {
         for k in 0..j {
             diag -= m[j * d + k] * m[j * d + k];
         }
-        if !(diag > 0.0) || !diag.is_finite() {
+        if !diag.is_finite() || diag <= 0.0 {
             return false;
         }
         let l = diag.sqrt();
