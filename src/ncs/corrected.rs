@@ -415,13 +415,25 @@ impl TryFrom<NcsState> for Ncs {
         // Precisions, bounds and the scales they are computed in follow the refresh cadence
         // rather than the rest of the state, so a snapshot carries them; a snapshot without
         // them (or with values that cannot be right) gets them recomputed.
-        let finite = |v: &[f64]| v.iter().all(|x| x.is_finite());
+        // No NaN; a precision's diagonal must not be negative (a corrupted one could make D²
+        // negative and scores leave [0, 1]); bounds and scales are non-negative. Zeros and
+        // infinities stay allowed: extreme or constant features give them legitimately.
+        let finite = |v: &[f64]| v.iter().all(|x| !x.is_nan());
+        let sound_diagonal = |v: &[f64]| {
+            v.chunks_exact(cells.max(1)).all(|p| {
+                (0..d).all(|f| {
+                    let cell = if full { f * d + f } else { f };
+                    p.get(cell).is_some_and(|x| *x >= 0.0)
+                })
+            })
+        };
         let derived = ok(&s.inv_var, k * cells)
             && ok(&s.bound, k)
             && ok(&s.scale, d)
             && finite(&s.inv_var)
-            && finite(&s.bound)
-            && s.scale.iter().all(|x| x.is_finite() && *x > 0.0)
+            && sound_diagonal(&s.inv_var)
+            && s.bound.iter().all(|b| *b >= 0.0)
+            && s.scale.iter().all(|x| *x >= 0.0)
             && s.full == full;
         let (inv_var, bound, scale) = if derived {
             (s.inv_var, s.bound, s.scale)
