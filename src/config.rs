@@ -304,6 +304,12 @@ impl Profile {
     }
 }
 
+/// Checkpoint bytes an open (key, window) pair takes beyond its key, with margin
+/// (`benches/state.rs` measured about 115).
+const CHECKPOINT_BYTES_PER_WINDOW: u128 = 200;
+/// The largest checkpoint the configuration may allow (PostgreSQL's bytea holds 1 GB).
+const MAX_CHECKPOINT_BYTES: u128 = 768 << 20;
+
 /// The longest window: 100 years, so window ends of accepted event times stay storable.
 pub const MAX_WINDOW_MS: u64 = 3_155_760_000_000;
 
@@ -322,8 +328,10 @@ pub struct ProcessingConfig {
     pub max_event_time_ahead_ms: u64,
     /// Most open (key, window) pairs a partition holds over all its windows: an event that
     /// would open one more is dead-lettered (`state_limit`) and changes nothing, until windows
-    /// close. This bounds a partition's memory and checkpoint (about 200 bytes per open
-    /// tumbling window and key, see the README's State at scale).
+    /// close. This bounds a partition's memory and checkpoint (about 230 bytes per open
+    /// tumbling window and short key, see the README's State at scale); with
+    /// `max_key_bytes` it must keep the worst-case checkpoint under 768 MiB (PostgreSQL holds
+    /// at most 1 GB in one value).
     pub max_open_windows: usize,
     /// Online clustering of the events' features.
     pub clustering: ClusteringConfig,
@@ -337,7 +345,7 @@ impl Default for ProcessingConfig {
             dimension: None,
             max_key_bytes: 1_024,
             max_event_time_ahead_ms: 86_400_000,
-            max_open_windows: 1_000_000,
+            max_open_windows: 500_000,
             clustering: ClusteringConfig::default(),
             windows: vec![WindowConfig::default()],
         }
@@ -1275,8 +1283,20 @@ impl Config {
                 ));
             }
         }
+        let worst = (self.processing.max_open_windows as u128)
+            * (self.processing.max_key_bytes as u128 + CHECKPOINT_BYTES_PER_WINDOW);
         if self.processing.max_open_windows == 0 {
             p.push("processing.max_open_windows must be at least 1".to_string());
+        } else if worst > MAX_CHECKPOINT_BYTES
+            && (1..=2_048).contains(&self.processing.max_key_bytes)
+        {
+            p.push(format!(
+                "processing.max_open_windows = {} with processing.max_key_bytes = {} allows a checkpoint of {} MiB, above the {} MiB a partition's checkpoint may take (PostgreSQL holds at most 1 GB in one value): lower either",
+                self.processing.max_open_windows,
+                self.processing.max_key_bytes,
+                worst >> 20,
+                MAX_CHECKPOINT_BYTES >> 20
+            ));
         }
         if !(1..=2_048).contains(&self.processing.max_key_bytes) {
             p.push(format!(
@@ -1947,6 +1967,18 @@ mod tests {
         c.kafka.producer.insert("acks".into(), "1".into());
         let err = c.validate().unwrap_err();
         assert_eq!(err.0.len(), 5, "{err}");
+    }
+
+    #[test]
+    fn the_open_window_cap_keeps_the_checkpoint_storable() {
+        let mut c = Config::default();
+        c.processing.max_open_windows = 1_000_000;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("allows a checkpoint of 1167 MiB"), "{err}");
+        c.processing.max_key_bytes = 256;
+        c.validate().unwrap();
+        c.processing.max_open_windows = 0;
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -249,25 +249,26 @@ impl Processor {
         offset: i64,
         out: &mut Vec<Emitted>,
     ) -> Result<Option<Late>, DecodeError> {
-        if !event.features.is_empty() {
-            match self.dimension {
-                Some(d) if d != event.features.len() => {
-                    self.counters.rejected += 1;
-                    return Err(DecodeError::DimensionMismatch {
-                        expected: d,
-                        got: event.features.len(),
-                    });
-                }
-                Some(_) => {}
-                None => self.dimension = Some(event.features.len()),
+        if let Some(d) = self.dimension {
+            if !event.features.is_empty() && d != event.features.len() {
+                self.counters.rejected += 1;
+                return Err(DecodeError::DimensionMismatch {
+                    expected: d,
+                    got: event.features.len(),
+                });
             }
         }
         // At the cap, an event that would open one more window first moves stream time to
         // its own (closing what that closes: a full partition must not stop its windows from
         // ever closing), then is refused if there is still no room, before its clustering or
-        // aggregation changes anything.
+        // aggregation changes anything. An event clustering will refuse for want of features
+        // is left to that refusal (it moves nothing, at the cap or not).
+        let clusterable = self.clustering.is_none() || !event.features.is_empty();
         let open: usize = self.windows.iter().map(Windower::open_windows).sum();
-        if open >= self.max_open_windows && self.windows.iter().any(|w| w.would_open(event)) {
+        if clusterable
+            && open >= self.max_open_windows
+            && self.windows.iter().any(|w| w.would_open(event))
+        {
             for w in &mut self.windows {
                 w.advance(event.ts_ms, offset, self.partition, self.wall_ms, out);
             }
@@ -279,6 +280,9 @@ impl Processor {
                     limit: self.max_open_windows,
                 });
             }
+        }
+        if self.dimension.is_none() && !event.features.is_empty() {
+            self.dimension = Some(event.features.len());
         }
         if let Some(stage) = &mut self.clustering {
             if let Err(err) = stage.apply(event, offset, self.partition, out) {
@@ -529,7 +533,7 @@ mod tests {
 
     #[test]
     fn at_the_open_window_cap_new_windows_are_refused_and_nothing_changes() {
-        // Two tumbling windows of 10 ms, at most 3 open (key, window) pairs per partition.
+        // One tumbling window of 10 ms, at most 3 open (key, window) pairs per partition.
         let config = ProcessingConfig {
             max_open_windows: 3,
             windows: vec![WindowConfig {
@@ -587,6 +591,44 @@ mod tests {
         assert_eq!(finals, 3, "the three full windows closed");
         feed(&mut p, &mut out, "g", 26, 7).unwrap();
         assert_eq!(p.state_size(), (2, 2));
+    }
+
+    #[test]
+    fn at_the_cap_sliding_windows_admit_events_that_open_nothing() {
+        use crate::config::WindowKind;
+        let config = ProcessingConfig {
+            max_open_windows: 3,
+            clustering: ClusteringConfig {
+                enabled: false,
+                ..ClusteringConfig::default()
+            },
+            windows: vec![WindowConfig {
+                kind: WindowKind::Sliding,
+                size_ms: 10_000,
+                ..WindowConfig::default()
+            }],
+            ..ProcessingConfig::default()
+        };
+        let mut p = Processor::new(&config, 1 << 20, 0);
+        let mut out = Vec::new();
+        let mut feed = |p: &mut Processor, key: &str, ts: i64, o: i64| {
+            let text = format!(r#"{{"key":"{key}","ts":{ts},"value":1}}"#);
+            let record = Record {
+                payload: Some(text.as_bytes()),
+                key: None,
+                timestamp_ms: Some(ts),
+                offset: o,
+            };
+            p.process(record, &mut out).map(|_| ())
+        };
+        for (o, key) in ["a", "b", "c"].iter().enumerate() {
+            feed(&mut p, key, 1, o as i64).unwrap();
+        }
+        assert_eq!(p.state_size().1, 3);
+        // The same key at the same time opens nothing: admitted at the cap.
+        feed(&mut p, "a", 1, 3).unwrap();
+        // A new key would open a window: refused.
+        assert_eq!(feed(&mut p, "d", 1, 4).unwrap_err().kind(), "state_limit");
     }
 
     #[test]

@@ -46,9 +46,16 @@ pub struct WorkerContext {
     pub queued_bytes: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// The bytes a queued message holds, as counted against `kafka.partition_queue_bytes`.
+/// The bytes a queued message holds, as counted against `kafka.partition_queue_bytes`:
+/// payload, key, headers, and a fixed 128 bytes for the message itself.
 pub fn queued_size(msg: &OwnedMessage) -> usize {
-    msg.payload().map_or(0, <[u8]>::len) + msg.key().map_or(0, <[u8]>::len)
+    use rdkafka::message::Headers as _;
+    let headers = msg.headers().map_or(0, |h| {
+        h.iter()
+            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
+            .sum()
+    });
+    128 + msg.payload().map_or(0, <[u8]>::len) + msg.key().map_or(0, <[u8]>::len) + headers
 }
 
 /// A fatal condition any task can raise to stop the service with a message.

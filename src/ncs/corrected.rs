@@ -1063,6 +1063,9 @@ impl Ncs {
         if best == usize::MAX {
             return self.unplaced(x, 1.0 - f64::EPSILON, None);
         }
+        // Never negative for a sound precision; a corrupted one restored from a snapshot must
+        // not push scores out of [0, 1] (it is replaced at the next refresh).
+        let best_d2 = best_d2.max(0.0);
         let nearest = best_d2 / self.accept;
         let score = best_d2 / (best_d2 + self.accept);
         self.feed_detectors(nearest, alarms);

@@ -183,10 +183,28 @@ impl SlidingWindower {
         self.open.len()
     }
 
-    /// Whether `event` may open a window: any event that is not late may (a sliding window
-    /// starts at every event's boundaries).
+    /// Whether `event` would open a window that is not open yet. In order for its key, it opens
+    /// the windows starting at `t − size` and right after the key's previous record (the same
+    /// starts [`SlidingWindower::apply`] tracks); out of order it may open windows around
+    /// earlier records, and is counted as opening one.
     pub fn would_open(&self, event: &Event) -> bool {
-        self.stream_time == i64::MIN || event.ts_ms.saturating_add(self.grace) >= self.stream_time
+        let t = event.ts_ms;
+        if self.stream_time != i64::MIN && t.saturating_add(self.grace) < self.stream_time {
+            return false;
+        }
+        let Some(state) = self.keys.get(event.key.as_str()) else {
+            return true;
+        };
+        if t < state.max_ts {
+            return true;
+        }
+        let absent = |start: i64| !self.open.contains(&(start, event.key.clone()));
+        let previous = state.max_ts;
+        absent(t - self.size)
+            || (previous != i64::MIN
+                && previous < t
+                && t - previous <= self.size
+                && absent(previous + 1))
     }
 
     /// Keys with records, and open windows.
