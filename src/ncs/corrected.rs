@@ -224,6 +224,10 @@ struct ClusterMeta {
     anchor: Vec<f64>,
     #[serde(default)]
     anchored_at: u64,
+    /// The last span raised `moved`: a cluster that keeps moving alarms once, when it starts,
+    /// and again only after a span at rest.
+    #[serde(default)]
+    moving: bool,
 }
 
 /// The dimension of a point differs from the stream's.
@@ -1320,7 +1324,8 @@ impl Ncs {
         let wander = 2.0 * rate / (2.0 - rate) * (1.0 - (1.0 - rate).powf(elapsed));
         let bound = df + 2.0 * (df * MOVED_LOG_ODDS).sqrt() + 2.0 * MOVED_LOG_ODDS;
         let threshold = MOVED_MARGIN * wander * bound;
-        if moved > threshold {
+        let was_moving = std::mem::replace(&mut c.moving, moved > threshold);
+        if moved > threshold && !was_moving {
             alarms.push(DriftAlarm {
                 detector: "moved",
                 statistic: moved.sqrt(),
@@ -1430,6 +1435,7 @@ impl Ncs {
             member_fit: 0.0,
             anchor: Vec::new(),
             anchored_at: 0,
+            moving: false,
         });
         self.last_created = self.t;
         let i = self.clusters.len() - 1;
