@@ -95,6 +95,8 @@ catalogue! {
     CONSUMER_LAG = "neurostream_consumer_lag_messages", Gauge, ["topic", "partition"], "Messages between the durable position and the high watermark";
     /// Kafka message timestamp to outputs acknowledged and checkpoint committed, per event.
     END_TO_END_LATENCY_SECONDS = "neurostream_end_to_end_latency_seconds", Histogram, ["topic"], "Kafka message timestamp to outputs acknowledged and checkpoint committed, per event", LATENCY_BUCKETS;
+    /// Kafka message timestamp to its batch's outputs acknowledged by Kafka, per event.
+    OUTPUT_LATENCY_SECONDS = "neurostream_output_latency_seconds", Histogram, ["topic"], "Kafka message timestamp to its batch's outputs acknowledged by Kafka, per event", LATENCY_BUCKETS;
     /// Processor time per message (one message in 16 is timed).
     PROCESSING_LATENCY_SECONDS = "neurostream_processing_latency_seconds", Histogram, ["topic"], "Processor time per message (one in 16 timed)", PROCESSING_BUCKETS;
     /// Seconds per sink transaction (outputs + checkpoint).
@@ -107,6 +109,10 @@ catalogue! {
     SINK_REJECTED_ROWS_TOTAL = "neurostream_sink_rejected_rows_total", Counter, ["topic"], "Output rows PostgreSQL refused, dead-lettered instead";
     /// Size of the partition's last checkpoint (processor snapshot).
     CHECKPOINT_BYTES = "neurostream_checkpoint_bytes", Gauge, ["topic", "partition"], "Size of the partition's last checkpoint";
+    /// Checkpoint bytes written to PostgreSQL, per partition.
+    CHECKPOINT_BYTES_TOTAL = "neurostream_checkpoint_bytes_total", Counter, ["topic", "partition"], "Checkpoint bytes written to PostgreSQL";
+    /// Seconds to take a checkpoint (the processor's snapshot), per transaction.
+    CHECKPOINT_SECONDS = "neurostream_checkpoint_seconds", Histogram, ["topic"], "Seconds to take a checkpoint (the processor's snapshot), per transaction", COMMIT_BUCKETS;
     /// Keys with state in a partition's windows.
     STATE_KEYS = "neurostream_state_keys", Gauge, ["topic", "partition"], "Keys with state in the partition's windows";
     /// Open windows (per key) of a partition.

@@ -1,10 +1,17 @@
 //! The partition worker: sole owner of one partition's processor and pending batch.
 //!
 //! It restores the checkpoint, processes messages from its bounded queue, and flushes a batch
-//! when it holds `batch_rows` output rows or its oldest event has waited `linger_ms`: outputs and
-//! dead letters to Kafka (acked), then outputs and checkpoint to the store (one transaction), then
-//! the offset. A stop request flushes what was processed and returns; unprocessed queued messages
-//! are left for the next owner, who starts at the checkpoint.
+//! when it holds `batch_rows` output rows or its oldest event has waited `linger_ms`. A flush is
+//! two stages in batch order. First the batch's outputs and dead letters go to Kafka and every
+//! ack is awaited: the outputs are visible from here. Then the batch joins those waiting for
+//! PostgreSQL, and one transaction writes all of them with the checkpoint taken after the last
+//! (the processor's snapshot and next offset), then the offset is stored for commit.
+//!
+//! One transaction is in flight at a time, while the worker goes on processing and delivering
+//! the next batches; they coalesce into the next transaction. PostgreSQL trails Kafka by at most
+//! [`MAX_WAITING_FLUSHES`] flushes: past that the worker waits for the transaction. A stop
+//! request flushes what was processed, waits for PostgreSQL and returns; unprocessed queued
+//! messages are left for the next owner, who starts at the checkpoint.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -90,6 +97,13 @@ impl Fatal {
     }
 }
 
+/// Flushes delivered to Kafka that may wait for PostgreSQL besides the transaction in flight;
+/// one more makes the worker wait for that transaction. This bounds how far PostgreSQL trails
+/// the output topics, and so what a crash can make the next owner produce twice.
+pub const MAX_WAITING_FLUSHES: usize = 8;
+
+/// Messages taken and what they produced: the batch being processed, or the flushes delivered
+/// to Kafka and waiting for their PostgreSQL transaction (several coalesce into one).
 #[derive(Default)]
 struct Pending {
     outputs: Vec<Emitted>,
@@ -97,17 +111,35 @@ struct Pending {
     events: u64,
     /// Messages taken (events and rejected).
     consumed: u64,
-    /// Kafka timestamps of the batch's events, for the end-to-end latency.
+    /// Kafka timestamps of the events, for the end-to-end latency.
     timestamps: Vec<i64>,
-    /// Offset after the last message taken into this batch.
+    /// Offset after the last message taken.
     next_offset: Option<i64>,
     /// When the first message of this batch was taken.
     since: Option<Instant>,
+    /// Flushes coalesced here.
+    flushes: usize,
 }
 
 impl Pending {
     fn rows(&self) -> usize {
         self.outputs.len() + self.dead.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.next_offset.is_none() && self.rows() == 0
+    }
+
+    /// Appends a later batch (it was taken after everything here).
+    fn absorb(&mut self, later: Pending) {
+        self.outputs.extend(later.outputs);
+        self.dead.extend(later.dead);
+        self.events += later.events;
+        self.consumed += later.consumed;
+        self.timestamps.extend(later.timestamps);
+        self.next_offset = later.next_offset.or(self.next_offset);
+        self.since = self.since.or(later.since);
+        self.flushes += later.flushes;
     }
 }
 
@@ -127,6 +159,7 @@ pub enum Start {
 }
 
 /// Why a flush did not make the batch durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Halt {
     /// Stop requested (revoke, shutdown) while retrying: the next owner replays the batch.
     Stopped,
@@ -136,17 +169,32 @@ enum Halt {
     Fatal,
 }
 
-/// One partition's worker.
-pub struct PartitionWorker {
+/// A PostgreSQL transaction in flight: the flushes it carries come back with its outcome and the
+/// checkpoint's size.
+type InFlight = tokio::task::JoinHandle<(Pending, usize, Result<u64, Halt>)>;
+
+/// The partition's way out: Kafka, then PostgreSQL. Cheap to clone into a commit task.
+#[derive(Clone)]
+struct Sink {
     id: PartitionId,
     ctx: WorkerContext,
-    processor: Processor,
     epoch: Epoch,
+}
+
+/// One partition's worker.
+pub struct PartitionWorker {
+    sink: Sink,
+    processor: Processor,
     /// Which delivered messages to take.
     cursor: Cursor,
     /// Messages dropped since the last taken one for being below the expected offset.
     duplicates_run: u64,
+    /// The batch being processed.
     pending: Pending,
+    /// Flushes delivered to Kafka, waiting for the next PostgreSQL transaction.
+    waiting: Pending,
+    /// The PostgreSQL transaction in flight.
+    in_flight: Option<InFlight>,
     /// Next offset after the last processed message (or the checkpoint's).
     position: Option<i64>,
     batch_rows: usize,
@@ -160,7 +208,10 @@ struct WorkerMetrics {
     consumed: metrics::Counter,
     events: metrics::Counter,
     end_to_end: metrics::Histogram,
+    output_latency: metrics::Histogram,
     processing: metrics::Histogram,
+    checkpoint_seconds: metrics::Histogram,
+    checkpoint_bytes_total: metrics::Counter,
     active_clusters: metrics::Gauge,
     checkpoint_bytes: metrics::Gauge,
     state_keys: metrics::Gauge,
@@ -184,7 +235,10 @@ impl WorkerMetrics {
             consumed: metrics::counter!(tm::MESSAGES_CONSUMED_TOTAL, "topic" => t.clone(), "partition" => p.clone()),
             events: metrics::counter!(tm::EVENTS_TOTAL, "topic" => t.clone(), "partition" => p.clone()),
             end_to_end: metrics::histogram!(tm::END_TO_END_LATENCY_SECONDS, "topic" => t.clone()),
+            output_latency: metrics::histogram!(tm::OUTPUT_LATENCY_SECONDS, "topic" => t.clone()),
             processing: metrics::histogram!(tm::PROCESSING_LATENCY_SECONDS, "topic" => t.clone()),
+            checkpoint_seconds: metrics::histogram!(tm::CHECKPOINT_SECONDS, "topic" => t.clone()),
+            checkpoint_bytes_total: metrics::counter!(tm::CHECKPOINT_BYTES_TOTAL, "topic" => t.clone(), "partition" => p.clone()),
             active_clusters: metrics::gauge!(tm::ACTIVE_CLUSTERS, "topic" => t.clone(), "partition" => p.clone()),
             checkpoint_bytes: metrics::gauge!(tm::CHECKPOINT_BYTES, "topic" => t.clone(), "partition" => p.clone()),
             state_keys: metrics::gauge!(tm::STATE_KEYS, "topic" => t.clone(), "partition" => p.clone()),
@@ -266,14 +320,14 @@ impl PartitionWorker {
         let mut worker = PartitionWorker {
             batch_rows: config.sink_batch_rows(),
             linger: Duration::from_millis(config.sink_linger_ms()),
-            id,
-            ctx,
+            sink: Sink { id, ctx, epoch },
             processor,
-            epoch,
             cursor,
             duplicates_run: 0,
             position,
             pending: Pending::default(),
+            waiting: Pending::default(),
+            in_flight: None,
             stop: stop.clone(),
             metrics,
         };
@@ -290,13 +344,27 @@ impl PartitionWorker {
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
+                done = join(&mut worker.in_flight), if worker.in_flight.is_some() => {
+                    worker.in_flight = None;
+                    match worker.settle(done) {
+                        Ok(()) => {}
+                        Err(Halt::Stopped) => break,
+                        Err(_) => return,
+                    }
+                    // Between batches, the flushes that waited go now; otherwise with the next
+                    // flush (within `linger_ms`).
+                    if worker.pending.is_empty() && !worker.waiting.is_empty() {
+                        worker.start_commit(&stop);
+                    }
+                }
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
-                    if worker.flush().await.is_err() { return; }
+                    if worker.flush(false).await.is_err() { return worker.abandon().await; }
                 }
                 // Deliveries before ticks: a backlog is never mistaken for a quiet partition.
                 delivery = deliveries_rx.recv() => match delivery {
                     Some(Delivery::Message(msg)) => {
                         worker
+                            .sink
                             .ctx
                             .queued_bytes
                             .fetch_sub(queued_size(&msg), std::sync::atomic::Ordering::Relaxed);
@@ -306,10 +374,10 @@ impl PartitionWorker {
                             if !registry.has(id) {
                                 // What is processed becomes durable before a wait of unknown
                                 // length.
-                                if worker.flush().await.is_err() {
-                                    return;
+                                if worker.flush(true).await.is_err() {
+                                    return worker.abandon().await;
                                 }
-                                let (progress, w) = (&worker.ctx.progress, &worker.id);
+                                let (progress, w) = (&worker.sink.ctx.progress, &worker.sink.id);
                                 let waiting = |why| progress.set_retrying(&w.topic, w.partition, why);
                                 if registry.ensure(id, &stop, waiting).await.is_err() {
                                     break;
@@ -317,8 +385,8 @@ impl PartitionWorker {
                             }
                         }
                         worker.take(&msg);
-                        if worker.pending.rows() >= worker.batch_rows && worker.flush().await.is_err() {
-                            return;
+                        if worker.pending.rows() >= worker.batch_rows && worker.flush(false).await.is_err() {
+                            return worker.abandon().await;
                         }
                     }
                     Some(Delivery::Positioned) => worker.cursor.positioned(),
@@ -328,11 +396,17 @@ impl PartitionWorker {
             }
         }
         // Drain: what was processed becomes durable; what is still queued is left for the next
-        // owner (it starts at the checkpoint written here). A stop during the final flush's
-        // retries leaves the batch to the next owner too.
+        // owner (it starts at the checkpoint written here). The transaction in flight gives up
+        // at the stop if it was retrying; its flushes then go with the final one, which does not.
         drop(deliveries_rx);
-        if worker.pending.next_offset.is_some() || worker.pending.rows() > 0 {
-            let _ = worker.flush_until(CancellationToken::new()).await;
+        if let Some(handle) = worker.in_flight.take() {
+            match worker.settle(handle.await) {
+                Ok(()) | Err(Halt::Stopped) => {}
+                Err(_) => return,
+            }
+        }
+        if !worker.pending.is_empty() || !worker.waiting.is_empty() {
+            let _ = worker.flush_until(&CancellationToken::new(), true).await;
         }
         info!("partition worker stopped");
     }
@@ -348,13 +422,14 @@ impl PartitionWorker {
 
     fn take(&mut self, msg: &OwnedMessage) {
         let offset = msg.offset();
+        let topic = &self.sink.id.topic;
         let verdict = self.cursor.take(offset);
         if verdict != Take::Duplicate && self.duplicates_run > 0 {
             warn!(
                 dropped = self.duplicates_run,
                 "dropped messages below the next expected offset (already processed, or the log was truncated or recreated below the checkpoint)"
             );
-            metrics::counter!(tm::OFFSET_DUPLICATES_TOTAL, "topic" => self.id.topic.clone())
+            metrics::counter!(tm::OFFSET_DUPLICATES_TOTAL, "topic" => topic.clone())
                 .increment(self.duplicates_run);
             self.duplicates_run = 0;
         }
@@ -374,7 +449,7 @@ impl PartitionWorker {
                     skipped,
                     "offsets skipped before this message (compaction, transaction markers, retention or a broker fault)"
                 );
-                metrics::counter!(tm::OFFSETS_SKIPPED_TOTAL, "topic" => self.id.topic.clone())
+                metrics::counter!(tm::OFFSETS_SKIPPED_TOTAL, "topic" => topic.clone())
                     .increment(skipped as u64);
             }
         }
@@ -424,19 +499,28 @@ impl PartitionWorker {
         }
         let late = self.processor.late_dropped() - late_before;
         if late > 0 {
-            metrics::counter!(tm::LATE_EVENTS_TOTAL, "topic" => self.id.topic.clone())
-                .increment(late);
+            metrics::counter!(tm::LATE_EVENTS_TOTAL, "topic" => topic.clone()).increment(late);
         }
         self.pending.next_offset = Some(offset + 1);
         self.position = Some(offset + 1);
         self.pending.since.get_or_insert_with(Instant::now);
     }
 
-    /// Makes the pending batch durable, giving up when the worker is asked to stop.
-    async fn flush(&mut self) -> Result<(), Halt> {
+    /// After a flush gave up: the transaction in flight, if any, still ends here (it stops at the
+    /// stop request when retrying), so what it made durable is stored for commit before the
+    /// worker returns.
+    async fn abandon(&mut self) {
+        if let Some(handle) = self.in_flight.take() {
+            let _ = self.settle(handle.await);
+        }
+    }
+
+    /// Flushes the pending batch, giving up when the worker is asked to stop; `durable`: and
+    /// waits until PostgreSQL holds it.
+    async fn flush(&mut self, durable: bool) -> Result<(), Halt> {
         let stop = self.stop.clone();
         let started = Instant::now();
-        let result = self.flush_until(stop).await;
+        let result = self.flush_until(&stop, durable).await;
         if started.elapsed() > Duration::from_secs(1) {
             // The input was not watched meanwhile (a sink outage): quiet time restarts now.
             self.processor.resume_idle_clocks(wall_clock_ms());
@@ -444,67 +528,137 @@ impl PartitionWorker {
         result
     }
 
-    /// Makes the pending batch durable: outputs and dead letters to Kafka (acked), then outputs
-    /// and checkpoint to PostgreSQL in one transaction, then the offset.
-    async fn flush_until(&mut self, stop: CancellationToken) -> Result<(), Halt> {
+    /// Delivers the pending batch to Kafka (every ack awaited), adds it to the flushes waiting
+    /// for PostgreSQL, and starts their transaction when none is in flight. Waits for the one in
+    /// flight when too many flushes wait, and for all of them when `durable`.
+    async fn flush_until(&mut self, stop: &CancellationToken, durable: bool) -> Result<(), Halt> {
         self.processor.end_batch(&mut self.pending.outputs);
-        let next_offset = match self.pending.next_offset {
-            Some(next) => next,
-            None if self.pending.rows() > 0 => match self.position {
-                Some(position) => position,
-                None => return Ok(()),
-            },
-            None => {
-                self.pending.since = None;
+        if self.pending.next_offset.is_none() {
+            match self.position {
+                // Outputs of a tick or of the batch end: they belong after the last message.
+                Some(position) if self.pending.rows() > 0 => {
+                    self.pending.next_offset = Some(position)
+                }
+                _ => self.pending = Pending::default(),
+            }
+        }
+        if !self.pending.is_empty() {
+            let all: Vec<MessageRef> = (0..self.pending.outputs.len())
+                .map(MessageRef::Output)
+                .chain((0..self.pending.dead.len()).map(MessageRef::DeadLetter))
+                .collect();
+            self.sink.deliver(&mut self.pending, all, stop).await?;
+            let now = wall_clock_ms();
+            for ts in &self.pending.timestamps {
+                self.metrics
+                    .output_latency
+                    .record((now - ts).max(0) as f64 / 1e3);
+            }
+            let mut batch = std::mem::take(&mut self.pending);
+            batch.since = None;
+            batch.flushes = 1;
+            self.waiting.absorb(batch);
+        }
+        loop {
+            if let Some(handle) = &self.in_flight {
+                let wait = durable || self.waiting.flushes > MAX_WAITING_FLUSHES;
+                if !wait && !handle.is_finished() {
+                    return Ok(());
+                }
+                let handle = self.in_flight.take().expect("checked above");
+                self.settle(handle.await)?;
+            }
+            if self.waiting.is_empty() {
                 return Ok(());
             }
+            self.start_commit(stop);
+            if !durable {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Starts the transaction of the waiting flushes, with the checkpoint of this moment (a
+    /// batch boundary: nothing is pending).
+    fn start_commit(&mut self, stop: &CancellationToken) {
+        debug_assert!(self.in_flight.is_none() && self.pending.is_empty());
+        let batch = std::mem::take(&mut self.waiting);
+        let started = std::time::Instant::now();
+        let checkpoint = Checkpoint {
+            next_offset: batch
+                .next_offset
+                .expect("a waiting flush always has its next offset"),
+            state: self.processor.snapshot(),
         };
-        let all: Vec<MessageRef> = (0..self.pending.outputs.len())
-            .map(MessageRef::Output)
-            .chain((0..self.pending.dead.len()).map(MessageRef::DeadLetter))
-            .collect();
-        let result = self.deliver(all, &stop).await;
-        let result = match result {
-            Ok(()) => self.commit(next_offset, &stop).await,
-            Err(halt) => Err(halt),
-        };
-        self.ctx
-            .progress
-            .set_retrying(&self.id.topic, self.id.partition, None);
-        let (rows, checkpoint_bytes) = match result {
+        self.metrics
+            .checkpoint_seconds
+            .record(started.elapsed().as_secs_f64());
+        let (sink, stop) = (self.sink.clone(), stop.clone());
+        self.in_flight = Some(tokio::spawn(async move {
+            let mut batch = batch;
+            let result = sink.commit(&mut batch, &checkpoint, &stop).await;
+            (batch, checkpoint.state.len(), result)
+        }));
+    }
+
+    /// Takes the outcome of a transaction: on success the offset is stored and the batch
+    /// counted; a transaction that stopped while retrying puts its flushes back in front of
+    /// those waiting.
+    fn settle(
+        &mut self,
+        done: Result<(Pending, usize, Result<u64, Halt>), tokio::task::JoinError>,
+    ) -> Result<(), Halt> {
+        let (batch, checkpoint_bytes, result) = match done {
             Ok(done) => done,
+            Err(err) => {
+                self.sink.ctx.fatal.raise(format!(
+                    "partition {}/{}: the PostgreSQL transaction's task failed: {err}",
+                    self.sink.id.topic, self.sink.id.partition
+                ));
+                return Err(Halt::Fatal);
+            }
+        };
+        let (id, ctx) = (&self.sink.id, &self.sink.ctx);
+        ctx.progress.set_retrying(&id.topic, id.partition, None);
+        let rows = match result {
+            Ok(rows) => rows,
+            Err(Halt::Stopped) => {
+                let mut batch = batch;
+                batch.absorb(std::mem::take(&mut self.waiting));
+                self.waiting = batch;
+                return Err(Halt::Stopped);
+            }
             Err(halt) => {
-                if let Halt::Fenced = halt {
-                    metrics::counter!(tm::FENCED_BATCHES_TOTAL, "topic" => self.id.topic.clone())
+                if halt == Halt::Fenced {
+                    metrics::counter!(tm::FENCED_BATCHES_TOTAL, "topic" => id.topic.clone())
                         .increment(1);
                 }
                 return Err(halt);
             }
         };
-        let topic = self.id.topic.clone();
-        self.ctx
-            .offsets
-            .mark_durable(&topic, self.id.partition, next_offset);
-        let p = &self.pending;
-        self.ctx.progress.record_batch(
-            &topic,
-            self.id.partition,
+        let next_offset = batch
+            .next_offset
+            .expect("a committed batch always has its next offset");
+        ctx.offsets
+            .mark_durable(&id.topic, id.partition, next_offset);
+        ctx.progress.record_batch(
+            &id.topic,
+            id.partition,
             &tm::BatchCounts {
                 next_offset,
-                events: p.events,
-                dead_letters: p.dead.len() as u64,
-                outputs: p.outputs.len() as u64,
+                events: batch.events,
+                dead_letters: batch.dead.len() as u64,
+                outputs: batch.outputs.len() as u64,
                 rows,
             },
         );
-        self.record_batch_metrics(&topic, rows, checkpoint_bytes);
-        self.pending = Pending::default();
+        self.record_batch_metrics(&batch, rows, checkpoint_bytes);
         Ok(())
     }
 
     /// Metrics and `/status` of a batch that just became durable (counted per batch).
-    fn record_batch_metrics(&mut self, topic: &str, rows: u64, checkpoint_bytes: usize) {
-        let p = &self.pending;
+    fn record_batch_metrics(&mut self, p: &Pending, rows: u64, checkpoint_bytes: usize) {
+        let topic = self.sink.id.topic.as_str();
         let m = &mut self.metrics;
         let now = wall_clock_ms();
         for ts in &p.timestamps {
@@ -536,6 +690,7 @@ impl PartitionWorker {
             metrics::counter!(tm::OUTLIERS_TOTAL, "topic" => topic.to_string()).increment(outliers);
         }
         m.checkpoint_bytes.set(checkpoint_bytes as f64);
+        m.checkpoint_bytes_total.increment(checkpoint_bytes as u64);
         let (keys, open) = self.processor.state_size();
         m.state_keys.set(keys as f64);
         m.state_open_windows.set(open as f64);
@@ -550,9 +705,9 @@ impl PartitionWorker {
             m.active_clusters.set(s.active_clusters as f64);
             s.points_per_second = rate;
         }
-        self.ctx.progress.record_status(
+        self.sink.ctx.progress.record_status(
             topic,
-            self.id.partition,
+            self.sink.id.partition,
             tm::StatusUpdate {
                 algorithm_status: status,
                 drift_at,
@@ -561,35 +716,39 @@ impl PartitionWorker {
             },
         );
     }
+}
 
+impl Sink {
     /// Produces `which` until every one is acknowledged. Retriable failures back off; a message
     /// Kafka refuses for good is diverted (a dead letter truncated, an output dead-lettered); a
     /// destination that refuses everything is retried with the partition reported as stalled.
     async fn deliver(
-        &mut self,
+        &self,
+        batch: &mut Pending,
         mut which: Vec<MessageRef>,
         stop: &CancellationToken,
     ) -> Result<(), Halt> {
         let topic = self.id.topic.clone();
         let mut backoff = Backoff::new(self.ctx.config.postgres.retry_max_backoff_ms);
+        let mut retried = false;
         loop {
-            self.ctx.progress.set_retrying(
-                &topic,
-                self.id.partition,
-                Some("producing the batch to Kafka".into()),
-            );
             let report = self
                 .ctx
                 .producer
                 .send(
                     &topic,
                     self.id.partition,
-                    &self.pending.outputs,
-                    &self.pending.dead,
+                    &batch.outputs,
+                    &batch.dead,
                     &which,
                 )
                 .await;
             if report.is_complete() {
+                if retried {
+                    self.ctx
+                        .progress
+                        .set_retrying(&topic, self.id.partition, None);
+                }
                 return Ok(());
             }
             which.clear();
@@ -603,12 +762,12 @@ impl PartitionWorker {
                         return Err(Halt::Fatal);
                     }
                     (FailureClass::Message, MessageRef::DeadLetter(i)) => {
-                        let dead = &self.pending.dead[i];
+                        let dead = &batch.dead[i];
                         match dead.shrink() {
                             Some(smaller) => {
                                 warn!(offset = dead.offset, error = %err, "dead letter refused by Kafka; sending it smaller");
                                 metrics::counter!(tm::PRODUCE_DIVERTED_TOTAL, "topic" => topic.clone(), "reason" => "dead_letter_truncated").increment(1);
-                                self.pending.dead[i] = smaller;
+                                batch.dead[i] = smaller;
                                 which.push(m);
                             }
                             None => {
@@ -620,10 +779,10 @@ impl PartitionWorker {
                         }
                     }
                     (FailureClass::Message, MessageRef::Output(i)) => {
-                        let emitted = &self.pending.outputs[i];
+                        let emitted = &batch.outputs[i];
                         warn!(source_offset = emitted.source_offset, error = %err, "output refused by Kafka; sending it to the dead-letter topic");
                         metrics::counter!(tm::PRODUCE_DIVERTED_TOTAL, "topic" => topic.clone(), "reason" => "output_dead_lettered").increment(1);
-                        self.pending.dead.push(DeadLetter::new(
+                        batch.dead.push(DeadLetter::new(
                             Some(emitted.output.key().into_bytes()),
                             Some(emitted.output.to_json()),
                             "output_rejected",
@@ -633,7 +792,7 @@ impl PartitionWorker {
                             ),
                             emitted.source_offset,
                         ));
-                        which.push(MessageRef::DeadLetter(self.pending.dead.len() - 1));
+                        which.push(MessageRef::DeadLetter(batch.dead.len() - 1));
                     }
                     (class, m) => {
                         if class != FailureClass::Retriable {
@@ -660,6 +819,7 @@ impl PartitionWorker {
                 self.ctx
                     .progress
                     .set_retrying(&topic, self.id.partition, Some(problem));
+                retried = true;
                 tokio::select! {
                     _ = stop.cancelled() => return Err(Halt::Stopped),
                     _ = backoff.wait() => {}
@@ -671,21 +831,18 @@ impl PartitionWorker {
     /// Commits the batch and its checkpoint; rows PostgreSQL refuses are dead-lettered first
     /// and the batch is committed without them. Returns the rows written.
     async fn commit(
-        &mut self,
-        next_offset: i64,
+        &self,
+        batch: &mut Pending,
+        checkpoint: &Checkpoint,
         stop: &CancellationToken,
-    ) -> Result<(u64, usize), Halt> {
-        let checkpoint = Checkpoint {
-            next_offset,
-            state: self.processor.snapshot(),
-        };
+    ) -> Result<u64, Halt> {
         let mut backoff = Backoff::new(self.ctx.config.postgres.retry_max_backoff_ms);
         loop {
-            let batch = Batch {
+            let rows = Batch {
                 id: &self.id,
                 epoch: self.epoch,
-                outputs: &self.pending.outputs,
-                checkpoint: &checkpoint,
+                outputs: &batch.outputs,
+                checkpoint,
             };
             let started = std::time::Instant::now();
             self.ctx.progress.set_retrying(
@@ -694,7 +851,7 @@ impl PartitionWorker {
                 Some("committing the batch to PostgreSQL".into()),
             );
             let timeout = Duration::from_millis(self.ctx.config.postgres.commit_timeout_ms);
-            let result = match tokio::time::timeout(timeout, self.ctx.store.commit(&batch)).await {
+            let result = match tokio::time::timeout(timeout, self.ctx.store.commit(&rows)).await {
                 Ok(result) => result,
                 // Dropping the transaction rolls it back (the connection is closed).
                 Err(_) => Err(StoreError::TimedOut),
@@ -704,17 +861,17 @@ impl PartitionWorker {
                     let elapsed = started.elapsed();
                     metrics::histogram!(tm::SINK_COMMIT_SECONDS).record(elapsed.as_secs_f64());
                     self.ctx.progress.record_sink_time(elapsed);
-                    return Ok((rows, checkpoint.state.len()));
+                    return Ok(rows);
                 }
                 Err(StoreError::Rejected(rows)) => {
                     let topic = self.id.topic.clone();
                     metrics::counter!(tm::SINK_REJECTED_ROWS_TOTAL, "topic" => topic)
                         .increment(rows.len() as u64);
-                    let first = self.pending.dead.len();
+                    let first = batch.dead.len();
                     for row in &rows {
-                        let emitted = &self.pending.outputs[row.index];
+                        let emitted = &batch.outputs[row.index];
                         warn!(source_offset = emitted.source_offset, reason = %row.reason, "PostgreSQL refused an output row; dead-lettering it");
-                        self.pending.dead.push(DeadLetter::new(
+                        batch.dead.push(DeadLetter::new(
                             Some(emitted.output.key().into_bytes()),
                             Some(emitted.output.to_json()),
                             "sink_rejected",
@@ -726,14 +883,14 @@ impl PartitionWorker {
                             emitted.source_offset,
                         ));
                     }
-                    let new: Vec<MessageRef> = (first..self.pending.dead.len())
+                    let new: Vec<MessageRef> = (first..batch.dead.len())
                         .map(MessageRef::DeadLetter)
                         .collect();
-                    self.deliver(new, stop).await?;
+                    self.deliver(batch, new, stop).await?;
                     let refused: std::collections::HashSet<usize> =
                         rows.iter().map(|r| r.index).collect();
                     let mut index = 0;
-                    self.pending.outputs.retain(|_| {
+                    batch.outputs.retain(|_| {
                         index += 1;
                         !refused.contains(&(index - 1))
                     });
@@ -802,6 +959,16 @@ fn wall_clock_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// The outcome of the transaction in flight (never resolves without one).
+async fn join(
+    in_flight: &mut Option<InFlight>,
+) -> Result<(Pending, usize, Result<u64, Halt>), tokio::task::JoinError> {
+    match in_flight {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
