@@ -9,7 +9,8 @@
 //!
 //! One transaction is in flight at a time, while the worker goes on processing and delivering
 //! the next batches; they coalesce into the next transaction. PostgreSQL trails Kafka by at most
-//! [`MAX_WAITING_FLUSHES`] flushes: past that the worker waits for the transaction. A stop
+//! [`MAX_WAITING_BATCHES`] batches' worth of rows: past that the worker waits for the
+//! transaction. A stop
 //! request flushes what was processed, waits for PostgreSQL and returns; unprocessed queued
 //! messages are left for the next owner, who starts at the checkpoint.
 
@@ -97,10 +98,12 @@ impl Fatal {
     }
 }
 
-/// Flushes delivered to Kafka that may wait for PostgreSQL besides the transaction in flight;
-/// one more makes the worker wait for that transaction. This bounds how far PostgreSQL trails
-/// the output topics, and so what a crash can make the next owner produce twice.
-pub const MAX_WAITING_FLUSHES: usize = 8;
+/// How many batches' worth (`batch_rows` output rows or messages) may wait for PostgreSQL
+/// besides the transaction in flight; past that the worker waits for the transaction. This
+/// bounds how far PostgreSQL trails the output topics, and so what a crash can make the next
+/// owner produce twice, in rows rather than flushes: a `linger_ms` flush of a few rows counts
+/// for what it holds.
+pub const MAX_WAITING_BATCHES: usize = 8;
 
 /// Messages taken and what they produced: the batch being processed, or the flushes delivered
 /// to Kafka and waiting for their PostgreSQL transaction (several coalesce into one).
@@ -117,8 +120,6 @@ struct Pending {
     next_offset: Option<i64>,
     /// When the first message of this batch was taken.
     since: Option<Instant>,
-    /// Flushes coalesced here.
-    flushes: usize,
 }
 
 impl Pending {
@@ -139,7 +140,6 @@ impl Pending {
         self.timestamps.extend(later.timestamps);
         self.next_offset = later.next_offset.or(self.next_offset);
         self.since = self.since.or(later.since);
-        self.flushes += later.flushes;
     }
 }
 
@@ -556,12 +556,12 @@ impl PartitionWorker {
             }
             let mut batch = std::mem::take(&mut self.pending);
             batch.since = None;
-            batch.flushes = 1;
             self.waiting.absorb(batch);
         }
         loop {
             if let Some(handle) = &self.in_flight {
-                let wait = durable || self.waiting.flushes > MAX_WAITING_FLUSHES;
+                let held = self.waiting.rows().max(self.waiting.consumed as usize);
+                let wait = durable || held > MAX_WAITING_BATCHES * self.batch_rows;
                 if !wait && !handle.is_finished() {
                     return Ok(());
                 }
