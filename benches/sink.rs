@@ -64,6 +64,7 @@ fn bench_sink(c: &mut Criterion) {
             let checkpoint = Checkpoint {
                 next_offset: round,
                 state: state.clone(),
+                deltas: Vec::new(),
             };
             runtime
                 .block_on(store.commit(&Batch {

@@ -1,6 +1,8 @@
 //! State at scale: one partition's processor holding 1,000,000 distinct keys with open windows
 //! (a 60 s tumbling window, clustering off, as a per-key aggregation job would run), measured
-//! for memory per key, checkpoint (snapshot) bytes and time, and restore time.
+//! for memory per key, checkpoint (snapshot) bytes and time, and restore time; then for the
+//! deltas the worker writes instead while they stay smaller than the base: 100 batches of 1,000
+//! events over existing keys, each followed by a delta, and the restore of base + 100 deltas.
 //!
 //! `cargo bench --bench state [-- KEYS]` prints one table row; it is a measurement, not a
 //! criterion benchmark (each step runs once on a state far too large to repeat cheaply).
@@ -58,6 +60,7 @@ fn main() {
     let (held_keys, open) = processor.state_size();
     let started = Instant::now();
     let snapshot = processor.snapshot();
+    processor.forget_changes();
     let snapshot_time = started.elapsed();
     let started = Instant::now();
     let restored = Processor::restore(&config, 1 << 20, 0, &snapshot).expect("own snapshot");
@@ -72,5 +75,50 @@ fn main() {
         snapshot_time.as_secs_f64() * 1e3,
         restore_time.as_secs_f64() * 1e3,
         keys as f64 / applied.as_secs_f64() / 1e6,
+    );
+    drop(restored);
+
+    let (batches, batch) = (100usize, 1_000usize);
+    let mut deltas = Vec::with_capacity(batches);
+    let mut delta_time = std::time::Duration::ZERO;
+    for b in 0..batches {
+        for j in 0..batch {
+            let n = b * batch + j;
+            let event = Event {
+                key: format!("device-{:08}", (n * 7_919) % keys),
+                ts_ms: 1_763_866_801_000 + (n % 1_000) as i64,
+                features: vec![],
+                value: Some((n % 89) as f64),
+                id: None,
+                metadata: None,
+            };
+            processor
+                .apply(&event, (keys + n) as i64, &mut out)
+                .expect("every event is valid");
+        }
+        processor.end_batch(&mut out);
+        out.clear();
+        let started = Instant::now();
+        deltas.push(processor.take_delta());
+        delta_time += started.elapsed();
+    }
+    let started = Instant::now();
+    let restored =
+        Processor::restore_chain(&config, 1 << 20, 0, &snapshot, &deltas).expect("own chain");
+    let chain_time = started.elapsed();
+    assert_eq!(
+        restored.snapshot(),
+        processor.snapshot(),
+        "base + deltas = the state"
+    );
+    let delta_bytes: usize = deltas.iter().map(Vec::len).sum();
+    println!();
+    println!("| delta after a batch of {batch} events | delta time | restore of base + {batches} deltas |");
+    println!("|---|---|---|");
+    println!(
+        "| {:.1} kB | {:.2} ms | {:.0} ms |",
+        delta_bytes as f64 / batches as f64 / 1e3,
+        delta_time.as_secs_f64() * 1e3 / batches as f64,
+        chain_time.as_secs_f64() * 1e3,
     );
 }

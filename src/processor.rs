@@ -11,7 +11,7 @@ use crate::clustering::{AssignmentLine, ClusteringStage};
 use crate::config::{LatePolicy, ProcessingConfig};
 use crate::event::{self, DecodeError, Event};
 use crate::output::Emitted;
-use crate::windows::{Late, Windower, WindowerState};
+use crate::windows::{Late, Windower, WindowerDelta, WindowerState};
 
 /// One input message as the processor sees it.
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +74,21 @@ impl SeqCounter {
 }
 
 const SNAPSHOT_VERSION: u32 = 2;
+
+/// What changed since the previous checkpoint (a full snapshot or a delta): the processor's
+/// scalars and clustering whole, the windows' changed slots only.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Delta {
+    version: u32,
+    dimension: Option<usize>,
+    counters: ProcessorCounters,
+    last_offset: i64,
+    clustering: Option<ClusteringStage>,
+    windows: Vec<WindowerDelta>,
+    seq: SeqCounter,
+}
+
+const DELTA_VERSION: u32 = 1;
 
 /// A snapshot that cannot be restored.
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +164,57 @@ impl Processor {
         partition: i32,
         bytes: &[u8],
     ) -> Result<Self, SnapshotError> {
+        Self::restore_chain(config, max_event_bytes, partition, bytes, &[])
+    }
+
+    /// A processor restored from a full snapshot and the deltas ([`Processor::take_delta`])
+    /// written after it, oldest first.
+    ///
+    /// # Errors
+    /// [`SnapshotError`] when a part is not a snapshot or delta of a compatible version.
+    pub fn restore_chain(
+        config: &ProcessingConfig,
+        max_event_bytes: usize,
+        partition: i32,
+        bytes: &[u8],
+        deltas: &[Vec<u8>],
+    ) -> Result<Self, SnapshotError> {
+        let mut p = Self::restore_base(config, max_event_bytes, partition, bytes)?;
+        for (i, bytes) in deltas.iter().enumerate() {
+            let delta: Delta = rmp_serde::from_slice(bytes)
+                .map_err(|e| SnapshotError(format!("delta {} of {}: {e}", i + 1, deltas.len())))?;
+            if delta.version != DELTA_VERSION {
+                return Err(SnapshotError(format!(
+                    "delta {} of {}: version {} (this build reads {DELTA_VERSION})",
+                    i + 1,
+                    deltas.len(),
+                    delta.version
+                )));
+            }
+            p.dimension = config.dimension.or(delta.dimension);
+            p.counters = delta.counters;
+            p.last_offset = delta.last_offset;
+            p.seq = delta.seq;
+            if config.clustering.enabled {
+                if let Some(stage) = delta.clustering {
+                    p.clustering = Some(stage.with_config(config.clustering.clone()));
+                }
+            }
+            for change in delta.windows {
+                if let Some(w) = p.windows.iter_mut().find(|w| w.matches(&change.state)) {
+                    w.apply_delta(change);
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    fn restore_base(
+        config: &ProcessingConfig,
+        max_event_bytes: usize,
+        partition: i32,
+        bytes: &[u8],
+    ) -> Result<Self, SnapshotError> {
         // Version 1 snapshots were JSON; version 2 is MessagePack, which keeps every float
         // bit-exact, non-finite ones included (JSON would write `null` and never read it back).
         let snap: Snapshot = if bytes.first() == Some(&b'{') {
@@ -192,6 +258,27 @@ impl Processor {
             seq: self.seq,
         })
         .expect("MessagePack encodes every value of the processor state (plain data, string map keys or integers)")
+    }
+
+    /// What changed since the last delta or [`Processor::forget_changes`], for
+    /// [`Processor::restore_chain`] after the checkpoint written then; forgets it. The window
+    /// slots cost what changed (a sliding window and the clustering are written whole).
+    pub fn take_delta(&mut self) -> Vec<u8> {
+        rmp_serde::to_vec_named(&Delta {
+            version: DELTA_VERSION,
+            dimension: self.dimension,
+            counters: self.counters.clone(),
+            last_offset: self.last_offset,
+            clustering: self.clustering.clone(),
+            windows: self.windows.iter_mut().map(Windower::take_delta).collect(),
+            seq: self.seq,
+        })
+        .expect("MessagePack encodes every value of the processor state (plain data, string map keys or integers)")
+    }
+
+    /// Forgets the changes since the last delta: a full [`Processor::snapshot`] holds them.
+    pub fn forget_changes(&mut self) {
+        self.windows.iter_mut().for_each(Windower::forget_changes);
     }
 
     /// Decodes and processes one message; its outputs are appended to `out`. Returns how the

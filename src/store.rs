@@ -31,13 +31,49 @@ use sqlx::Connection as _;
 
 use crate::output::{ClusterUpdate, DriftRecord, Emitted, OutlierRecord, Output, WindowAggregate};
 
-/// A partition's checkpoint.
+/// A partition's checkpoint: a full snapshot (the base) and the deltas written after it.
+///
+/// Read ([`Store::load`], [`Store::claim`]): the base and every delta after it, oldest first.
+/// Written ([`Store::commit`]): with no deltas, `state` becomes the new base and the old deltas
+/// are dropped; with deltas (and an empty `state`), they are appended after the current base.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
-    /// The first offset not yet reflected in `state`.
+    /// The first offset not yet reflected in the state (the base and its deltas).
     pub next_offset: i64,
-    /// The processor's snapshot.
+    /// The processor's full snapshot (empty in a write of deltas).
     pub state: Vec<u8>,
+    /// Processor deltas after `state`, oldest first.
+    pub deltas: Vec<Vec<u8>>,
+}
+
+impl Checkpoint {
+    /// A new base: the full snapshot.
+    pub fn full(next_offset: i64, state: Vec<u8>) -> Self {
+        Self {
+            next_offset,
+            state,
+            deltas: Vec::new(),
+        }
+    }
+
+    /// One delta after the current base and its deltas.
+    pub fn delta(next_offset: i64, delta: Vec<u8>) -> Self {
+        Self {
+            next_offset,
+            state: Vec::new(),
+            deltas: vec![delta],
+        }
+    }
+
+    /// Whether this write extends the chain rather than replacing the base.
+    pub fn is_delta(&self) -> bool {
+        !self.deltas.is_empty()
+    }
+
+    /// Bytes written or read: the base and the deltas.
+    pub fn bytes(&self) -> usize {
+        self.state.len() + self.deltas.iter().map(Vec::len).sum::<usize>()
+    }
 }
 
 /// Identity of a partition's checkpoint.
@@ -236,11 +272,15 @@ impl MemoryStore {
                 current: p.epoch,
             });
         }
-        if p.checkpoint
-            .as_ref()
-            .is_none_or(|c| c.next_offset <= batch.checkpoint.next_offset)
-        {
-            p.checkpoint = Some(batch.checkpoint.clone());
+        let write = batch.checkpoint;
+        match &mut p.checkpoint {
+            Some(c) if c.next_offset > write.next_offset => {}
+            Some(c) if write.is_delta() => {
+                c.next_offset = write.next_offset;
+                c.deltas.extend(write.deltas.iter().cloned());
+            }
+            _ if write.is_delta() => return Err(delta_without_base()),
+            slot => *slot = Some(write.clone()),
         }
         let rows = batch.outputs.len() as u64;
         self.rows.fetch_add(rows, Ordering::Relaxed);
@@ -327,17 +367,10 @@ impl PgStore {
     }
 
     async fn load(&self, id: &PartitionId) -> Result<Option<Checkpoint>, StoreError> {
-        let row: Option<(i64, Vec<u8>)> = sqlx::query_as(
-            "-- load the partition's checkpoint
-             SELECT next_offset, state FROM partition_checkpoints
-             WHERE group_id = $1 AND source_topic = $2 AND partition = $3",
-        )
-        .bind(&id.group_id)
-        .bind(&id.topic)
-        .bind(id.partition)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(|(next_offset, state)| Checkpoint { next_offset, state }))
+        let mut tx = self.pool.begin().await?;
+        let checkpoint = read_checkpoint(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(checkpoint)
     }
 
     async fn claim(&self, id: &PartitionId) -> Result<(Epoch, Option<Checkpoint>), StoreError> {
@@ -355,21 +388,10 @@ impl PgStore {
         .bind(id.partition)
         .fetch_one(&mut *tx)
         .await?;
-        let row: Option<(i64, Vec<u8>)> = sqlx::query_as(
-            "-- the checkpoint the previous owner left
-             SELECT next_offset, state FROM partition_checkpoints
-             WHERE group_id = $1 AND source_topic = $2 AND partition = $3",
-        )
-        .bind(&id.group_id)
-        .bind(&id.topic)
-        .bind(id.partition)
-        .fetch_optional(&mut *tx)
-        .await?;
+        // The checkpoint the previous owner left.
+        let checkpoint = read_checkpoint(&mut tx, id).await?;
         tx.commit().await?;
-        Ok((
-            epoch,
-            row.map(|(next_offset, state)| Checkpoint { next_offset, state }),
-        ))
+        Ok((epoch, checkpoint))
     }
 
     async fn commit(&self, batch: &Batch<'_>) -> Result<u64, StoreError> {
@@ -558,12 +580,105 @@ async fn write_outputs(
     Ok(rows)
 }
 
-/// Upserts the partition's checkpoint; it never moves backwards.
+/// The error of a delta written before any base: a bug of the caller, not data.
+fn delta_without_base() -> StoreError {
+    StoreError::Fatal(sqlx::Error::Protocol(
+        "a checkpoint delta was written before any full checkpoint of the partition".into(),
+    ))
+}
+
+/// The partition's base checkpoint and its deltas, oldest first.
+async fn read_checkpoint(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    id: &PartitionId,
+) -> Result<Option<Checkpoint>, StoreError> {
+    let row: Option<(i64, Vec<u8>)> = sqlx::query_as(
+        "-- the partition's base checkpoint
+         SELECT next_offset, state FROM partition_checkpoints
+         WHERE group_id = $1 AND source_topic = $2 AND partition = $3",
+    )
+    .bind(&id.group_id)
+    .bind(&id.topic)
+    .bind(id.partition)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some((next_offset, state)) = row else {
+        return Ok(None);
+    };
+    let deltas: Vec<(Vec<u8>,)> = sqlx::query_as(
+        "-- the deltas after the base, in the order they were written
+         SELECT delta FROM partition_checkpoint_deltas
+         WHERE group_id = $1 AND source_topic = $2 AND partition = $3
+         ORDER BY seq",
+    )
+    .bind(&id.group_id)
+    .bind(&id.topic)
+    .bind(id.partition)
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(Some(Checkpoint {
+        next_offset,
+        state,
+        deltas: deltas.into_iter().map(|(d,)| d).collect(),
+    }))
+}
+
+/// Writes the partition's checkpoint: a new base (dropping the deltas of the old one), or
+/// deltas after the current base. It never moves backwards.
 async fn write_checkpoint(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     batch: &Batch<'_>,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
+) -> Result<(), StoreError> {
+    let (id, checkpoint) = (batch.id, batch.checkpoint);
+    if checkpoint.is_delta() {
+        let moved: Option<(i64,)> = sqlx::query_as(
+            "-- the base's next offset follows its latest delta; never backwards
+             UPDATE partition_checkpoints SET next_offset = $4, updated_at = now()
+             WHERE group_id = $1 AND source_topic = $2 AND partition = $3 AND next_offset <= $4
+             RETURNING next_offset",
+        )
+        .bind(&id.group_id)
+        .bind(&id.topic)
+        .bind(id.partition)
+        .bind(checkpoint.next_offset)
+        .fetch_optional(&mut **tx)
+        .await?;
+        if moved.is_none() {
+            let base: Option<(i64,)> = sqlx::query_as(
+                "SELECT next_offset FROM partition_checkpoints
+                 WHERE group_id = $1 AND source_topic = $2 AND partition = $3",
+            )
+            .bind(&id.group_id)
+            .bind(&id.topic)
+            .bind(id.partition)
+            .fetch_optional(&mut **tx)
+            .await?;
+            // Behind the stored checkpoint: nothing to write (as for a base).
+            return match base {
+                Some(_) => Ok(()),
+                None => Err(delta_without_base()),
+            };
+        }
+        for delta in &checkpoint.deltas {
+            sqlx::query(
+                "-- one delta after the base and the deltas before it
+                 INSERT INTO partition_checkpoint_deltas
+                     (group_id, source_topic, partition, seq, next_offset, delta)
+                 SELECT $1, $2, $3, COALESCE(max(seq), 0) + 1, $4, $5
+                 FROM partition_checkpoint_deltas
+                 WHERE group_id = $1 AND source_topic = $2 AND partition = $3",
+            )
+            .bind(&id.group_id)
+            .bind(&id.topic)
+            .bind(id.partition)
+            .bind(checkpoint.next_offset)
+            .bind(delta)
+            .execute(&mut **tx)
+            .await?;
+        }
+        return Ok(());
+    }
+    let written = sqlx::query(
         "-- the partition's checkpoint, in the same transaction; never moves backwards
          INSERT INTO partition_checkpoints (group_id, source_topic, partition, next_offset, state)
          VALUES ($1, $2, $3, $4, $5)
@@ -574,10 +689,23 @@ async fn write_checkpoint(
     .bind(&batch.id.group_id)
     .bind(&batch.id.topic)
     .bind(batch.id.partition)
-    .bind(batch.checkpoint.next_offset)
-    .bind(&batch.checkpoint.state)
+    .bind(checkpoint.next_offset)
+    .bind(&checkpoint.state)
     .execute(&mut **tx)
-    .await?;
+    .await?
+    .rows_affected();
+    if written > 0 {
+        sqlx::query(
+            "-- a new base: the deltas of the old one are folded into it
+             DELETE FROM partition_checkpoint_deltas
+             WHERE group_id = $1 AND source_topic = $2 AND partition = $3",
+        )
+        .bind(&id.group_id)
+        .bind(&id.topic)
+        .bind(id.partition)
+        .execute(&mut **tx)
+        .await?;
+    }
     Ok(())
 }
 

@@ -111,8 +111,10 @@ catalogue! {
     CHECKPOINT_BYTES = "neurostream_checkpoint_bytes", Gauge, ["topic", "partition"], "Size of the partition's last checkpoint";
     /// Checkpoint bytes written to PostgreSQL, per partition.
     CHECKPOINT_BYTES_TOTAL = "neurostream_checkpoint_bytes_total", Counter, ["topic", "partition"], "Checkpoint bytes written to PostgreSQL";
-    /// Seconds to take a checkpoint (the processor's snapshot), per transaction.
-    CHECKPOINT_SECONDS = "neurostream_checkpoint_seconds", Histogram, ["topic"], "Seconds to take a checkpoint (the processor's snapshot), per transaction", COMMIT_BUCKETS;
+    /// Seconds to take a checkpoint (the processor's snapshot or delta), per transaction.
+    CHECKPOINT_SECONDS = "neurostream_checkpoint_seconds", Histogram, ["topic"], "Seconds to take a checkpoint (the processor's snapshot or delta), per transaction", COMMIT_BUCKETS;
+    /// Checkpoints written, by kind: `full` (a new base) or `delta` (what changed since).
+    CHECKPOINTS_TOTAL = "neurostream_checkpoints_total", Counter, ["topic", "kind"], "Checkpoints written to PostgreSQL, full (a new base) or delta";
     /// Keys with state in a partition's windows.
     STATE_KEYS = "neurostream_state_keys", Gauge, ["topic", "partition"], "Keys with state in the partition's windows";
     /// Open windows (per key) of a partition.

@@ -105,6 +105,30 @@ impl Fatal {
 /// for what it holds.
 pub const MAX_WAITING_BATCHES: usize = 8;
 
+/// Deltas written after one base at most; the next checkpoint is full. Bounds what a restore
+/// reads and applies besides the byte rule (deltas stop when they sum to the base's size).
+pub const MAX_DELTAS: usize = 1_000;
+
+/// The partition's checkpoint in PostgreSQL as this worker wrote it: the base and the deltas
+/// after it. A worker's first checkpoint is full (the chain it restored may come from another
+/// configuration), and so is one after a transaction that gave up (its delta was lost).
+#[derive(Debug, Default)]
+struct Chain {
+    /// Bytes of the base this worker wrote; `None`: the next checkpoint is full.
+    base: Option<usize>,
+    /// Bytes of the deltas after it.
+    delta_bytes: usize,
+    /// Deltas after it.
+    deltas: usize,
+}
+
+/// What a transaction wrote of the checkpoint.
+#[derive(Debug, Clone, Copy)]
+struct Written {
+    bytes: usize,
+    delta: bool,
+}
+
 /// Messages taken and what they produced: the batch being processed, or the flushes delivered
 /// to Kafka and waiting for their PostgreSQL transaction (several coalesce into one).
 #[derive(Default)]
@@ -171,7 +195,10 @@ enum Halt {
 
 /// A PostgreSQL transaction in flight: the flushes it carries come back with its outcome and the
 /// checkpoint's size.
-type InFlight = tokio::task::JoinHandle<(Pending, usize, Result<u64, Halt>)>;
+type InFlight = tokio::task::JoinHandle<Committed>;
+
+/// A transaction's flushes, what it wrote of the checkpoint, and its outcome.
+type Committed = (Pending, Written, Result<u64, Halt>);
 
 /// The partition's way out: Kafka, then PostgreSQL. Cheap to clone into a commit task.
 #[derive(Clone)]
@@ -195,6 +222,8 @@ pub struct PartitionWorker {
     waiting: Pending,
     /// The PostgreSQL transaction in flight.
     in_flight: Option<InFlight>,
+    /// The checkpoint chain written so far.
+    chain: Chain,
     /// Next offset after the last processed message (or the checkpoint's).
     position: Option<i64>,
     batch_rows: usize,
@@ -296,7 +325,14 @@ impl PartitionWorker {
         let max_bytes = config.kafka.max_event_bytes;
         let mut processor = match &checkpoint {
             Some(c) => {
-                match Processor::restore(&config.processing, max_bytes, id.partition, &c.state) {
+                let (partition, deltas) = (id.partition, &c.deltas);
+                match Processor::restore_chain(
+                    &config.processing,
+                    max_bytes,
+                    partition,
+                    &c.state,
+                    deltas,
+                ) {
                     Ok(p) => p,
                     Err(err) => {
                         ctx.fatal.raise(format!(
@@ -328,6 +364,7 @@ impl PartitionWorker {
             pending: Pending::default(),
             waiting: Pending::default(),
             in_flight: None,
+            chain: Chain::default(),
             stop: stop.clone(),
             metrics,
         };
@@ -584,31 +621,48 @@ impl PartitionWorker {
         debug_assert!(self.in_flight.is_none() && self.pending.is_empty());
         let batch = std::mem::take(&mut self.waiting);
         let started = std::time::Instant::now();
-        let checkpoint = Checkpoint {
-            next_offset: batch
-                .next_offset
-                .expect("a waiting flush always has its next offset"),
-            state: self.processor.snapshot(),
-        };
+        let next_offset = batch
+            .next_offset
+            .expect("a waiting flush always has its next offset");
+        let checkpoint = self.checkpoint(next_offset);
         self.metrics
             .checkpoint_seconds
             .record(started.elapsed().as_secs_f64());
+        let written = Written {
+            bytes: checkpoint.bytes(),
+            delta: checkpoint.is_delta(),
+        };
         let (sink, stop) = (self.sink.clone(), stop.clone());
         self.in_flight = Some(tokio::spawn(async move {
             let mut batch = batch;
             let result = sink.commit(&mut batch, &checkpoint, &stop).await;
-            (batch, checkpoint.state.len(), result)
+            (batch, written, result)
         }));
+    }
+
+    /// The checkpoint to write now: what changed since the last one while the deltas after the
+    /// base stay smaller than the base (and fewer than [`MAX_DELTAS`]), else a new base. So a
+    /// checkpoint costs what changed, PostgreSQL holds at most twice the state, and a restore
+    /// reads at most that.
+    fn checkpoint(&mut self, next_offset: i64) -> Checkpoint {
+        if let Some(base) = self.chain.base {
+            if self.chain.deltas < MAX_DELTAS {
+                let delta = self.processor.take_delta();
+                if self.chain.delta_bytes + delta.len() < base {
+                    return Checkpoint::delta(next_offset, delta);
+                }
+            }
+        }
+        let state = self.processor.snapshot();
+        self.processor.forget_changes();
+        Checkpoint::full(next_offset, state)
     }
 
     /// Takes the outcome of a transaction: on success the offset is stored and the batch
     /// counted; a transaction that stopped while retrying puts its flushes back in front of
     /// those waiting.
-    fn settle(
-        &mut self,
-        done: Result<(Pending, usize, Result<u64, Halt>), tokio::task::JoinError>,
-    ) -> Result<(), Halt> {
-        let (batch, checkpoint_bytes, result) = match done {
+    fn settle(&mut self, done: Result<Committed, tokio::task::JoinError>) -> Result<(), Halt> {
+        let (batch, written, result) = match done {
             Ok(done) => done,
             Err(err) => {
                 self.sink.ctx.fatal.raise(format!(
@@ -623,6 +677,8 @@ impl PartitionWorker {
         let rows = match result {
             Ok(rows) => rows,
             Err(Halt::Stopped) => {
+                // Its delta is lost with it: the next checkpoint is full.
+                self.chain.base = None;
                 let mut batch = batch;
                 batch.absorb(std::mem::take(&mut self.waiting));
                 self.waiting = batch;
@@ -652,7 +708,22 @@ impl PartitionWorker {
                 rows,
             },
         );
-        self.record_batch_metrics(&batch, rows, checkpoint_bytes);
+        self.chain = if written.delta {
+            Chain {
+                base: self.chain.base,
+                delta_bytes: self.chain.delta_bytes + written.bytes,
+                deltas: self.chain.deltas + 1,
+            }
+        } else {
+            Chain {
+                base: Some(written.bytes),
+                ..Chain::default()
+            }
+        };
+        let kind = if written.delta { "delta" } else { "full" };
+        metrics::counter!(tm::CHECKPOINTS_TOTAL, "topic" => id.topic.clone(), "kind" => kind)
+            .increment(1);
+        self.record_batch_metrics(&batch, rows, written.bytes);
         Ok(())
     }
 
@@ -962,9 +1033,7 @@ fn wall_clock_ms() -> i64 {
 }
 
 /// The outcome of the transaction in flight (never resolves without one).
-async fn join(
-    in_flight: &mut Option<InFlight>,
-) -> Result<(Pending, usize, Result<u64, Halt>), tokio::task::JoinError> {
+async fn join(in_flight: &mut Option<InFlight>) -> Result<Committed, tokio::task::JoinError> {
     match in_flight {
         Some(handle) => handle.await,
         None => std::future::pending().await,

@@ -6,7 +6,7 @@
 use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use neurostream::config::{Algorithm, ClusteringConfig, Config, ProcessingConfig, WindowConfig};
-use neurostream::config::{EmitMode, WindowKind};
+use neurostream::config::{EmitMode, LatePolicy, WindowKind};
 use neurostream::event::{self, Limits};
 use neurostream::processor::{Processor, Record};
 use proptest::prelude::*;
@@ -219,6 +219,67 @@ proptest! {
         out.extend(feed(&mut second, &payloads, cut, payloads.len()));
         prop_assert_eq!(out, all);
         prop_assert_eq!(second.snapshot(), straight.snapshot());
+    }
+}
+
+/// Every window shape with state a delta must carry: open slots with updates, hopping windows,
+/// closed windows kept for late updates, sliding windows.
+fn processing_for_deltas() -> ProcessingConfig {
+    let mut config = processing(Algorithm::Ncs);
+    config.windows.extend([
+        WindowConfig {
+            size_ms: 40,
+            late: LatePolicy::Update,
+            allowed_lateness_ms: 60,
+            emit: EmitMode::Update,
+            ..WindowConfig::default()
+        },
+        WindowConfig {
+            kind: WindowKind::Hopping,
+            size_ms: 60,
+            slide_ms: Some(20),
+            ..WindowConfig::default()
+        },
+    ]);
+    config
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn a_full_snapshot_and_the_deltas_after_it_rebuild_the_state_exactly(
+        evs in events(),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 1..6),
+    ) {
+        let config = processing_for_deltas();
+        let payloads = payloads(&evs);
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(payloads.len() + 1)).collect();
+        cuts.sort_unstable();
+
+        let mut live = Processor::new(&config, 1 << 20, 0);
+        let (mut base, mut deltas, mut from) = (None, Vec::new(), 0);
+        for &cut in &cuts {
+            feed(&mut live, &payloads, from, cut);
+            live.end_batch(&mut Vec::new());
+            from = cut;
+            // The first checkpoint is full, every later one a delta (the worker's order).
+            match base {
+                None => {
+                    base = Some(live.snapshot());
+                    live.forget_changes();
+                }
+                Some(_) => deltas.push(live.take_delta()),
+            }
+        }
+        let base = base.expect("at least one cut");
+        let mut restored = Processor::restore_chain(&config, 1 << 20, 0, &base, &deltas)
+            .map_err(|e| TestCaseError::fail(format!("restore failed: {e}")))?;
+        prop_assert_eq!(restored.snapshot(), live.snapshot(), "base + deltas is not the live state");
+        let rest_live = feed(&mut live, &payloads, from, payloads.len());
+        let rest_restored = feed(&mut restored, &payloads, from, payloads.len());
+        prop_assert_eq!(rest_restored, rest_live);
+        prop_assert_eq!(restored.snapshot(), live.snapshot());
     }
 }
 

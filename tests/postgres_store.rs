@@ -61,6 +61,7 @@ async fn a_replayed_batch_changes_nothing() {
     let checkpoint = Checkpoint {
         next_offset: 10,
         state: b"state-10".to_vec(),
+        deltas: Vec::new(),
     };
     let id = id();
     let (epoch, _) = store.claim(&id).await.unwrap();
@@ -103,6 +104,7 @@ async fn checkpoints_never_move_backwards() {
         let checkpoint = Checkpoint {
             next_offset: next,
             state: state.as_bytes().to_vec(),
+            deltas: Vec::new(),
         };
         store
             .commit(&Batch {
@@ -132,6 +134,7 @@ async fn a_final_replaces_updates_and_the_last_revision_wins_within_a_batch() {
             let checkpoint = Checkpoint {
                 next_offset: next,
                 state: vec![],
+                deltas: Vec::new(),
             };
             store
                 .commit(&Batch {
@@ -183,6 +186,7 @@ async fn a_stale_owner_can_never_commit_after_the_next_owner_claimed() {
                 let checkpoint = Checkpoint {
                     next_offset: next,
                     state: format!("old-{next}").into_bytes(),
+                    deltas: Vec::new(),
                 };
                 let batch = Batch {
                     id: &id,
@@ -226,6 +230,7 @@ async fn a_stale_owner_can_never_commit_after_the_next_owner_claimed() {
     let cp = Checkpoint {
         next_offset: last + 1,
         state: b"new".to_vec(),
+        deltas: Vec::new(),
     };
     store
         .commit(&Batch {
@@ -256,6 +261,7 @@ async fn refused_rows_are_named_and_the_rest_commits() {
     let checkpoint = Checkpoint {
         next_offset: 4,
         state: b"s".to_vec(),
+        deltas: Vec::new(),
     };
     let batch = Batch {
         id: &id,
@@ -347,6 +353,7 @@ async fn extreme_floats_round_trip_exactly() {
     let checkpoint = Checkpoint {
         next_offset: 1,
         state: vec![],
+        deltas: Vec::new(),
     };
     let batch = Batch {
         id: &id,
@@ -363,5 +370,93 @@ async fn extreme_floats_round_trip_exactly() {
     for (i, (_, sum, min)) in rows.iter().enumerate() {
         assert_eq!(sum.to_bits(), values[i].to_bits(), "row {i}");
         assert_eq!(min.unwrap().to_bits(), values[i].to_bits(), "row {i}");
+    }
+}
+
+/// A checkpoint chain: a base, deltas appended in order (the base's next offset follows them),
+/// a stale delta ignored, a new base dropping the old deltas; the same in the in-memory store.
+/// A delta before any base is refused.
+#[tokio::test]
+async fn checkpoint_deltas_chain_after_their_base_and_a_new_base_drops_them() {
+    let (_, pg) = fresh_db().await;
+    for store in [
+        Store::Postgres(pg),
+        Store::Memory(neurostream::store::MemoryStore::default()),
+    ] {
+        let id = id();
+        let (epoch, none) = store.claim(&id).await.unwrap();
+        assert_eq!(none, None);
+        let commit = |checkpoint: Checkpoint| {
+            let (store, id) = (store.clone(), id.clone());
+            async move {
+                store
+                    .commit(&Batch {
+                        id: &id,
+                        epoch,
+                        outputs: &[],
+                        checkpoint: &checkpoint,
+                    })
+                    .await
+            }
+        };
+        let err = commit(Checkpoint::delta(5, b"orphan".to_vec()))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("before any full checkpoint"),
+            "{err}"
+        );
+
+        commit(Checkpoint::full(10, b"base".to_vec()))
+            .await
+            .unwrap();
+        commit(Checkpoint::delta(12, b"d1".to_vec())).await.unwrap();
+        commit(Checkpoint::delta(12, b"d2".to_vec())).await.unwrap(); // a tick: same offset
+        commit(Checkpoint::delta(11, b"stale".to_vec()))
+            .await
+            .unwrap();
+        commit(Checkpoint::delta(15, b"d3".to_vec())).await.unwrap();
+        let want = Checkpoint {
+            next_offset: 15,
+            state: b"base".to_vec(),
+            deltas: vec![b"d1".to_vec(), b"d2".to_vec(), b"d3".to_vec()],
+        };
+        assert_eq!(store.load(&id).await.unwrap(), Some(want.clone()));
+        // The next owner's claim reads the same chain.
+        let (epoch2, claimed) = store.claim(&id).await.unwrap();
+        assert_eq!(claimed, Some(want));
+
+        let (store2, id2) = (store.clone(), id.clone());
+        store2
+            .commit(&Batch {
+                id: &id2,
+                epoch: epoch2,
+                outputs: &[],
+                checkpoint: &Checkpoint::full(16, b"base2".to_vec()),
+            })
+            .await
+            .unwrap();
+        store2
+            .commit(&Batch {
+                id: &id2,
+                epoch: epoch2,
+                outputs: &[],
+                checkpoint: &Checkpoint::delta(17, b"e1".to_vec()),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            store.load(&id).await.unwrap(),
+            Some(Checkpoint {
+                next_offset: 17,
+                state: b"base2".to_vec(),
+                deltas: vec![b"e1".to_vec()],
+            })
+        );
+        // The old owner is fenced for deltas as for bases.
+        assert!(matches!(
+            commit(Checkpoint::delta(30, b"zombie".to_vec())).await,
+            Err(neurostream::store::StoreError::Fenced { .. })
+        ));
     }
 }

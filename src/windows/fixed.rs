@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::{Aggregate, IdleClock, Late, Slot, WindowerState};
+use super::{Aggregate, IdleClock, Late, Slot, WindowerDelta, WindowerState};
 use crate::config::{EmitMode, LatePolicy, WindowConfig, WindowKind};
 use crate::event::Event;
 use crate::output::{Emitted, Output, WindowAggregate};
@@ -21,6 +21,13 @@ pub struct FixedWindower {
     closed: BTreeMap<i64, HashMap<String, Slot>>,
     /// Open windows changed in the current batch (may hold stale entries).
     dirty: Vec<(i64, String)>,
+    /// Slots changed since the last checkpoint, first change only (the slot's `unsaved`
+    /// flag), open then closed; entries of windows removed since are stale and skipped.
+    unsaved_open: Vec<(i64, String)>,
+    unsaved_closed: Vec<(i64, String)>,
+    /// Starts removed from `open` / `closed` since the last checkpoint.
+    open_removed: Vec<i64>,
+    closed_removed: Vec<i64>,
     /// Events that were late for this window and not admitted.
     late_dropped: u64,
     /// Wall clock of the last event, for idle close.
@@ -61,6 +68,10 @@ impl FixedWindower {
             open: BTreeMap::new(),
             closed: BTreeMap::new(),
             dirty: Vec::new(),
+            unsaved_open: Vec::new(),
+            unsaved_closed: Vec::new(),
+            open_removed: Vec::new(),
+            closed_removed: Vec::new(),
             late_dropped: 0,
             idle: IdleClock::default(),
         }
@@ -152,6 +163,10 @@ impl FixedWindower {
                     .entry(event.key.clone())
                     .or_default();
                 slot.agg.add(event.value);
+                if !slot.unsaved {
+                    slot.unsaved = true;
+                    self.unsaved_open.push((start, event.key.clone()));
+                }
                 if !slot.changed {
                     slot.changed = true;
                     if self.spec.emit != EmitMode::Final {
@@ -171,8 +186,15 @@ impl FixedWindower {
                 .map(|slot| {
                     slot.agg.add(event.value);
                     slot.emitted += 1;
-                    (slot.agg.clone(), slot.emitted - 1)
+                    let first_change = !std::mem::replace(&mut slot.unsaved, true);
+                    (slot.agg.clone(), slot.emitted - 1, first_change)
                 });
+            let retained = retained.map(|(agg, revision, first_change)| {
+                if first_change {
+                    self.unsaved_closed.push((start, event.key.clone()));
+                }
+                (agg, revision)
+            });
             match (self.spec.late, retained) {
                 (LatePolicy::Update, Some((agg, revision))) => {
                     let agg =
@@ -188,6 +210,8 @@ impl FixedWindower {
                     let mut slot = Slot::default();
                     slot.agg.add(event.value);
                     slot.emitted = 1;
+                    slot.unsaved = true;
+                    self.unsaved_closed.push((start, event.key.clone()));
                     let agg =
                         self.aggregate(partition, start, event.key.clone(), &slot.agg, true, 0);
                     out.push(Emitted {
@@ -252,6 +276,10 @@ impl FixedWindower {
                 continue;
             }
             slot.changed = false;
+            if !slot.unsaved {
+                slot.unsaved = true;
+                self.unsaved_open.push((start, key.clone()));
+            }
             let revision = slot.emitted;
             slot.emitted += 1;
             let agg = slot.agg.clone();
@@ -272,6 +300,7 @@ impl FixedWindower {
                 break;
             }
             let keys = self.open.remove(&start).unwrap_or_default();
+            self.open_removed.push(start);
             let keep = self.spec.late == LatePolicy::Update && self.purges_at(start) > time;
             let mut kept = HashMap::new();
             for (key, mut slot) in sorted(keys) {
@@ -301,6 +330,9 @@ impl FixedWindower {
                     output: Output::WindowAggregate(output),
                 });
                 if keep {
+                    // Listed again: its entry among the open slots is stale now.
+                    slot.unsaved = true;
+                    self.unsaved_closed.push((start, key.clone()));
                     kept.insert(key, slot);
                 }
             }
@@ -313,6 +345,7 @@ impl FixedWindower {
                 break;
             }
             self.closed.remove(&start);
+            self.closed_removed.push(start);
         }
     }
 
@@ -344,13 +377,88 @@ impl FixedWindower {
     /// The state to checkpoint.
     pub fn snapshot(&self) -> WindowerState {
         WindowerState {
+            open: flatten_slots(&self.open),
+            closed: flatten_slots(&self.closed),
+            ..self.scalars()
+        }
+    }
+
+    /// What changed since the last delta or [`FixedWindower::forget_changes`]: the scalars,
+    /// the slots changed (their current value) and the windows removed. Forgets it. Costs what
+    /// changed, not the state's size.
+    pub fn take_delta(&mut self) -> WindowerDelta {
+        fn changed(
+            map: &mut BTreeMap<i64, HashMap<String, Slot>>,
+            listed: Vec<(i64, String)>,
+        ) -> Vec<(i64, String, Slot)> {
+            let mut out = Vec::new();
+            for (start, key) in listed {
+                if let Some(slot) = map.get_mut(&start).and_then(|keys| keys.get_mut(&key)) {
+                    // Listed twice (closed, then changed late) but taken once.
+                    if std::mem::replace(&mut slot.unsaved, false) {
+                        out.push((start, key, slot.clone()));
+                    }
+                }
+            }
+            out.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+            out
+        }
+        let open = changed(&mut self.open, std::mem::take(&mut self.unsaved_open));
+        let closed = changed(&mut self.closed, std::mem::take(&mut self.unsaved_closed));
+        WindowerDelta {
+            state: WindowerState {
+                open,
+                closed,
+                ..self.scalars()
+            },
+            open_removed: std::mem::take(&mut self.open_removed),
+            closed_removed: std::mem::take(&mut self.closed_removed),
+        }
+    }
+
+    /// Forgets the changes listed since the last delta (a full snapshot holds them).
+    pub fn forget_changes(&mut self) {
+        let _ = self.take_delta();
+    }
+
+    /// Applies a delta taken by [`FixedWindower::take_delta`] after the state restored so far.
+    pub fn apply_delta(&mut self, delta: WindowerDelta) {
+        let state = delta.state;
+        self.stream_time = state.stream_time;
+        self.late_dropped = state.late_dropped;
+        self.idle = IdleClock {
+            last_event_wall_ms: state.last_event_wall_ms,
+            stream_time_at_last_event: state.stream_time_at_last_event,
+        };
+        for start in delta.open_removed {
+            self.open.remove(&start);
+        }
+        for start in delta.closed_removed {
+            self.closed.remove(&start);
+        }
+        self.dirty
+            .retain(|(start, _)| self.open.contains_key(start));
+        for (start, key, slot) in state.open {
+            if slot.changed && self.spec.emit != EmitMode::Final {
+                self.dirty.push((start, key.clone()));
+            }
+            self.open.entry(start).or_default().insert(key, slot);
+        }
+        for (start, key, slot) in state.closed {
+            self.closed.entry(start).or_default().insert(key, slot);
+        }
+    }
+
+    /// The scalars of the state, no slots.
+    fn scalars(&self) -> WindowerState {
+        WindowerState {
             kind: self.spec.kind,
             size_ms: self.spec.size_ms,
             slide_ms: self.slide as u64,
             stream_time: self.stream_time,
             late_dropped: self.late_dropped,
-            open: flatten_slots(&self.open),
-            closed: flatten_slots(&self.closed),
+            open: Vec::new(),
+            closed: Vec::new(),
             last_event_wall_ms: self.idle.last_event_wall_ms,
             stream_time_at_last_event: self.idle.stream_time_at_last_event,
             sliding: None,
@@ -368,6 +476,10 @@ impl FixedWindower {
         self.open.clear();
         self.closed.clear();
         self.dirty.clear();
+        self.unsaved_open.clear();
+        self.unsaved_closed.clear();
+        self.open_removed.clear();
+        self.closed_removed.clear();
         for (start, key, slot) in state.open {
             if slot.changed && self.spec.emit != EmitMode::Final {
                 self.dirty.push((start, key.clone()));

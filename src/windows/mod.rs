@@ -123,7 +123,7 @@ impl Aggregate {
 }
 
 /// One (window, key)'s state.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Slot {
     /// The aggregate so far.
     pub agg: Aggregate,
@@ -131,6 +131,15 @@ pub struct Slot {
     pub emitted: u32,
     /// Changed since its last emission.
     pub changed: bool,
+    /// Changed since the last checkpoint (and listed for the next delta); not state.
+    #[serde(skip)]
+    pub(crate) unsaved: bool,
+}
+
+impl PartialEq for Slot {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.agg, self.emitted, self.changed) == (&other.agg, other.emitted, other.changed)
+    }
 }
 
 /// Why an event was late for at least one window.
@@ -140,6 +149,19 @@ pub struct Late {
     pub behind_ms: i64,
     /// The strictest policy among the windows it was late for.
     pub policy: LatePolicy,
+}
+
+/// What changed in a [`Windower`] since its last checkpoint: applied in order after a full
+/// [`WindowerState`], deltas rebuild the state exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowerDelta {
+    /// The window's shape and scalars, with `open` and `closed` holding only the (start, key)
+    /// slots changed since (their current value); a sliding window's whole state.
+    pub state: WindowerState,
+    /// Starts of open windows that closed since (every key of theirs left the open windows).
+    pub open_removed: Vec<i64>,
+    /// Starts of closed windows forgotten since (allowed lateness passed).
+    pub closed_removed: Vec<i64>,
 }
 
 /// Serialisable state of a [`Windower`], sorted so that equal states serialise equally.
@@ -361,5 +383,33 @@ impl Windower {
     /// Restores checkpointed state.
     pub fn restore(&mut self, state: WindowerState) {
         each!(self, w => w.restore(state))
+    }
+
+    /// What changed since the last delta or [`Windower::forget_changes`]; forgets it.
+    pub fn take_delta(&mut self) -> WindowerDelta {
+        match self {
+            Windower::Fixed(w) => w.take_delta(),
+            // Sliding windows keep no change log: their whole state goes in every delta.
+            Windower::Sliding(w) => WindowerDelta {
+                state: w.snapshot(),
+                open_removed: Vec::new(),
+                closed_removed: Vec::new(),
+            },
+        }
+    }
+
+    /// Forgets the changes since the last delta (a full snapshot was written).
+    pub fn forget_changes(&mut self) {
+        if let Windower::Fixed(w) = self {
+            w.forget_changes();
+        }
+    }
+
+    /// Applies a delta of this window (which [`Windower::matches`] its state).
+    pub fn apply_delta(&mut self, delta: WindowerDelta) {
+        match self {
+            Windower::Fixed(w) => w.apply_delta(delta),
+            Windower::Sliding(w) => w.restore(delta.state),
+        }
     }
 }
