@@ -487,9 +487,13 @@ async fn write_outputs(
 ) -> Result<u64, sqlx::Error> {
     let (mut windows, mut clusters, mut drifts, mut outliers) =
         (String::new(), String::new(), String::new(), String::new());
-    for e in outputs {
+    let latest = latest_window_rows(outputs);
+    for (i, e) in outputs.iter().enumerate() {
         match &e.output {
-            Output::WindowAggregate(w) => copy_window_row(&mut windows, topic, w, e.source_offset),
+            Output::WindowAggregate(w) if latest[i] => {
+                copy_window_row(&mut windows, topic, w, e.source_offset)
+            }
+            Output::WindowAggregate(_) => {}
             Output::ClusterUpdate(c) => copy_cluster_row(&mut clusters, topic, c, e.source_offset),
             Output::DriftDetection(d) => copy_drift_row(&mut drifts, topic, d, e.source_offset),
             Output::Outlier(o) => copy_outlier_row(&mut outliers, topic, o),
@@ -502,13 +506,10 @@ async fn write_outputs(
         stage(tx, "window_aggregates", WINDOW_COLUMNS, windows).await?;
         rows += sqlx::query(&format!(
             "-- upsert: a higher revision, or the final of the same revision, replaces the row;
-             -- a replay (same revision and finality) changes nothing
+             -- a replay (same revision and finality) changes nothing; the batch holds one row
+             -- per window already (its latest), so no sort here
              INSERT INTO window_aggregates ({WINDOW_COLUMNS})
-             SELECT DISTINCT ON (source_topic, partition, window_kind, size_ms, slide_ms, key, window_start)
-                    {WINDOW_COLUMNS}
-             FROM window_aggregates_staging
-             ORDER BY source_topic, partition, window_kind, size_ms, slide_ms, key, window_start,
-                      revision DESC, is_final DESC
+             SELECT {WINDOW_COLUMNS} FROM window_aggregates_staging
              ON CONFLICT (source_topic, partition, window_kind, size_ms, slide_ms, key, window_start)
              DO UPDATE SET window_end = excluded.window_end, count = excluded.count,
                  sum = excluded.sum, mean = excluded.mean, std = excluded.std,
@@ -578,6 +579,45 @@ async fn write_outputs(
         .rows_affected();
     }
     Ok(rows)
+}
+
+/// Which outputs are the window rows to write: of the emissions of one window in a batch (its
+/// updates, then its final) only the latest (highest revision, final first), as the upsert
+/// would keep; one statement cannot update a row twice.
+fn latest_window_rows(outputs: &[Emitted]) -> Vec<bool> {
+    let mut keep = vec![false; outputs.len()];
+    let mut by_window: HashMap<(i32, &str, u64, u64, &str, i64), usize> = HashMap::new();
+    for (i, e) in outputs.iter().enumerate() {
+        let Output::WindowAggregate(w) = &e.output else {
+            continue;
+        };
+        let window = (
+            w.partition,
+            w.window.as_str(),
+            w.size_ms,
+            w.slide_ms,
+            w.key.as_str(),
+            w.window_start,
+        );
+        let rank = |w: &WindowAggregate| (w.revision, w.is_final);
+        match by_window.entry(window) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(i);
+                keep[i] = true;
+            }
+            std::collections::hash_map::Entry::Occupied(mut o) => {
+                let Output::WindowAggregate(kept) = &outputs[*o.get()].output else {
+                    unreachable!("only window rows are indexed");
+                };
+                if rank(w) > rank(kept) {
+                    keep[*o.get()] = false;
+                    keep[i] = true;
+                    o.insert(i);
+                }
+            }
+        }
+    }
+    keep
 }
 
 /// The error of a delta written before any base: a bug of the caller, not data.
