@@ -872,6 +872,23 @@ fn copy_outlier_row(out: &mut String, topic: &str, o: &OutlierRecord) {
 
 /// Epoch milliseconds as a timestamptz literal.
 fn timestamp(ms: i64) -> String {
+    use chrono::{Datelike as _, Timelike as _};
+    // Years 1 to 9999 (every event time the decoder accepts) by integer formatting: the
+    // strftime path parses its format string on every row.
+    if let Some(t) = chrono::DateTime::from_timestamp_millis(ms) {
+        if (1..=9999).contains(&t.year()) {
+            return format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03}+00",
+                t.year(),
+                t.month(),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second(),
+                t.timestamp_subsec_millis()
+            );
+        }
+    }
     chrono::DateTime::from_timestamp_millis(ms)
         .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f+00").to_string())
         .unwrap_or_else(|| {
@@ -933,5 +950,16 @@ mod tests {
     #[test]
     fn timestamps_are_utc_literals() {
         assert_eq!(timestamp(1_763_866_800_123), "2025-11-23 03:00:00.123+00");
+        assert_eq!(timestamp(-1), "1969-12-31 23:59:59.999+00");
+        assert_eq!(timestamp(-62_135_596_800_000), "0001-01-01 00:00:00.000+00");
+        assert_eq!(timestamp(253_402_300_799_999), "9999-12-31 23:59:59.999+00");
+        // Outside years 1-9999 chrono's own spelling (PostgreSQL refuses it: a data error).
+        assert_eq!(
+            timestamp(253_402_300_800_000),
+            chrono::DateTime::from_timestamp_millis(253_402_300_800_000)
+                .unwrap()
+                .format("%Y-%m-%d %H:%M:%S%.3f+00")
+                .to_string()
+        );
     }
 }
