@@ -61,11 +61,7 @@ fn bench_sink(c: &mut Criterion) {
         b.iter(|| {
             round += 1;
             let outputs = batch(round);
-            let checkpoint = Checkpoint {
-                next_offset: round,
-                state: state.clone(),
-                deltas: Vec::new(),
-            };
+            let checkpoint = Checkpoint::full(round, state.clone());
             runtime
                 .block_on(store.commit(&Batch {
                     id: &id,

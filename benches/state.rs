@@ -38,6 +38,7 @@ fn main() {
     }];
     config.max_open_windows = keys.max(config.max_open_windows);
     let mut processor = Processor::new(&config, 1 << 20, 0);
+    processor.track_changes();
     let before = rss_bytes();
     let started = Instant::now();
     let mut out = Vec::new();

@@ -260,8 +260,9 @@ impl Processor {
         .expect("MessagePack encodes every value of the processor state (plain data, string map keys or integers)")
     }
 
-    /// What changed since the last delta or [`Processor::forget_changes`], for
-    /// [`Processor::restore_chain`] after the checkpoint written then; forgets it. The window
+    /// What changed since the last delta or [`Processor::forget_changes`] (with
+    /// [`Processor::track_changes`] on), for [`Processor::restore_chain`] after the checkpoint
+    /// written then; forgets it. The window
     /// slots cost what changed (a sliding window and the clustering are written whole).
     pub fn take_delta(&mut self) -> Vec<u8> {
         rmp_serde::to_vec_named(&Delta {
@@ -274,6 +275,12 @@ impl Processor {
             seq: self.seq,
         })
         .expect("MessagePack encodes every value of the processor state (plain data, string map keys or integers)")
+    }
+
+    /// Lists what changes from now on, for [`Processor::take_delta`] (off by default: a
+    /// processor that takes no deltas would list every window slot it ever touched).
+    pub fn track_changes(&mut self) {
+        self.windows.iter_mut().for_each(Windower::track_changes);
     }
 
     /// Forgets the changes since the last delta: a full [`Processor::snapshot`] holds them.

@@ -33,9 +33,10 @@ use crate::output::{ClusterUpdate, DriftRecord, Emitted, OutlierRecord, Output, 
 
 /// A partition's checkpoint: a full snapshot (the base) and the deltas written after it.
 ///
-/// Read ([`Store::load`], [`Store::claim`]): the base and every delta after it, oldest first.
-/// Written ([`Store::commit`]): with no deltas, `state` becomes the new base and the old deltas
-/// are dropped; with deltas (and an empty `state`), they are appended after the current base.
+/// Read ([`Store::load`], [`Store::claim`]): the base and every delta that follows it, oldest
+/// first. Written ([`Store::commit`]): with no deltas, `state` becomes the new base and the old
+/// deltas are dropped; with deltas (and an empty `state`), they are appended after the base
+/// whose next offset is `base_offset`, which must be the stored one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
     /// The first offset not yet reflected in the state (the base and its deltas).
@@ -44,6 +45,8 @@ pub struct Checkpoint {
     pub state: Vec<u8>,
     /// Processor deltas after `state`, oldest first.
     pub deltas: Vec<Vec<u8>>,
+    /// The base's own next offset: the deltas name their base by it.
+    pub base_offset: i64,
 }
 
 impl Checkpoint {
@@ -53,15 +56,17 @@ impl Checkpoint {
             next_offset,
             state,
             deltas: Vec::new(),
+            base_offset: next_offset,
         }
     }
 
-    /// One delta after the current base and its deltas.
-    pub fn delta(next_offset: i64, delta: Vec<u8>) -> Self {
+    /// One delta after the base of `base_offset` and the deltas after it.
+    pub fn delta(next_offset: i64, base_offset: i64, delta: Vec<u8>) -> Self {
         Self {
             next_offset,
             state: Vec::new(),
             deltas: vec![delta],
+            base_offset,
         }
     }
 
@@ -274,12 +279,18 @@ impl MemoryStore {
         }
         let write = batch.checkpoint;
         match &mut p.checkpoint {
-            Some(c) if c.next_offset > write.next_offset => {}
             Some(c) if write.is_delta() => {
+                if c.base_offset != write.base_offset {
+                    return Err(delta_base_replaced(c.base_offset, write.base_offset));
+                }
+                if c.next_offset > write.next_offset {
+                    return Err(delta_backwards(c.next_offset, write.next_offset));
+                }
                 c.next_offset = write.next_offset;
                 c.deltas.extend(write.deltas.iter().cloned());
             }
-            _ if write.is_delta() => return Err(delta_without_base()),
+            None if write.is_delta() => return Err(delta_without_base()),
+            Some(c) if c.next_offset > write.next_offset => {}
             slot => *slot = Some(write.clone()),
         }
         let rows = batch.outputs.len() as u64;
@@ -368,6 +379,10 @@ impl PgStore {
 
     async fn load(&self, id: &PartitionId) -> Result<Option<Checkpoint>, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // The base and its deltas from one snapshot (a claim reads them under the owner lock).
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .execute(&mut *tx)
+            .await?;
         let checkpoint = read_checkpoint(&mut tx, id).await?;
         tx.commit().await?;
         Ok(checkpoint)
@@ -627,6 +642,20 @@ fn delta_without_base() -> StoreError {
     ))
 }
 
+/// The error of a delta whose base is no longer the stored one (another writer replaced it).
+fn delta_base_replaced(stored: i64, named: i64) -> StoreError {
+    StoreError::Fatal(sqlx::Error::Protocol(format!(
+        "a checkpoint delta follows the base at offset {named}, but the stored base is at {stored}"
+    )))
+}
+
+/// The error of a delta behind the partition's latest checkpoint.
+fn delta_backwards(head: i64, next: i64) -> StoreError {
+    StoreError::Fatal(sqlx::Error::Protocol(format!(
+        "a checkpoint delta at offset {next} would move the checkpoint back from {head}"
+    )))
+}
+
 /// The partition's base checkpoint and its deltas, oldest first.
 async fn read_checkpoint(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
@@ -642,24 +671,27 @@ async fn read_checkpoint(
     .bind(id.partition)
     .fetch_optional(&mut **tx)
     .await?;
-    let Some((next_offset, state)) = row else {
+    let Some((base_offset, state)) = row else {
         return Ok(None);
     };
-    let deltas: Vec<(Vec<u8>,)> = sqlx::query_as(
-        "-- the deltas after the base, in the order they were written
-         SELECT delta FROM partition_checkpoint_deltas
-         WHERE group_id = $1 AND source_topic = $2 AND partition = $3
+    let deltas: Vec<(i64, Vec<u8>)> = sqlx::query_as(
+        "-- the deltas after this base (not those of a base another binary replaced), in the
+         -- order they were written
+         SELECT next_offset, delta FROM partition_checkpoint_deltas
+         WHERE group_id = $1 AND source_topic = $2 AND partition = $3 AND base_offset = $4
          ORDER BY seq",
     )
     .bind(&id.group_id)
     .bind(&id.topic)
     .bind(id.partition)
+    .bind(base_offset)
     .fetch_all(&mut **tx)
     .await?;
     Ok(Some(Checkpoint {
-        next_offset,
+        next_offset: deltas.last().map_or(base_offset, |(next, _)| *next),
         state,
-        deltas: deltas.into_iter().map(|(d,)| d).collect(),
+        deltas: deltas.into_iter().map(|(_, d)| d).collect(),
+        base_offset,
     }))
 }
 
@@ -671,46 +703,49 @@ async fn write_checkpoint(
 ) -> Result<(), StoreError> {
     let (id, checkpoint) = (batch.id, batch.checkpoint);
     if checkpoint.is_delta() {
-        let moved: Option<(i64,)> = sqlx::query_as(
-            "-- the base's next offset follows its latest delta; never backwards
-             UPDATE partition_checkpoints SET next_offset = $4, updated_at = now()
-             WHERE group_id = $1 AND source_topic = $2 AND partition = $3 AND next_offset <= $4
-             RETURNING next_offset",
+        // The owner row is locked (fencing): the chain cannot change under this transaction.
+        let base: Option<(i64,)> = sqlx::query_as(
+            "SELECT next_offset FROM partition_checkpoints
+             WHERE group_id = $1 AND source_topic = $2 AND partition = $3",
         )
         .bind(&id.group_id)
         .bind(&id.topic)
         .bind(id.partition)
-        .bind(checkpoint.next_offset)
         .fetch_optional(&mut **tx)
         .await?;
-        if moved.is_none() {
-            let base: Option<(i64,)> = sqlx::query_as(
-                "SELECT next_offset FROM partition_checkpoints
-                 WHERE group_id = $1 AND source_topic = $2 AND partition = $3",
-            )
-            .bind(&id.group_id)
-            .bind(&id.topic)
-            .bind(id.partition)
-            .fetch_optional(&mut **tx)
-            .await?;
-            // Behind the stored checkpoint: nothing to write (as for a base).
-            return match base {
-                Some(_) => Ok(()),
-                None => Err(delta_without_base()),
-            };
+        let Some((base,)) = base else {
+            return Err(delta_without_base());
+        };
+        if base != checkpoint.base_offset {
+            return Err(delta_base_replaced(base, checkpoint.base_offset));
         }
-        for delta in &checkpoint.deltas {
+        let (head, seq): (Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT max(next_offset) FILTER (WHERE base_offset = $4), max(seq)
+             FROM partition_checkpoint_deltas
+             WHERE group_id = $1 AND source_topic = $2 AND partition = $3",
+        )
+        .bind(&id.group_id)
+        .bind(&id.topic)
+        .bind(id.partition)
+        .bind(base)
+        .fetch_one(&mut **tx)
+        .await?;
+        let head = head.unwrap_or(base);
+        if checkpoint.next_offset < head {
+            return Err(delta_backwards(head, checkpoint.next_offset));
+        }
+        for (i, delta) in checkpoint.deltas.iter().enumerate() {
             sqlx::query(
-                "-- one delta after the base and the deltas before it
+                "-- one delta after its base and the deltas before it
                  INSERT INTO partition_checkpoint_deltas
-                     (group_id, source_topic, partition, seq, next_offset, delta)
-                 SELECT $1, $2, $3, COALESCE(max(seq), 0) + 1, $4, $5
-                 FROM partition_checkpoint_deltas
-                 WHERE group_id = $1 AND source_topic = $2 AND partition = $3",
+                     (group_id, source_topic, partition, seq, base_offset, next_offset, delta)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
             )
             .bind(&id.group_id)
             .bind(&id.topic)
             .bind(id.partition)
+            .bind(seq.unwrap_or(0) + 1 + i as i64)
+            .bind(base)
             .bind(checkpoint.next_offset)
             .bind(delta)
             .execute(&mut **tx)

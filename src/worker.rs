@@ -114,8 +114,8 @@ pub const MAX_DELTAS: usize = 1_000;
 /// configuration), and so is one after a transaction that gave up (its delta was lost).
 #[derive(Debug, Default)]
 struct Chain {
-    /// Bytes of the base this worker wrote; `None`: the next checkpoint is full.
-    base: Option<usize>,
+    /// Bytes and next offset of the base this worker wrote; `None`: the next checkpoint is full.
+    base: Option<(usize, i64)>,
     /// Bytes of the deltas after it.
     delta_bytes: usize,
     /// Deltas after it.
@@ -127,6 +127,7 @@ struct Chain {
 struct Written {
     bytes: usize,
     delta: bool,
+    next_offset: i64,
 }
 
 /// Messages taken and what they produced: the batch being processed, or the flushes delivered
@@ -345,6 +346,7 @@ impl PartitionWorker {
             }
             None => Processor::new(&config.processing, max_bytes, id.partition),
         };
+        processor.track_changes();
         processor.resume_idle_clocks(wall_clock_ms());
         let decoder = ctx.codecs.input_decoder(config.input_format(&id.topic));
         processor.set_input(decoder.clone());
@@ -631,6 +633,7 @@ impl PartitionWorker {
         let written = Written {
             bytes: checkpoint.bytes(),
             delta: checkpoint.is_delta(),
+            next_offset,
         };
         let (sink, stop) = (self.sink.clone(), stop.clone());
         self.in_flight = Some(tokio::spawn(async move {
@@ -645,11 +648,11 @@ impl PartitionWorker {
     /// checkpoint costs what changed, PostgreSQL holds at most twice the state, and a restore
     /// reads at most that.
     fn checkpoint(&mut self, next_offset: i64) -> Checkpoint {
-        if let Some(base) = self.chain.base {
+        if let Some((base, base_offset)) = self.chain.base {
             if self.chain.deltas < MAX_DELTAS {
                 let delta = self.processor.take_delta();
                 if self.chain.delta_bytes + delta.len() < base {
-                    return Checkpoint::delta(next_offset, delta);
+                    return Checkpoint::delta(next_offset, base_offset, delta);
                 }
             }
         }
@@ -716,7 +719,7 @@ impl PartitionWorker {
             }
         } else {
             Chain {
-                base: Some(written.bytes),
+                base: Some((written.bytes, written.next_offset)),
                 ..Chain::default()
             }
         };

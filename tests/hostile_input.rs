@@ -258,6 +258,7 @@ proptest! {
         cuts.sort_unstable();
 
         let mut live = Processor::new(&config, 1 << 20, 0);
+        live.track_changes();
         let (mut base, mut deltas, mut from) = (None, Vec::new(), 0);
         for &cut in &cuts {
             feed(&mut live, &payloads, from, cut);

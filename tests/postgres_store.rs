@@ -58,11 +58,7 @@ async fn a_replayed_batch_changes_nothing() {
         window("tab\there\\and\nnewline", 0, 1, true, 0),
         window("a", 1_000, 2, true, 0),
     ];
-    let checkpoint = Checkpoint {
-        next_offset: 10,
-        state: b"state-10".to_vec(),
-        deltas: Vec::new(),
-    };
+    let checkpoint = Checkpoint::full(10, b"state-10".to_vec());
     let id = id();
     let (epoch, _) = store.claim(&id).await.unwrap();
     let batch = Batch {
@@ -101,11 +97,7 @@ async fn checkpoints_never_move_backwards() {
     let id = id();
     let (epoch, _) = store.claim(&id).await.unwrap();
     for (next, state) in [(20, "new"), (10, "stale zombie")] {
-        let checkpoint = Checkpoint {
-            next_offset: next,
-            state: state.as_bytes().to_vec(),
-            deltas: Vec::new(),
-        };
+        let checkpoint = Checkpoint::full(next, state.as_bytes().to_vec());
         store
             .commit(&Batch {
                 id: &id,
@@ -131,11 +123,7 @@ async fn a_final_replaces_updates_and_the_last_revision_wins_within_a_batch() {
         let store = store.clone();
         let id = id.clone();
         async move {
-            let checkpoint = Checkpoint {
-                next_offset: next,
-                state: vec![],
-                deltas: Vec::new(),
-            };
+            let checkpoint = Checkpoint::full(next, vec![]);
             store
                 .commit(&Batch {
                     id: &id,
@@ -183,11 +171,7 @@ async fn a_stale_owner_can_never_commit_after_the_next_owner_claimed() {
             let mut committed = Vec::new();
             for next in 1..=400i64 {
                 let outputs = vec![window("old", next * 1_000, 1, true, 0)];
-                let checkpoint = Checkpoint {
-                    next_offset: next,
-                    state: format!("old-{next}").into_bytes(),
-                    deltas: Vec::new(),
-                };
+                let checkpoint = Checkpoint::full(next, format!("old-{next}").into_bytes());
                 let batch = Batch {
                     id: &id,
                     epoch: old,
@@ -227,11 +211,7 @@ async fn a_stale_owner_can_never_commit_after_the_next_owner_claimed() {
     assert_eq!(rows, last);
     // And the new owner commits.
     let outputs = vec![window("new", 0, 1, true, 0)];
-    let cp = Checkpoint {
-        next_offset: last + 1,
-        state: b"new".to_vec(),
-        deltas: Vec::new(),
-    };
+    let cp = Checkpoint::full(last + 1, b"new".to_vec());
     store
         .commit(&Batch {
             id: &id,
@@ -258,11 +238,7 @@ async fn refused_rows_are_named_and_the_rest_commits() {
         // Incompressible, over the btree's 2,704-byte index row limit.
         window(&incompressible(3_000), 0, 1, true, 0),
     ];
-    let checkpoint = Checkpoint {
-        next_offset: 4,
-        state: b"s".to_vec(),
-        deltas: Vec::new(),
-    };
+    let checkpoint = Checkpoint::full(4, b"s".to_vec());
     let batch = Batch {
         id: &id,
         epoch,
@@ -350,11 +326,7 @@ async fn extreme_floats_round_trip_exactly() {
             e
         })
         .collect();
-    let checkpoint = Checkpoint {
-        next_offset: 1,
-        state: vec![],
-        deltas: Vec::new(),
-    };
+    let checkpoint = Checkpoint::full(1, vec![]);
     let batch = Batch {
         id: &id,
         epoch,
@@ -373,9 +345,10 @@ async fn extreme_floats_round_trip_exactly() {
     }
 }
 
-/// A checkpoint chain: a base, deltas appended in order (the base's next offset follows them),
-/// a stale delta ignored, a new base dropping the old deltas; the same in the in-memory store.
-/// A delta before any base is refused.
+/// A checkpoint chain: a base, deltas appended in order (the chain's next offset follows them),
+/// a delta behind the chain or naming another base refused, a new base dropping the old
+/// deltas; the same in the in-memory store. A delta before any base is refused. The base row
+/// keeps its own offset, so a binary that knows no deltas reads a consistent pair.
 #[tokio::test]
 async fn checkpoint_deltas_chain_after_their_base_and_a_new_base_drops_them() {
     let (_, pg) = fresh_db().await;
@@ -399,7 +372,7 @@ async fn checkpoint_deltas_chain_after_their_base_and_a_new_base_drops_them() {
                     .await
             }
         };
-        let err = commit(Checkpoint::delta(5, b"orphan".to_vec()))
+        let err = commit(Checkpoint::delta(5, 5, b"orphan".to_vec()))
             .await
             .unwrap_err();
         assert!(
@@ -410,18 +383,43 @@ async fn checkpoint_deltas_chain_after_their_base_and_a_new_base_drops_them() {
         commit(Checkpoint::full(10, b"base".to_vec()))
             .await
             .unwrap();
-        commit(Checkpoint::delta(12, b"d1".to_vec())).await.unwrap();
-        commit(Checkpoint::delta(12, b"d2".to_vec())).await.unwrap(); // a tick: same offset
-        commit(Checkpoint::delta(11, b"stale".to_vec()))
+        commit(Checkpoint::delta(12, 10, b"d1".to_vec()))
             .await
             .unwrap();
-        commit(Checkpoint::delta(15, b"d3".to_vec())).await.unwrap();
+        commit(Checkpoint::delta(12, 10, b"d2".to_vec()))
+            .await
+            .unwrap(); // a tick: same offset
+        let err = commit(Checkpoint::delta(11, 10, b"stale".to_vec()))
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("move the checkpoint back"),
+            "{err}"
+        );
+        let err = commit(Checkpoint::delta(13, 9, b"other base".to_vec()))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("stored base is at 10"), "{err}");
+        commit(Checkpoint::delta(15, 10, b"d3".to_vec()))
+            .await
+            .unwrap();
         let want = Checkpoint {
             next_offset: 15,
             state: b"base".to_vec(),
             deltas: vec![b"d1".to_vec(), b"d2".to_vec(), b"d3".to_vec()],
+            base_offset: 10,
         };
         assert_eq!(store.load(&id).await.unwrap(), Some(want.clone()));
+        if let Store::Postgres(pg) = &store {
+            let (base, progress): (i64, i64) = sqlx::query_as(
+                "SELECT c.next_offset, p.next_offset FROM partition_checkpoints c
+                 JOIN partition_progress p USING (group_id, source_topic, partition)",
+            )
+            .fetch_one(pg.pool())
+            .await
+            .unwrap();
+            assert_eq!((base, progress), (10, 15), "the base keeps its own offset");
+        }
         // The next owner's claim reads the same chain.
         let (epoch2, claimed) = store.claim(&id).await.unwrap();
         assert_eq!(claimed, Some(want));
@@ -441,7 +439,7 @@ async fn checkpoint_deltas_chain_after_their_base_and_a_new_base_drops_them() {
                 id: &id2,
                 epoch: epoch2,
                 outputs: &[],
-                checkpoint: &Checkpoint::delta(17, b"e1".to_vec()),
+                checkpoint: &Checkpoint::delta(17, 16, b"e1".to_vec()),
             })
             .await
             .unwrap();
@@ -451,11 +449,12 @@ async fn checkpoint_deltas_chain_after_their_base_and_a_new_base_drops_them() {
                 next_offset: 17,
                 state: b"base2".to_vec(),
                 deltas: vec![b"e1".to_vec()],
+                base_offset: 16,
             })
         );
         // The old owner is fenced for deltas as for bases.
         assert!(matches!(
-            commit(Checkpoint::delta(30, b"zombie".to_vec())).await,
+            commit(Checkpoint::delta(30, 16, b"zombie".to_vec())).await,
             Err(neurostream::store::StoreError::Fenced { .. })
         ));
     }

@@ -21,6 +21,9 @@ pub struct FixedWindower {
     closed: BTreeMap<i64, HashMap<String, Slot>>,
     /// Open windows changed in the current batch (may hold stale entries).
     dirty: Vec<(i64, String)>,
+    /// Whether changes are listed for deltas (the worker's processors; not offline runs, which
+    /// take no checkpoints and would list every slot of the input).
+    track: bool,
     /// Slots changed since the last checkpoint, first change only (the slot's `unsaved`
     /// flag), open then closed; entries of windows removed since are stale and skipped.
     unsaved_open: Vec<(i64, String)>,
@@ -68,6 +71,7 @@ impl FixedWindower {
             open: BTreeMap::new(),
             closed: BTreeMap::new(),
             dirty: Vec::new(),
+            track: false,
             unsaved_open: Vec::new(),
             unsaved_closed: Vec::new(),
             open_removed: Vec::new(),
@@ -163,7 +167,7 @@ impl FixedWindower {
                     .entry(event.key.clone())
                     .or_default();
                 slot.agg.add(event.value);
-                if !slot.unsaved {
+                if self.track && !slot.unsaved {
                     slot.unsaved = true;
                     self.unsaved_open.push((start, event.key.clone()));
                 }
@@ -179,6 +183,7 @@ impl FixedWindower {
                 behind_ms: self.stream_time - ts,
                 policy: self.spec.late,
             });
+            let track = self.track;
             let retained = self
                 .closed
                 .get_mut(&start)
@@ -186,7 +191,7 @@ impl FixedWindower {
                 .map(|slot| {
                     slot.agg.add(event.value);
                     slot.emitted += 1;
-                    let first_change = !std::mem::replace(&mut slot.unsaved, true);
+                    let first_change = track && !std::mem::replace(&mut slot.unsaved, true);
                     (slot.agg.clone(), slot.emitted - 1, first_change)
                 });
             let retained = retained.map(|(agg, revision, first_change)| {
@@ -210,8 +215,10 @@ impl FixedWindower {
                     let mut slot = Slot::default();
                     slot.agg.add(event.value);
                     slot.emitted = 1;
-                    slot.unsaved = true;
-                    self.unsaved_closed.push((start, event.key.clone()));
+                    if self.track {
+                        slot.unsaved = true;
+                        self.unsaved_closed.push((start, event.key.clone()));
+                    }
                     let agg =
                         self.aggregate(partition, start, event.key.clone(), &slot.agg, true, 0);
                     out.push(Emitted {
@@ -276,7 +283,7 @@ impl FixedWindower {
                 continue;
             }
             slot.changed = false;
-            if !slot.unsaved {
+            if self.track && !slot.unsaved {
                 slot.unsaved = true;
                 self.unsaved_open.push((start, key.clone()));
             }
@@ -300,7 +307,9 @@ impl FixedWindower {
                 break;
             }
             let keys = self.open.remove(&start).unwrap_or_default();
-            self.open_removed.push(start);
+            if self.track {
+                self.open_removed.push(start);
+            }
             let keep = self.spec.late == LatePolicy::Update && self.purges_at(start) > time;
             let mut kept = HashMap::new();
             for (key, mut slot) in sorted(keys) {
@@ -330,14 +339,17 @@ impl FixedWindower {
                     output: Output::WindowAggregate(output),
                 });
                 if keep {
-                    // Listed again: its entry among the open slots is stale now.
-                    slot.unsaved = true;
-                    self.unsaved_closed.push((start, key.clone()));
+                    if self.track {
+                        // Listed again: its entry among the open slots is stale now.
+                        slot.unsaved = true;
+                        self.unsaved_closed.push((start, key.clone()));
+                    }
                     kept.insert(key, slot);
                 }
             }
             if keep {
-                self.closed.insert(start, kept);
+                // Merged: a restore under a shorter grace may hold this start closed already.
+                self.closed.entry(start).or_default().extend(kept);
             }
         }
         while let Some((&start, _)) = self.closed.first_key_value() {
@@ -345,7 +357,9 @@ impl FixedWindower {
                 break;
             }
             self.closed.remove(&start);
-            self.closed_removed.push(start);
+            if self.track {
+                self.closed_removed.push(start);
+            }
         }
     }
 
@@ -419,6 +433,11 @@ impl FixedWindower {
     /// Forgets the changes listed since the last delta (a full snapshot holds them).
     pub fn forget_changes(&mut self) {
         let _ = self.take_delta();
+    }
+
+    /// Lists changes for [`FixedWindower::take_delta`] from now on.
+    pub fn track_changes(&mut self) {
+        self.track = true;
     }
 
     /// Applies a delta taken by [`FixedWindower::take_delta`] after the state restored so far.

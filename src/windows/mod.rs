@@ -398,6 +398,13 @@ impl Windower {
         }
     }
 
+    /// Lists changes for deltas from now on (a sliding window keeps no list).
+    pub fn track_changes(&mut self) {
+        if let Windower::Fixed(w) = self {
+            w.track_changes();
+        }
+    }
+
     /// Forgets the changes since the last delta (a full snapshot was written).
     pub fn forget_changes(&mut self) {
         if let Windower::Fixed(w) = self {

@@ -340,7 +340,7 @@ pub async fn wait_for_checkpoints(store: &PgStore, group: &str, ends: &[i64], ti
 /// Sum of checkpointed offsets of `group`.
 pub async fn checkpointed(store: &PgStore, group: &str) -> i64 {
     let (sum,): (Option<i64>,) = sqlx::query_as(
-        "SELECT sum(next_offset)::bigint FROM partition_checkpoints WHERE group_id = $1",
+        "SELECT sum(next_offset)::bigint FROM partition_progress WHERE group_id = $1",
     )
     .bind(group)
     .fetch_one(store.pool())
@@ -459,13 +459,12 @@ pub fn header<'a>(m: &'a OwnedMessage, key: &str) -> Option<&'a str> {
 
 /// Each partition's checkpointed next offset of `group`.
 pub async fn checkpoint_map(store: &PgStore, group: &str) -> std::collections::BTreeMap<i32, i64> {
-    let rows: Vec<(i32, i64)> = sqlx::query_as(
-        "SELECT partition, next_offset FROM partition_checkpoints WHERE group_id = $1",
-    )
-    .bind(group)
-    .fetch_all(store.pool())
-    .await
-    .unwrap();
+    let rows: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT partition, next_offset FROM partition_progress WHERE group_id = $1")
+            .bind(group)
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
     rows.into_iter().collect()
 }
 
