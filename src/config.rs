@@ -295,7 +295,7 @@ impl Profile {
                 fetch_wait_max_ms: 10,
                 fetch_min_bytes: 1,
                 linger_ms: 0,
-                batch_size_bytes: 16_384,
+                batch_size_bytes: 1_000_000,
                 compression: "none",
                 sink_batch_rows: 500,
                 sink_linger_ms: 10,
