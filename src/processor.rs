@@ -191,15 +191,14 @@ impl Processor {
                     delta.version
                 )));
             }
-            p.dimension = config.dimension.or(delta.dimension);
-            p.counters = delta.counters;
-            p.last_offset = delta.last_offset;
-            p.seq = delta.seq;
-            if config.clustering.enabled {
-                if let Some(stage) = delta.clustering {
-                    p.clustering = Some(stage.with_config(config.clustering.clone()));
-                }
-            }
+            p.adopt(
+                config,
+                delta.dimension,
+                delta.counters,
+                delta.last_offset,
+                delta.seq,
+            );
+            p.adopt_clustering(config, delta.clustering);
             for change in delta.windows {
                 if let Some(w) = p.windows.iter_mut().find(|w| w.matches(&change.state)) {
                     w.apply_delta(change);
@@ -207,6 +206,29 @@ impl Processor {
             }
         }
         Ok(p)
+    }
+
+    /// Takes the checkpointed scalars (a configured dimension wins over the checkpoint's).
+    fn adopt(
+        &mut self,
+        config: &ProcessingConfig,
+        dimension: Option<usize>,
+        counters: ProcessorCounters,
+        last_offset: i64,
+        seq: SeqCounter,
+    ) {
+        self.dimension = config.dimension.or(dimension);
+        self.counters = counters;
+        self.last_offset = last_offset;
+        self.seq = seq;
+    }
+
+    /// Takes the checkpointed clustering, under the configured parameters, when clustering is
+    /// enabled.
+    fn adopt_clustering(&mut self, config: &ProcessingConfig, stage: Option<ClusteringStage>) {
+        if let (true, Some(stage)) = (config.clustering.enabled, stage) {
+            self.clustering = Some(stage.with_config(config.clustering.clone()));
+        }
     }
 
     fn restore_base(
@@ -229,15 +251,14 @@ impl Processor {
             )));
         }
         let mut p = Self::new(config, max_event_bytes, partition);
-        p.dimension = config.dimension.or(snap.dimension);
-        p.counters = snap.counters;
-        p.last_offset = snap.last_offset;
-        p.seq = snap.seq;
-        if config.clustering.enabled {
-            if let Some(stage) = snap.clustering {
-                p.clustering = Some(stage.with_config(config.clustering.clone()));
-            }
-        }
+        p.adopt(
+            config,
+            snap.dimension,
+            snap.counters,
+            snap.last_offset,
+            snap.seq,
+        );
+        p.adopt_clustering(config, snap.clustering);
         for state in snap.windows {
             if let Some(w) = p.windows.iter_mut().find(|w| w.matches(&state)) {
                 w.restore(state);

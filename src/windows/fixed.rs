@@ -442,13 +442,6 @@ impl FixedWindower {
 
     /// Applies a delta taken by [`FixedWindower::take_delta`] after the state restored so far.
     pub fn apply_delta(&mut self, delta: WindowerDelta) {
-        let state = delta.state;
-        self.stream_time = state.stream_time;
-        self.late_dropped = state.late_dropped;
-        self.idle = IdleClock {
-            last_event_wall_ms: state.last_event_wall_ms,
-            stream_time_at_last_event: state.stream_time_at_last_event,
-        };
         for start in delta.open_removed {
             self.open.remove(&start);
         }
@@ -457,6 +450,17 @@ impl FixedWindower {
         }
         self.dirty
             .retain(|(start, _)| self.open.contains_key(start));
+        self.adopt(delta.state);
+    }
+
+    /// Takes the scalars of `state` and adds (or replaces) its slots.
+    fn adopt(&mut self, state: WindowerState) {
+        self.stream_time = state.stream_time;
+        self.late_dropped = state.late_dropped;
+        self.idle = IdleClock {
+            last_event_wall_ms: state.last_event_wall_ms,
+            stream_time_at_last_event: state.stream_time_at_last_event,
+        };
         for (start, key, slot) in state.open {
             if slot.changed && self.spec.emit != EmitMode::Final {
                 self.dirty.push((start, key.clone()));
@@ -486,12 +490,6 @@ impl FixedWindower {
 
     /// Restores checkpointed state (which [`FixedWindower::matches`] this window).
     pub fn restore(&mut self, state: WindowerState) {
-        self.stream_time = state.stream_time;
-        self.late_dropped = state.late_dropped;
-        self.idle = IdleClock {
-            last_event_wall_ms: state.last_event_wall_ms,
-            stream_time_at_last_event: state.stream_time_at_last_event,
-        };
         self.open.clear();
         self.closed.clear();
         self.dirty.clear();
@@ -499,15 +497,7 @@ impl FixedWindower {
         self.unsaved_closed.clear();
         self.open_removed.clear();
         self.closed_removed.clear();
-        for (start, key, slot) in state.open {
-            if slot.changed && self.spec.emit != EmitMode::Final {
-                self.dirty.push((start, key.clone()));
-            }
-            self.open.entry(start).or_default().insert(key, slot);
-        }
-        for (start, key, slot) in state.closed {
-            self.closed.entry(start).or_default().insert(key, slot);
-        }
+        self.adopt(state);
     }
 }
 
