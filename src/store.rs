@@ -759,7 +759,14 @@ async fn write_checkpoint(
          VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (group_id, source_topic, partition) DO UPDATE
          SET next_offset = excluded.next_offset, state = excluded.state, updated_at = now()
-         WHERE partition_checkpoints.next_offset <= excluded.next_offset",
+         WHERE partition_checkpoints.next_offset <= excluded.next_offset
+           -- nor behind the deltas of the current base
+           AND NOT EXISTS (
+               SELECT 1 FROM partition_checkpoint_deltas d
+               WHERE d.group_id = excluded.group_id AND d.source_topic = excluded.source_topic
+                 AND d.partition = excluded.partition
+                 AND d.base_offset = partition_checkpoints.next_offset
+                 AND d.next_offset > excluded.next_offset)",
     )
     .bind(&batch.id.group_id)
     .bind(&batch.id.topic)

@@ -420,6 +420,11 @@ async fn checkpoint_deltas_chain_after_their_base_and_a_new_base_drops_them() {
             .unwrap();
             assert_eq!((base, progress), (10, 15), "the base keeps its own offset");
         }
+        // A base behind the chain's head changes nothing (as a base behind a base).
+        commit(Checkpoint::full(12, b"behind".to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(store.load(&id).await.unwrap(), Some(want.clone()));
         // The next owner's claim reads the same chain.
         let (epoch2, claimed) = store.claim(&id).await.unwrap();
         assert_eq!(claimed, Some(want));
