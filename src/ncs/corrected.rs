@@ -707,19 +707,17 @@ impl Ncs {
         }
         let mut m = std::mem::take(&mut self.scratch.matrix);
         m.clear();
+        m.resize(d * d, 0.0);
         // Updates maintain the spread's lower triangle: mirror it.
         let spread = &self.spread[i * d * d..(i + 1) * d * d];
-        m.extend((0..d * d).map(|cell| {
-            let (a, b) = (cell / d, cell % d);
-            own_share * spread[a.max(b) * d + a.min(b)]
-        }));
-        for f in 0..d {
-            let cell = &mut m[f * d + f];
-            *cell += (1.0 - own_share) * ratio * self.prior[f];
-            *cell = cell.max(self.floor_var(f));
-        }
-        for v in m.iter_mut() {
-            *v *= widen;
+        for a in 0..d {
+            for b in 0..a {
+                let v = own_share * spread[a * d + b] * widen;
+                m[a * d + b] = v;
+                m[b * d + a] = v;
+            }
+            let diag = own_share * spread[a * d + a] + (1.0 - own_share) * ratio * self.prior[a];
+            m[a * d + a] = diag.max(self.floor_var(a)) * widen;
         }
         // Largest eigenvalue of the standardised covariance, bounded by Gershgorin's circles:
         // D² ≥ |x − c|²_standardised / λ_max.
@@ -732,7 +730,7 @@ impl Ncs {
         }
         self.bound[i] = if lambda > 0.0 { 1.0 / lambda } else { 0.0 };
         let out = &mut self.inv_var[i * d * d..(i + 1) * d * d];
-        if !invert_spd(&mut m, d, out) {
+        if !invert_spd(&m, d, out) {
             // Numerically singular: fall back to the diagonal.
             out.fill(0.0);
             for f in 0..d {
@@ -1231,14 +1229,7 @@ impl Ncs {
         if self.full {
             let s = &mut self.spread[i * d * d..(i + 1) * d * d];
             let keep = beta * (1.0 - rate);
-            // The lower triangle only (the matrix is symmetric; readers mirror it).
-            for a in 0..d {
-                let ka = keep * diff[a];
-                for b in 0..=a {
-                    let cell = &mut s[a * d + b];
-                    *cell += ka * diff[b] - beta * *cell;
-                }
-            }
+            spread_update(s, &diff, keep, beta);
         } else {
             for (delta, s) in diff.iter().zip(&mut self.spread[i * d..(i + 1) * d]) {
                 *s += beta * (delta * delta * (1.0 - rate) - *s);
@@ -1577,14 +1568,13 @@ fn outlier(score: f64, nearest: Option<f64>) -> Assignment {
     }
 }
 
-/// `(x − c)ᵀ P (x − c)` for a symmetric d×d `P`.
+/// `(x − c)ᵀ P (x − c)` for a symmetric d×d `P` (d ≤ [`FULL_COVARIANCE_MAX_DIM`]).
 fn quadratic(p: &[f64], x: &[f64], c: &[f64]) -> f64 {
-    let d = x.len();
     let mut diff = [0.0f64; FULL_COVARIANCE_MAX_DIM];
-    for f in 0..d {
-        diff[f] = x[f] - c[f];
+    for ((v, xf), cf) in diff.iter_mut().zip(x).zip(c) {
+        *v = xf - cf;
     }
-    quadratic_diff(p, &diff[..d])
+    quadratic_diff(p, &diff[..x.len()])
 }
 
 /// The full model's lower bound of every cluster's `D²` to `x` (its standardised squared
@@ -1603,13 +1593,15 @@ fn lower_bounds(
     if k == 0 {
         return (usize::MAX, f64::INFINITY);
     }
-    // Feature by feature over contiguous clusters: independent lanes, so it vectorises.
-    for ((xf, sf), column) in x.iter().zip(scale).zip(columns.chunks_exact(k)) {
-        for (e, c) in bounds.iter_mut().zip(column) {
-            let diff = xf - c;
-            *e += diff * diff * sf;
-        }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU supports AVX (checked just above), all `standardised_avx` needs.
+        unsafe { standardised_avx(x, columns, scale, bounds) };
+    } else {
+        standardised(x, columns, scale, bounds);
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    standardised(x, columns, scale, bounds);
     let (mut pick, mut lowest, mut next) = (usize::MAX, f64::INFINITY, f64::INFINITY);
     for (i, (e, b)) in bounds.iter_mut().zip(bound).enumerate() {
         *e *= b;
@@ -1623,60 +1615,243 @@ fn lower_bounds(
     (pick, next)
 }
 
-/// `δᵀ P δ` for a symmetric d×d `P`, from its lower triangle.
-fn quadratic_diff(p: &[f64], diff: &[f64]) -> f64 {
-    let d = diff.len();
-    let mut total = 0.0;
-    for a in 0..d {
-        let row = &p[a * d..a * d + a + 1];
-        let mut r = 0.5 * row[a] * diff[a];
-        for b in 0..a {
-            r += row[b] * diff[b];
+/// Clusters per block of [`standardised`]: its accumulators stay in registers.
+const LANES: usize = 8;
+
+/// The squared standardised distance of `x` to every cluster into `out` (one per cluster),
+/// from the centroids stored feature by feature (`columns[f·k + i]`). Blocks of [`LANES`]
+/// clusters are summed feature by feature in registers (independent lanes, so they vectorise);
+/// each distance is summed in feature order, whatever the instruction set.
+#[inline(always)]
+fn standardised(x: &[f64], columns: &[f64], scale: &[f64], out: &mut [f64]) {
+    let k = out.len();
+    let blocks = k / LANES * LANES;
+    for base in (0..blocks).step_by(LANES) {
+        let mut acc = [0.0f64; LANES];
+        for ((&xf, &sf), column) in x.iter().zip(scale).zip(columns.chunks_exact(k)) {
+            for (a, &c) in acc.iter_mut().zip(&column[base..base + LANES]) {
+                let diff = xf - c;
+                *a += diff * diff * sf;
+            }
         }
-        total += r * diff[a];
+        out[base..base + LANES].copy_from_slice(&acc);
     }
-    2.0 * total
+    for (i, e) in out.iter_mut().enumerate().skip(blocks) {
+        for ((&xf, &sf), column) in x.iter().zip(scale).zip(columns.chunks_exact(k)) {
+            let diff = xf - column[i];
+            *e += diff * diff * sf;
+        }
+    }
 }
 
-/// Inverts the symmetric positive definite d×d `m` into `out` (Cholesky, `m` is overwritten);
-/// false when `m` is not numerically positive definite.
-fn invert_spd(m: &mut [f64], d: usize, out: &mut [f64]) -> bool {
-    // m = L Lᵀ, L stored in the lower triangle of m.
+/// [`standardised`] compiled for AVX: four lanes per instruction instead of two, the same
+/// operations in the same order, so the same results.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+fn standardised_avx(x: &[f64], columns: &[f64], scale: &[f64], out: &mut [f64]) {
+    standardised(x, columns, scale, out);
+}
+
+/// `$f::<N>(args)` with the const N equal to the runtime `$d` (1..=[`FULL_COVARIANCE_MAX_DIM`]):
+/// the full model's kernels get one copy per dimension, unrolled and vectorised for it.
+const _: () = assert!(FULL_COVARIANCE_MAX_DIM == 8, "per_dimension! lists 1..=8");
+
+macro_rules! per_dimension {
+    ($d:expr, $f:ident($($arg:expr),*)) => {
+        match $d {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            6 => $f::<6>($($arg),*),
+            7 => $f::<7>($($arg),*),
+            8 => $f::<8>($($arg),*),
+            d => unreachable!("the full model has at most {FULL_COVARIANCE_MAX_DIM} features, not {d}"),
+        }
+    };
+}
+
+/// `δᵀ P δ` for a symmetric d×d `P` (d ≤ [`FULL_COVARIANCE_MAX_DIM`]), both triangles
+/// read: one copy per dimension, so each is unrolled and vectorised for its d.
+fn quadratic_diff(p: &[f64], diff: &[f64]) -> f64 {
+    per_dimension!(diff.len(), quadratic_n(p, diff))
+}
+
+/// `δᵀ P δ` for N features: `P·δ` as the sum of P's rows scaled by δ (P is symmetric), then
+/// its dot product with δ.
+fn quadratic_n<const N: usize>(p: &[f64], diff: &[f64]) -> f64 {
+    let mut pd = [0.0f64; N];
+    for (row, &db) in p[..N * N].chunks_exact(N).zip(&diff[..N]) {
+        for (v, &pv) in pd.iter_mut().zip(row) {
+            *v += pv * db;
+        }
+    }
+    pd.iter().zip(&diff[..N]).map(|(v, d)| v * d).sum()
+}
+
+/// `S ← S + keep·δδᵀ − β·S` on the lower triangle of the d×d `S` (the matrix is symmetric;
+/// readers mirror it), one unrolled copy per dimension d ≤ [`FULL_COVARIANCE_MAX_DIM`].
+fn spread_update(s: &mut [f64], diff: &[f64], keep: f64, beta: f64) {
+    per_dimension!(diff.len(), spread_update_n(s, diff, keep, beta))
+}
+
+fn spread_update_n<const N: usize>(s: &mut [f64], diff: &[f64], keep: f64, beta: f64) {
+    let diff = &diff[..N];
+    for (a, (row, &da)) in s[..N * N].chunks_exact_mut(N).zip(diff).enumerate() {
+        let ka = keep * da;
+        for (cell, &db) in row[..=a].iter_mut().zip(diff) {
+            *cell += ka * db - beta * *cell;
+        }
+    }
+}
+
+/// Inverts the symmetric positive definite d×d `m` (d ≤ [`FULL_COVARIANCE_MAX_DIM`]) into
+/// `out`; false when `m` is not numerically positive definite. Cholesky `m = L·Lᵀ`, then
+/// `W = L⁻¹` by forward substitution and `m⁻¹ = Wᵀ·W`: about d³/2 multiply-adds in all.
+fn invert_spd(m: &[f64], d: usize, out: &mut [f64]) -> bool {
+    per_dimension!(d, invert_spd_n(m, out))
+}
+
+/// [`invert_spd`] for N features, unrolled.
+fn invert_spd_n<const N: usize>(m: &[f64], out: &mut [f64]) -> bool {
+    let d = N;
+    let (m, out) = (&m[..N * N], &mut out[..N * N]);
+    let mut l = [[0.0f64; N]; N];
+    let mut inv_diag = [0.0f64; N];
     for j in 0..d {
         let mut diag = m[j * d + j];
-        for k in 0..j {
-            diag -= m[j * d + k] * m[j * d + k];
+        for &x in &l[j][..j] {
+            diag -= x * x;
         }
         if !diag.is_finite() || diag <= 0.0 {
             return false;
         }
-        let l = diag.sqrt();
-        m[j * d + j] = l;
+        let root = diag.sqrt();
+        l[j][j] = root;
+        inv_diag[j] = 1.0 / root;
         for i in j + 1..d {
             let mut v = m[i * d + j];
-            for k in 0..j {
-                v -= m[i * d + k] * m[j * d + k];
+            for (a, b) in l[i][..j].iter().zip(&l[j][..j]) {
+                v -= a * b;
             }
-            m[i * d + j] = v / l;
+            l[i][j] = v * inv_diag[j];
         }
     }
-    // out = (L⁻¹)ᵀ L⁻¹, column by column: solve L y = e_c, then Lᵀ z = y.
+    // W = L⁻¹, lower triangular, column by column.
+    let mut w = [[0.0f64; N]; N];
     for c in 0..d {
-        let mut y = [0.0f64; FULL_COVARIANCE_MAX_DIM];
-        for i in 0..d {
-            let mut v = if i == c { 1.0 } else { 0.0 };
-            for k in 0..i {
-                v -= m[i * d + k] * y[k];
+        w[c][c] = inv_diag[c];
+        for i in c + 1..d {
+            let mut v = 0.0;
+            for k in c..i {
+                v -= l[i][k] * w[k][c];
             }
-            y[i] = v / m[i * d + i];
+            w[i][c] = v * inv_diag[i];
         }
-        for i in (0..d).rev() {
-            let mut v = y[i];
-            for k in i + 1..d {
-                v -= m[k * d + i] * out[k * d + c];
+    }
+    // m⁻¹[a][b] = Σ_{k ≥ max(a, b)} W[k][a]·W[k][b], mirrored.
+    for a in 0..d {
+        for b in 0..=a {
+            let mut v = 0.0;
+            for row in &w[a..d] {
+                v += row[a] * row[b];
             }
-            out[i * d + c] = v / m[i * d + i];
+            out[a * d + b] = v;
+            out[b * d + a] = v;
         }
     }
     true
+}
+
+#[cfg(test)]
+mod kernel_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A random symmetric positive definite d×d matrix: A·Aᵀ + I.
+    fn spd(d: usize, a: &[f64]) -> Vec<f64> {
+        let mut m = vec![0.0; d * d];
+        for i in 0..d {
+            for j in 0..d {
+                m[i * d + j] = (0..d).map(|k| a[i * d + k] * a[j * d + k]).sum::<f64>();
+            }
+            m[i * d + i] += 1.0;
+        }
+        m
+    }
+
+    proptest! {
+        #[test]
+        fn the_inverse_times_the_matrix_is_the_identity(
+            d in 1usize..=FULL_COVARIANCE_MAX_DIM,
+            a in proptest::collection::vec(-3.0f64..3.0, 64),
+        ) {
+            let m = spd(d, &a);
+            let mut inv = vec![f64::NAN; d * d];
+            prop_assert!(invert_spd(&m, d, &mut inv));
+            for i in 0..d {
+                for j in 0..d {
+                    let product: f64 = (0..d).map(|k| m[i * d + k] * inv[k * d + j]).sum();
+                    let want = if i == j { 1.0 } else { 0.0 };
+                    prop_assert!((product - want).abs() < 1e-9, "({i},{j}) = {product}");
+                    prop_assert_eq!(inv[i * d + j], inv[j * d + i]);
+                }
+            }
+        }
+
+        #[test]
+        fn the_quadratic_form_matches_its_definition(
+            d in 1usize..=FULL_COVARIANCE_MAX_DIM,
+            a in proptest::collection::vec(-3.0f64..3.0, 64),
+            x in proptest::collection::vec(-10.0f64..10.0, 8),
+            c in proptest::collection::vec(-10.0f64..10.0, 8),
+        ) {
+            let p = spd(d, &a);
+            let want: f64 = (0..d)
+                .flat_map(|i| (0..d).map(move |j| (i, j)))
+                .map(|(i, j)| (x[i] - c[i]) * p[i * d + j] * (x[j] - c[j]))
+                .sum();
+            let got = quadratic(&p, &x[..d], &c[..d]);
+            prop_assert!((got - want).abs() <= 1e-9 * want.abs().max(1.0), "{got} vs {want}");
+        }
+
+        #[test]
+        fn the_bound_pass_is_the_same_sum_on_every_instruction_set(
+            k in 1usize..40,
+            d in 1usize..12,
+            seed in proptest::collection::vec(-100.0f64..100.0, 40 * 12 + 24),
+        ) {
+            let (x, rest) = seed.split_at(d);
+            let (scale, rest) = rest.split_at(d);
+            let scale: Vec<f64> = scale.iter().map(|s| s.abs() + 0.1).collect();
+            let columns = &rest[..k * d];
+            let mut blocked = vec![0.0; k];
+            standardised(x, columns, &scale, &mut blocked);
+            for (i, &got) in blocked.iter().enumerate() {
+                let mut want = 0.0;
+                for f in 0..d {
+                    let diff = x[f] - columns[f * k + i];
+                    want += diff * diff * scale[f];
+                }
+                prop_assert_eq!(got, want);
+            }
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx") {
+                let mut avx = vec![0.0; k];
+                // SAFETY: AVX is present (checked just above).
+                unsafe { standardised_avx(x, columns, &scale, &mut avx) };
+                prop_assert_eq!(avx, blocked);
+            }
+        }
+    }
+
+    #[test]
+    fn a_matrix_that_is_not_positive_definite_is_refused() {
+        // Eigenvalues 3 and −1.
+        let m = [1.0, 2.0, 2.0, 1.0];
+        let mut out = [0.0; 4];
+        assert!(!invert_spd(&m, 2, &mut out));
+        assert!(!invert_spd(&[f64::NAN], 1, &mut [0.0]));
+    }
 }
