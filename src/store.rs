@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +30,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Connection as _;
 
 use crate::output::{ClusterUpdate, DriftRecord, Emitted, OutlierRecord, Output, WindowAggregate};
+use crate::telemetry as tm;
 
 /// A partition's checkpoint: a full snapshot (the base) and the deltas written after it.
 ///
@@ -308,6 +309,8 @@ impl MemoryStore {
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// Commits left before the window fast path is tried again (0: try it).
+    fast_path: Arc<AtomicU32>,
 }
 
 const WINDOW_COLUMNS: &str = "source_topic, partition, window_kind, size_ms, slide_ms, key, \
@@ -333,12 +336,30 @@ async fn stage(
     ))
     .execute(&mut **tx)
     .await?;
+    copy_into(tx, &format!("{table}_staging"), columns, text).await
+}
+
+/// COPYs `text` (COPY's text format) into `table`.
+async fn copy_into(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    table: &str,
+    columns: &str,
+    text: String,
+) -> Result<(), sqlx::Error> {
     let mut copy = tx
-        .copy_in_raw(&format!("COPY {table}_staging ({columns}) FROM STDIN"))
+        .copy_in_raw(&format!("COPY {table} ({columns}) FROM STDIN"))
         .await?;
     copy.send(text.into_bytes()).await?;
     copy.finish().await?;
     Ok(())
+}
+
+/// Commits that write every window row through the upsert after a fast-path conflict.
+const FAST_PATH_PAUSE: u32 = 64;
+
+/// A unique violation (23505).
+fn is_unique_violation(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
 }
 
 impl PgStore {
@@ -360,7 +381,10 @@ impl PgStore {
             .max_connections(pool_max)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options);
-        Self { pool }
+        Self {
+            pool,
+            fast_path: Arc::new(AtomicU32::new(0)),
+        }
     }
 
     /// The pool, for queries of the caller's own (demo report, tests).
@@ -410,11 +434,35 @@ impl PgStore {
     }
 
     async fn commit(&self, batch: &Batch<'_>) -> Result<u64, StoreError> {
+        // The fast window path unless a conflict paused it (one commit fewer to wait).
+        let mut fast = self
+            .fast_path
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_err();
+        loop {
+            match self.try_commit(batch, fast).await? {
+                Some(rows) => return Ok(rows),
+                None => {
+                    // A window's first emission is already stored (a replay after a lost
+                    // commit acknowledgement, or a second group over the same topic): the
+                    // batch again through the upsert, and the upsert for a while.
+                    fast = false;
+                    self.fast_path.store(FAST_PATH_PAUSE, Ordering::Relaxed);
+                    metrics::counter!(tm::SINK_FAST_PATH_CONFLICTS_TOTAL).increment(1);
+                }
+            }
+        }
+    }
+
+    /// One attempt at [`PgStore::commit`]; `None` when the fast window path met a stored row
+    /// (only when `fast`), the transaction rolled back.
+    async fn try_commit(&self, batch: &Batch<'_>, fast: bool) -> Result<Option<u64>, StoreError> {
         let mut conn = self.pool.acquire().await?;
         let mut tx = conn.begin().await?;
         fence(&mut tx, batch).await?;
-        let rows = match write_outputs(&mut tx, &batch.id.topic, batch.outputs).await {
+        let rows = match write_outputs(&mut tx, &batch.id.topic, batch.outputs, fast).await {
             Ok(rows) => rows,
+            Err(err) if fast && is_unique_violation(&err) => return Ok(None),
             Err(err) if is_data_error(&err) => {
                 drop(tx);
                 return Err(self.find_rejected(batch).await);
@@ -423,7 +471,7 @@ impl PgStore {
         };
         write_checkpoint(&mut tx, batch).await?;
         tx.commit().await?;
-        Ok(rows)
+        Ok(Some(rows))
     }
 
     /// Replays the batch's outputs one by one under savepoints, in a transaction that is rolled
@@ -438,7 +486,7 @@ impl PgStore {
                     .execute(&mut *tx)
                     .await?;
                 let single = std::slice::from_ref(output);
-                let written = write_outputs(&mut tx, &batch.id.topic, single).await;
+                let written = write_outputs(&mut tx, &batch.id.topic, single, false).await;
                 // Every row is rolled back (this transaction only looks): the staging tables
                 // stay empty, so each row is tried alone.
                 sqlx::query("ROLLBACK TO SAVEPOINT neurostream_row")
@@ -494,19 +542,34 @@ async fn fence(
     }
 }
 
-/// Writes outputs (COPY → staging → upsert); returns the rows inserted or changed.
+/// Writes outputs (COPY → staging → upsert); returns the rows inserted or changed. `fast`:
+/// the first emission of a window (revision 0: nothing of it was ever committed, as the
+/// checkpoint commits with the rows) is COPYed straight into `window_aggregates`, half the
+/// cost of staging and upserting it; a row that is there after all fails the statement with
+/// a unique violation, and the caller writes the batch again without `fast`.
 async fn write_outputs(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     topic: &str,
     outputs: &[Emitted],
+    fast: bool,
 ) -> Result<u64, sqlx::Error> {
-    let (mut windows, mut clusters, mut drifts, mut outliers) =
-        (String::new(), String::new(), String::new(), String::new());
+    let (mut windows, mut fresh, mut clusters, mut drifts, mut outliers) = (
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+        String::new(),
+    );
     let latest = latest_window_rows(outputs);
     for (i, e) in outputs.iter().enumerate() {
         match &e.output {
             Output::WindowAggregate(w) if latest[i] => {
-                copy_window_row(&mut windows, topic, w, e.source_offset)
+                let out = if fast && w.revision == 0 {
+                    &mut fresh
+                } else {
+                    &mut windows
+                };
+                copy_window_row(out, topic, w, e.source_offset)
             }
             Output::WindowAggregate(_) => {}
             Output::ClusterUpdate(c) => copy_cluster_row(&mut clusters, topic, c, e.source_offset),
@@ -517,6 +580,10 @@ async fn write_outputs(
         }
     }
     let mut rows = 0;
+    if !fresh.is_empty() {
+        rows += fresh.lines().count() as u64;
+        copy_into(tx, "window_aggregates", WINDOW_COLUMNS, fresh).await?;
+    }
     if !windows.is_empty() {
         stage(tx, "window_aggregates", WINDOW_COLUMNS, windows).await?;
         rows += sqlx::query(&format!(

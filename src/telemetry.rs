@@ -107,6 +107,8 @@ catalogue! {
     SINK_ROWS_TOTAL = "neurostream_sink_rows_total", Counter, ["topic"], "Rows inserted or changed in PostgreSQL";
     /// Output rows PostgreSQL refused for a data reason (dead-lettered instead).
     SINK_REJECTED_ROWS_TOTAL = "neurostream_sink_rejected_rows_total", Counter, ["topic"], "Output rows PostgreSQL refused, dead-lettered instead";
+    /// Sink transactions whose fast window path met a stored first emission (then upserted).
+    SINK_FAST_PATH_CONFLICTS_TOTAL = "neurostream_sink_fast_path_conflicts_total", Counter, [], "Sink transactions written again through the upsert: a window's first emission was already stored";
     /// Size of the partition's last checkpoint (processor snapshot).
     CHECKPOINT_BYTES = "neurostream_checkpoint_bytes", Gauge, ["topic", "partition"], "Size of the partition's last checkpoint";
     /// Checkpoint bytes written to PostgreSQL, per partition.
