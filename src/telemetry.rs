@@ -159,6 +159,7 @@ pub fn describe_metrics() {
     metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     metrics::counter!(PARTITION_PAUSES_TOTAL).absolute(0);
     metrics::counter!(REVOKE_DEADLINE_MISSES_TOTAL).absolute(0);
+    metrics::counter!(SINK_FAST_PATH_CONFLICTS_TOTAL).absolute(0);
     metrics::gauge!(ASSIGNED_PARTITIONS).set(0.0);
     metrics::gauge!(PRODUCER_QUEUE_MESSAGES).set(0.0);
     for stage in ["produce", "sink", "checkpoint_load"] {
