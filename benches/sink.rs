@@ -9,7 +9,8 @@ use neurostream::store::{Batch, Checkpoint, PartitionId, PgStore, Store};
 
 const ROWS: usize = 5_000;
 
-fn batch(round: i64) -> Vec<Emitted> {
+/// `ROWS` new windows; revision 0 takes the direct COPY, a later revision the staged upsert.
+fn batch(round: i64, revision: u32) -> Vec<Emitted> {
     (0..ROWS)
         .map(|i| Emitted {
             seq: 0,
@@ -29,7 +30,7 @@ fn batch(round: i64) -> Vec<Emitted> {
                 min: Some(90.0),
                 max: Some(110.0),
                 is_final: true,
-                revision: 0,
+                revision,
             }),
         })
         .collect()
@@ -57,21 +58,26 @@ fn bench_sink(c: &mut Criterion) {
     let mut group = c.benchmark_group("sink");
     group.throughput(Throughput::Elements(ROWS as u64));
     group.sample_size(10);
-    group.bench_function("copy_upsert_checkpoint_5000_rows", |b| {
-        b.iter(|| {
-            round += 1;
-            let outputs = batch(round);
-            let checkpoint = Checkpoint::full(round, state.clone());
-            runtime
-                .block_on(store.commit(&Batch {
-                    id: &id,
-                    epoch,
-                    outputs: &outputs,
-                    checkpoint: &checkpoint,
-                }))
-                .expect("commit")
-        })
-    });
+    for (name, revision) in [
+        ("first_emissions_copy_checkpoint_5000_rows", 0),
+        ("revisions_copy_upsert_checkpoint_5000_rows", 1),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                round += 1;
+                let outputs = batch(round, revision);
+                let checkpoint = Checkpoint::full(round, state.clone());
+                runtime
+                    .block_on(store.commit(&Batch {
+                        id: &id,
+                        epoch,
+                        outputs: &outputs,
+                        checkpoint: &checkpoint,
+                    }))
+                    .expect("commit")
+            })
+        });
+    }
     group.finish();
 }
 
