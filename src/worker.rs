@@ -8,9 +8,10 @@
 //! (the processor's snapshot and next offset), then the offset is stored for commit.
 //!
 //! One transaction is in flight at a time, while the worker goes on processing and delivering
-//! the next batches; they coalesce into the next transaction. PostgreSQL trails Kafka by at most
-//! [`MAX_WAITING_BATCHES`] batches' worth of rows: past that the worker waits for the
-//! transaction. A stop
+//! the next batches; they coalesce into the next transaction, which starts no sooner than
+//! `postgres.commit_interval_ms` after the previous one started. PostgreSQL trails Kafka by at
+//! most [`MAX_WAITING_BATCHES`] batches' worth of rows: past that the worker waits for the
+//! transaction in flight and starts the next at once. A stop
 //! request flushes what was processed, waits for PostgreSQL and returns; unprocessed queued
 //! messages are left for the next owner, who starts at the checkpoint.
 
@@ -229,6 +230,10 @@ pub struct PartitionWorker {
     position: Option<i64>,
     batch_rows: usize,
     linger: Duration,
+    /// Least time between the starts of two transactions (`postgres.commit_interval_ms`).
+    commit_interval: Duration,
+    /// When the last transaction started.
+    last_commit: Option<Instant>,
     stop: CancellationToken,
     metrics: WorkerMetrics,
 }
@@ -358,6 +363,8 @@ impl PartitionWorker {
         let mut worker = PartitionWorker {
             batch_rows: config.sink_batch_rows(),
             linger: Duration::from_millis(config.sink_linger_ms()),
+            commit_interval: Duration::from_millis(config.sink_commit_interval_ms()),
+            last_commit: None,
             sink: Sink { id, ctx, epoch },
             processor,
             cursor,
@@ -380,6 +387,7 @@ impl PartitionWorker {
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = worker.pending.since.map(|t| t + worker.linger);
+            let commit_at = worker.commit_at();
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
@@ -390,12 +398,10 @@ impl PartitionWorker {
                         Err(Halt::Stopped) => break,
                         Err(_) => return,
                     }
-                    // Between batches, the flushes that waited go now; otherwise with the next
-                    // flush (within `linger_ms`).
-                    if worker.pending.is_empty() && !worker.waiting.is_empty() {
-                        worker.start_commit(&stop);
-                    }
                 }
+                // Between batches, the flushes that waited go when the interval is over;
+                // otherwise with the next flush (within `linger_ms`).
+                _ = sleep_until_opt(commit_at), if commit_at.is_some() => worker.start_commit(&stop),
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
                     if worker.flush(false).await.is_err() { return worker.abandon().await; }
                 }
@@ -501,6 +507,7 @@ impl PartitionWorker {
         let late_before = self.processor.late_dropped();
         self.processor.set_wall_clock(wall_clock_ms());
         self.pending.consumed += 1;
+        self.metrics.consumed.increment(1);
         self.metrics.taken += 1;
         let timed =
             (self.metrics.taken % WorkerMetrics::SAMPLE_EVERY == 0).then(std::time::Instant::now);
@@ -567,9 +574,25 @@ impl PartitionWorker {
         result
     }
 
+    /// When the waiting flushes' transaction starts between batches: none in flight, nothing
+    /// pending, something waiting; at the end of the commit interval.
+    fn commit_at(&self) -> Option<Instant> {
+        if self.in_flight.is_some() || !self.pending.is_empty() || self.waiting.is_empty() {
+            return None;
+        }
+        Some(self.commit_due().unwrap_or_else(Instant::now))
+    }
+
+    /// When the commit interval since the last transaction's start is over; `None` before the
+    /// first transaction.
+    fn commit_due(&self) -> Option<Instant> {
+        self.last_commit.map(|t| t + self.commit_interval)
+    }
+
     /// Delivers the pending batch to Kafka (every ack awaited), adds it to the flushes waiting
-    /// for PostgreSQL, and starts their transaction when none is in flight. Waits for the one in
-    /// flight when too many flushes wait, and for all of them when `durable`.
+    /// for PostgreSQL, and starts their transaction when none is in flight and the commit
+    /// interval is over. Waits for the one in flight, and starts the next at once, when too
+    /// many flushes wait; for all of them when `durable`.
     async fn flush_until(&mut self, stop: &CancellationToken, durable: bool) -> Result<(), Halt> {
         self.processor.end_batch(&mut self.pending.outputs);
         if self.pending.next_offset.is_none() {
@@ -598,16 +621,17 @@ impl PartitionWorker {
             self.waiting.absorb(batch);
         }
         loop {
+            let held = self.waiting.rows().max(self.waiting.consumed as usize);
+            let urgent = durable || held > MAX_WAITING_BATCHES * self.batch_rows;
             if let Some(handle) = &self.in_flight {
-                let held = self.waiting.rows().max(self.waiting.consumed as usize);
-                let wait = durable || held > MAX_WAITING_BATCHES * self.batch_rows;
-                if !wait && !handle.is_finished() {
+                if !urgent && !handle.is_finished() {
                     return Ok(());
                 }
                 let handle = self.in_flight.take().expect("checked above");
                 self.settle(handle.await)?;
             }
-            if self.waiting.is_empty() {
+            let early = self.commit_due().is_some_and(|due| Instant::now() < due);
+            if self.waiting.is_empty() || (!urgent && early) {
                 return Ok(());
             }
             self.start_commit(stop);
@@ -622,6 +646,7 @@ impl PartitionWorker {
     fn start_commit(&mut self, stop: &CancellationToken) {
         debug_assert!(self.in_flight.is_none() && self.pending.is_empty());
         let batch = std::mem::take(&mut self.waiting);
+        self.last_commit = Some(Instant::now());
         let started = std::time::Instant::now();
         let next_offset = batch
             .next_offset
@@ -738,7 +763,6 @@ impl PartitionWorker {
         for ts in &p.timestamps {
             m.end_to_end.record((now - ts).max(0) as f64 / 1e3);
         }
-        m.consumed.increment(p.consumed);
         m.events.increment(p.events);
         metrics::counter!(tm::OUTPUT_MESSAGES_TOTAL, "topic" => topic.to_string())
             .increment(p.outputs.len() as u64);

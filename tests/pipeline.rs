@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use neurostream::telemetry::Progress;
-use rdkafka::message::Message;
+use rdkafka::message::{Message, OwnedMessage};
 
 const WAIT: Duration = Duration::from_secs(90);
 
@@ -381,4 +381,97 @@ async fn partitions_assigned_while_postgres_is_down_start_at_their_checkpoints()
         stored_cluster_rows(&store).await,
         expected_cluster_rows(&config, &all)
     );
+}
+
+/// Polls partition 0 of `topic` from the beginning for the first message that came from input
+/// offset `offset` (30 s at most).
+async fn output_of_offset(brokers: &str, topic: &str, offset: i64) -> Option<OwnedMessage> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader_{}", unique()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, rdkafka::Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                let m = m.detach();
+                let from = header(&m, "neurostream.source.offset").and_then(|o| o.parse().ok());
+                if from == Some(offset) {
+                    return Some(m);
+                }
+            }
+        }
+        None
+    })
+    .await
+    .unwrap()
+}
+
+/// `postgres.commit_interval_ms` spaces a partition's transactions, not its outputs: an event
+/// processed right after a commit reaches Kafka within the linger, and PostgreSQL only when the
+/// interval since that commit began is over. A stop commits what waits at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_commit_interval_spaces_transactions_not_outputs_mock() {
+    const INTERVAL: Duration = Duration::from_secs(10);
+    let broker = Broker::mock();
+    let (url, store) = fresh_db().await;
+    let mut config = config_for(&broker, 1, &url).await;
+    config.postgres.commit_interval_ms = Some(INTERVAL.as_millis() as u64);
+    for w in &mut config.processing.windows {
+        w.emit = neurostream::config::EmitMode::Update;
+    }
+    let (brokers, input) = (
+        config.kafka.brokers.clone(),
+        config.kafka.input_topics[0].clone(),
+    );
+    let (group, windows) = (
+        config.kafka.group_id.clone(),
+        config.kafka.topics.windows.clone(),
+    );
+    let events = stream(0, 3);
+    let one = |i: usize| vec![vec![events[i].clone()]];
+
+    // The first transaction starts at the first flush.
+    let started = Instant::now();
+    produce(&brokers, &input, &one(0)).await;
+    let (shutdown, _progress, handle) = spawn_service(&config, &store);
+    wait_for_checkpoints(&store, &group, &[1], WAIT).await;
+
+    // The next event's output is on Kafka; its checkpoint waits for the interval.
+    produce(&brokers, &input, &one(1)).await;
+    let out = output_of_offset(&brokers, &windows, 1).await;
+    assert!(
+        out.is_some(),
+        "the window update of offset 1 never reached Kafka"
+    );
+    let seen = started.elapsed();
+    let checkpoint = checkpoint_map(&store, &group).await[&0];
+    if seen < INTERVAL {
+        // The second transaction cannot have started: the first began after `started`.
+        assert_eq!(
+            checkpoint, 1,
+            "committed {seen:?} after the first transaction began"
+        );
+    }
+    wait_for_checkpoints(&store, &group, &[2], WAIT).await;
+    assert!(started.elapsed() >= INTERVAL);
+
+    // A stop does not wait for the interval: offset 2 is committed when `run` returns, sooner
+    // than the third transaction could start by the interval (2 × INTERVAL after `started`).
+    produce(&brokers, &input, &one(2)).await;
+    assert!(output_of_offset(&brokers, &windows, 2).await.is_some());
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+    assert!(
+        started.elapsed() < 2 * INTERVAL,
+        "the stop waited for the interval"
+    );
+    assert_eq!(checkpoint_map(&store, &group).await[&0], 3);
 }

@@ -46,7 +46,9 @@ Throughput phase (per system; neurostream once per profile). Measured the same w
 
 Latency phase (per neurostream profile): a fresh input topic, the service started and ready
 (/ready 200), then `neurostream produce --rate R` for --latency-seconds (latency profile
-producer: linger 0; its pacing per 100 ms is reported), while a consumer in this script reads
+producer with `linger.ms` = --producer-linger-ms, 1 by default: at 0 the producer alone took
+half a core here and the broker floor's p99 was 52-80 ms against 17 ms; its pacing per 100 ms
+is reported), while a consumer in this script reads
 every output topic with its headers. The windows emit `update` (an update per processing batch,
 then the final), so every flush produces output. Latency of input event (p, o) = receive time
 (this host's clock) of the first output message with `neurostream.source.partition` = p and
@@ -60,7 +62,7 @@ Output: results.md, results.json, throughput.png, latency_cdf.png under --out (-
 re-renders the Markdown and the plots from an existing results.json). The two binaries are
 copied into the work dir at the start, so a rebuild of target/release during the run does not
 mix binaries; their build time, hash and the git state are recorded. --keep keeps the work dir
-(every child's log). Failures of one system are reported as "failed: reason" and the others
+(every child's log, and latency-<profile>.tsv: each measured event's send time and latencies). Failures of one system are reported as "failed: reason" and the others
 still run. The load average, the whole machine's busy cores (/proc/stat) and any cargo process
 seen during each measurement are recorded: on a 2-core machine anything else running (a build,
 a test) changes every number here.
@@ -74,6 +76,7 @@ import base64
 import bisect
 import dataclasses
 import datetime as dt
+import gc
 import json
 import os
 import re
@@ -377,7 +380,7 @@ log.retention.ms=-1
                cluster_id], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
         if fmt.returncode != 0:
             raise BenchError(f"kafka storage format failed: {fmt.stdout[-600:]}")
-        self.proc = CHILDREN.spawn("kafka", self.java(["-Xms1g", "-Xmx1g"]) + ["kafka.Kafka", str(props)],
+        self.proc = CHILDREN.spawn("kafka", self.java(["-Xms1g", "-Xmx1g", f"-Xlog:gc:file={self.dir / 'gc.log'}:utctime"]) + ["kafka.Kafka", str(props)],
                                    self.log)
         from confluent_kafka.admin import AdminClient
         admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
@@ -758,15 +761,17 @@ def output_topic_names(prefix: str) -> list[str]:
     return [f"{prefix}.{t}" for t in ("clusters", "drift", "outliers", "windows", "status", "dlq")]
 
 
-def produce_config(ctx: Context, path: Path, profile: str, topic: str) -> Path:
-    path.write_text(f'profile = "{profile}"\n[kafka]\nbrokers = "{ctx.kafka.bootstrap}"\n'
+def produce_config(ctx: Context, path: Path, profile: str, topic: str,
+                   linger_ms: Optional[int] = None) -> Path:
+    linger = "" if linger_ms is None else f"linger_ms = {linger_ms}\n"
+    path.write_text(f'profile = "{profile}"\n[kafka]\nbrokers = "{ctx.kafka.bootstrap}"\n{linger}'
                     f'input_topics = ["{topic}"]\n[log]\nlevel = "warn"\n')
     return path
 
 
 def produce(ctx: Context, topic: str, events: int, rate: int, profile: str, start_ts: Optional[int],
-            name: str) -> subprocess.Popen:
-    cfg = produce_config(ctx, ctx.root / f"produce-{name}.toml", profile, topic)
+            name: str, linger_ms: Optional[int] = None) -> subprocess.Popen:
+    cfg = produce_config(ctx, ctx.root / f"produce-{name}.toml", profile, topic, linger_ms)
     argv = [str(NEUROSTREAM), "--config", str(cfg), "produce", "--topic", topic,
             "--events", str(events), "--rate", str(rate), "--seed", str(SEED),
             "--dimension", str(ctx.args.dimension), "--keys", str(ctx.args.keys),
@@ -907,6 +912,9 @@ def service_internals(port: int) -> dict:
 
 
 def finish_result(res: ThroughputResult, sampler: Sampler, n: int, t1: float, tn: float) -> None:
+    if tn - t1 < 0.25:
+        raise BenchError(f"too short to measure: all {n} events were done {tn - t1:.3f} s after the "
+                         "first was seen (a few polls); use more --events")
     res.events = n
     res.seconds = round(tn - t1, 3)
     res.events_per_s = (n - 1) / max(tn - t1, 1e-6)
@@ -1149,6 +1157,13 @@ def read_input_times(bootstrap: str, topic: str, partitions: int, expected: int)
     return [(p, o, ts) for _, p, o, ts in reader.records]
 
 
+def dump_series(path: Path, rows: list[tuple]) -> None:
+    """With --keep: every measured event's send time, partition, offset and latencies (ms)."""
+    with path.open("w") as f:
+        f.write("sent_ms\tpartition\toffset\tlatency_ms\tto_output_created_ms\n")
+        f.writelines("\t".join(map(str, r)) + "\n" for r in sorted(rows))
+
+
 def summarize_latency(res: LatencyResult, lat_ms: list[float]) -> None:
     lat_ms.sort()
     res.measured = len(lat_ms)
@@ -1180,7 +1195,7 @@ def send_pacing(res: LatencyResult, inputs: list[tuple]) -> None:
 def produce_steady(ctx: Context, topic: str, name: str) -> int:
     a = ctx.args
     events = a.rate * a.latency_seconds
-    p = produce(ctx, topic, events, a.rate, "latency", None, name)
+    p = produce(ctx, topic, events, a.rate, "latency", None, name, a.producer_linger_ms)
     try:
         rc = p.wait(timeout=a.latency_seconds * 3 + 60)
     except subprocess.TimeoutExpired:
@@ -1213,7 +1228,10 @@ def run_latency_floor(ctx: Context) -> LatencyResult:
     inputs = [(p, o, ts) for _, p, o, ts in recs]
     send_pacing(res, inputs)
     t0 = min(ts for _, _, ts in inputs) + WARMUP_S * 1000
-    summarize_latency(res, [now * 1000 - ts for now, _, _, ts in recs if ts >= t0])
+    series = [(ts, p, o, round(now * 1000 - ts, 2), "") for now, p, o, ts in recs if ts >= t0]
+    if a.keep:
+        dump_series(ctx.root / "latency-floor.tsv", series)
+    summarize_latency(res, [r[3] for r in series])
     return res
 
 
@@ -1278,7 +1296,7 @@ def run_latency_neurostream(ctx: Context, profile: str) -> LatencyResult:
         runmax.append(max(o, runmax[-1]) if runmax else o)
         stamps.append(out_ts)
     t0 = min(ts for _, _, ts in inputs) + WARMUP_S * 1000
-    lat, inside = [], []
+    lat, inside, series = [], [], []
     for p, o, ts in inputs:
         if ts < t0:
             continue
@@ -1289,6 +1307,9 @@ def run_latency_neurostream(ctx: Context, profile: str) -> LatencyResult:
             continue
         lat.append(times[i] * 1000 - ts)
         inside.append(stamps[i] - ts)
+        series.append((ts, p, o, round(lat[-1], 2), inside[-1]))
+    if a.keep:
+        dump_series(ctx.root / f"latency-{profile}.tsv", series)
     summarize_latency(res, lat)
     inside.sort()
     res.p50_to_output_created_ms = percentile(inside, 0.50)
@@ -1504,6 +1525,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--partitions", type=int, default=2)
     p.add_argument("--rate", type=int, default=10_000)
     p.add_argument("--latency-seconds", type=int, default=30)
+    p.add_argument("--producer-linger-ms", type=int, default=1,
+                   help="linger.ms of the latency phase's producer (the same for the floor)")
     p.add_argument("--systems", default="neurostream,bare,kstreams,quix")
     p.add_argument("--profiles", default="throughput,balanced,latency")
     p.add_argument("--out", default="docs/bench")
@@ -1563,6 +1586,10 @@ def report_only(out: Path) -> int:
 def main() -> int:
     args = parse_args()
     ensure_venv()
+    # The readers keep a tuple per message (hundreds of thousands): a full pass of the cyclic
+    # collector over them would stall a reader thread and show up as latency. A precaution: it
+    # made no measurable difference to the broker floor here.
+    gc.disable()
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     profiles = [s.strip() for s in args.profiles.split(",") if s.strip()]
     command = " ".join(["python3 benches/e2e/run.py", *sys.argv[1:]])
