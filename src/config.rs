@@ -77,7 +77,8 @@ pub struct KafkaConfig {
     /// Messages buffered per partition between the consumer and its worker; when full, the
     /// partition is paused (backpressure) instead of buffering more. The queue absorbs what
     /// arrives while the worker flushes a batch: every pause and resume costs a fetch round
-    /// trip, so a queue smaller than one flush's worth of messages stalls the partition.
+    /// trip, so a queue smaller than one flush's worth of messages stalls the partition. The
+    /// queue allocates as it fills: the bytes budget is what bounds its memory.
     pub partition_queue_capacity: usize,
     /// Payload and key bytes buffered per partition at most (the partition is paused past
     /// them): bounds the queue's memory whatever the message size.
@@ -165,7 +166,7 @@ impl Default for KafkaConfig {
             auto_offset_reset: "earliest".into(),
             session_timeout_ms: 45_000,
             revoke_deadline_ms: 15_000,
-            partition_queue_capacity: 16_384,
+            partition_queue_capacity: 262_144,
             partition_queue_bytes: 64 << 20,
             max_event_bytes: 1 << 20,
             create_topics: true,

@@ -257,6 +257,70 @@ struct WorkerMetrics {
     samples: std::collections::VecDeque<f64>,
     /// When the previous batch became durable, and the points clustered by then.
     last_batch: Option<(Instant, u64)>,
+    /// Where the worker's time goes.
+    time: TimeUse,
+}
+
+/// What a worker is doing, for [`tm::WORKER_TIME_MICROSECONDS_TOTAL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Doing {
+    Idle,
+    Busy,
+    WaitingKafka,
+    WaitingPostgres,
+    WaitingRegistry,
+}
+
+impl Doing {
+    const ALL: [Doing; 5] = [
+        Doing::Idle,
+        Doing::Busy,
+        Doing::WaitingKafka,
+        Doing::WaitingPostgres,
+        Doing::WaitingRegistry,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Doing::Idle => "idle",
+            Doing::Busy => "busy",
+            Doing::WaitingKafka => "waiting_kafka",
+            Doing::WaitingPostgres => "waiting_postgres",
+            Doing::WaitingRegistry => "waiting_registry",
+        }
+    }
+}
+
+/// A stopwatch per [`Doing`]: the time since the last switch goes to the state switched from,
+/// exported in whole microseconds (the rest carried over).
+struct TimeUse {
+    counters: [metrics::Counter; 5],
+    carry_ns: [u64; 5],
+    doing: Doing,
+    since: std::time::Instant,
+}
+
+impl TimeUse {
+    fn new(topic: &str, partition: &str) -> Self {
+        Self {
+            counters: Doing::ALL.map(|d| {
+                metrics::counter!(tm::WORKER_TIME_MICROSECONDS_TOTAL, "topic" => topic.to_string(), "partition" => partition.to_string(), "state" => d.label())
+            }),
+            carry_ns: [0; 5],
+            doing: Doing::Busy,
+            since: std::time::Instant::now(),
+        }
+    }
+
+    /// Ends what the worker was doing and starts `next`.
+    fn switch(&mut self, next: Doing) {
+        let now = std::time::Instant::now();
+        let i = self.doing as usize;
+        let ns = self.carry_ns[i] + (now - self.since).as_nanos() as u64;
+        self.counters[i].increment(ns / 1_000);
+        self.carry_ns[i] = ns % 1_000;
+        (self.doing, self.since) = (next, now);
+    }
 }
 
 impl WorkerMetrics {
@@ -277,10 +341,11 @@ impl WorkerMetrics {
             active_clusters: metrics::gauge!(tm::ACTIVE_CLUSTERS, "topic" => t.clone(), "partition" => p.clone()),
             checkpoint_bytes: metrics::gauge!(tm::CHECKPOINT_BYTES, "topic" => t.clone(), "partition" => p.clone()),
             state_keys: metrics::gauge!(tm::STATE_KEYS, "topic" => t.clone(), "partition" => p.clone()),
-            state_open_windows: metrics::gauge!(tm::STATE_OPEN_WINDOWS, "topic" => t, "partition" => p),
+            state_open_windows: metrics::gauge!(tm::STATE_OPEN_WINDOWS, "topic" => t.clone(), "partition" => p.clone()),
             taken: 0,
             samples: std::collections::VecDeque::with_capacity(Self::SAMPLES),
             last_batch: None,
+            time: TimeUse::new(&t, &p),
         }
     }
 
@@ -388,10 +453,12 @@ impl PartitionWorker {
         loop {
             let deadline = worker.pending.since.map(|t| t + worker.linger);
             let commit_at = worker.commit_at();
+            worker.metrics.time.switch(Doing::Idle);
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
                 done = join(&mut worker.in_flight), if worker.in_flight.is_some() => {
+                    worker.metrics.time.switch(Doing::Busy);
                     worker.in_flight = None;
                     match worker.settle(done) {
                         Ok(()) => {}
@@ -401,13 +468,18 @@ impl PartitionWorker {
                 }
                 // Between batches, the flushes that waited go when the interval is over;
                 // otherwise with the next flush (within `linger_ms`).
-                _ = sleep_until_opt(commit_at), if commit_at.is_some() => worker.start_commit(&stop),
+                _ = sleep_until_opt(commit_at), if commit_at.is_some() => {
+                    worker.metrics.time.switch(Doing::Busy);
+                    worker.start_commit(&stop);
+                }
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
+                    worker.metrics.time.switch(Doing::Busy);
                     if worker.flush(false).await.is_err() { return worker.abandon().await; }
                 }
                 // Deliveries before ticks: a backlog is never mistaken for a quiet partition.
                 delivery = deliveries_rx.recv() => match delivery {
                     Some(Delivery::Message(msg)) => {
+                        worker.metrics.time.switch(Doing::Busy);
                         worker
                             .sink
                             .ctx
@@ -424,7 +496,10 @@ impl PartitionWorker {
                                 }
                                 let (progress, w) = (&worker.sink.ctx.progress, &worker.sink.id);
                                 let waiting = |why| progress.set_retrying(&w.topic, w.partition, why);
-                                if registry.ensure(id, &stop, waiting).await.is_err() {
+                                worker.metrics.time.switch(Doing::WaitingRegistry);
+                                let fetched = registry.ensure(id, &stop, waiting).await;
+                                worker.metrics.time.switch(Doing::Busy);
+                                if fetched.is_err() {
                                     break;
                                 }
                             }
@@ -437,15 +512,22 @@ impl PartitionWorker {
                     Some(Delivery::Positioned) => worker.cursor.positioned(),
                     None => break,
                 },
-                _ = ticks.tick(), if tick_every.is_some() => worker.tick(),
+                _ = ticks.tick(), if tick_every.is_some() => {
+                    worker.metrics.time.switch(Doing::Busy);
+                    worker.tick();
+                }
             }
         }
         // Drain: what was processed becomes durable; what is still queued is left for the next
         // owner (it starts at the checkpoint written here). The transaction in flight gives up
         // at the stop if it was retrying; its flushes then go with the final one, which does not.
         drop(deliveries_rx);
+        worker.metrics.time.switch(Doing::Busy);
         if let Some(handle) = worker.in_flight.take() {
-            match worker.settle(handle.await) {
+            worker.metrics.time.switch(Doing::WaitingPostgres);
+            let done = handle.await;
+            worker.metrics.time.switch(Doing::Busy);
+            match worker.settle(done) {
                 Ok(()) | Err(Halt::Stopped) => {}
                 Err(_) => return,
             }
@@ -453,6 +535,7 @@ impl PartitionWorker {
         if !worker.pending.is_empty() || !worker.waiting.is_empty() {
             let _ = worker.flush_until(&CancellationToken::new(), true).await;
         }
+        worker.metrics.time.switch(Doing::Busy);
         info!("partition worker stopped");
     }
 
@@ -609,7 +692,10 @@ impl PartitionWorker {
                 .map(MessageRef::Output)
                 .chain((0..self.pending.dead.len()).map(MessageRef::DeadLetter))
                 .collect();
-            self.sink.deliver(&mut self.pending, all, stop).await?;
+            self.metrics.time.switch(Doing::WaitingKafka);
+            let delivered = self.sink.deliver(&mut self.pending, all, stop).await;
+            self.metrics.time.switch(Doing::Busy);
+            delivered?;
             let now = wall_clock_ms();
             for ts in &self.pending.timestamps {
                 self.metrics
@@ -628,7 +714,10 @@ impl PartitionWorker {
                     return Ok(());
                 }
                 let handle = self.in_flight.take().expect("checked above");
-                self.settle(handle.await)?;
+                self.metrics.time.switch(Doing::WaitingPostgres);
+                let done = handle.await;
+                self.metrics.time.switch(Doing::Busy);
+                self.settle(done)?;
             }
             let early = self.commit_due().is_some_and(|due| Instant::now() < due);
             if self.waiting.is_empty() || (!urgent && early) {

@@ -184,6 +184,34 @@ async fn metrics_status_and_lag_during_a_pipeline_run() {
     assert_eq!(not_json, Some(1.0));
     assert!(sum(&s, "neurostream_state_keys") > 0.0);
     assert!(sum(&s, "neurostream_checkpoint_bytes") > 0.0);
+    // Worker time: every state is exported per partition; processing 1,200 events took some.
+    let time_in = |state: &str| -> Vec<f64> {
+        s.iter()
+            .filter(|((n, l), _)| {
+                n == "neurostream_worker_time_microseconds_total"
+                    && l.get("state").map(String::as_str) == Some(state)
+            })
+            .map(|(_, v)| *v)
+            .collect()
+    };
+    for state in [
+        "idle",
+        "busy",
+        "waiting_kafka",
+        "waiting_postgres",
+        "waiting_registry",
+    ] {
+        assert_eq!(
+            time_in(state).len(),
+            2,
+            "worker time {state} for both partitions"
+        );
+    }
+    assert!(
+        time_in("busy").iter().all(|&us| us > 0.0),
+        "{:?}",
+        time_in("busy")
+    );
 
     // /status: the effective profile, and per partition the algorithm status and latencies.
     let status: serde_json::Value = serde_json::from_str(&get(port, "/status")).unwrap();

@@ -870,10 +870,8 @@ def durable_offsets(port: int) -> Optional[int]:
     return sum(max(int(p.get("next_offset") or 0), 0) for p in status_partitions(body))
 
 
-def consumed_messages(port: int) -> Optional[int]:
-    code, body = http_get(port, "/metrics", 1.0)
-    if code != 200:
-        return None
+def consumed_in(body: str) -> int:
+    """neurostream_messages_consumed_total summed over partitions."""
     total = 0
     for line in body.splitlines():
         if line.startswith("neurostream_messages_consumed_total"):
@@ -884,9 +882,25 @@ def consumed_messages(port: int) -> Optional[int]:
     return total
 
 
-def service_internals(port: int) -> dict:
+def worker_time_us(body: str) -> dict[str, float]:
+    """neurostream_worker_time_microseconds_total per state, summed over partitions."""
+    out: dict[str, float] = {}
+    for line in body.splitlines():
+        if line.startswith("neurostream_worker_time_microseconds_total{"):
+            state = re.search(r'state="([a-z_]+)"', line)
+            try:
+                value = float(line.rsplit(" ", 1)[1])
+            except ValueError:
+                continue
+            if state:
+                out[state.group(1)] = out.get(state.group(1), 0.0) + value
+    return out
+
+
+def service_internals(port: int, since: Optional[dict[str, float]] = None) -> dict:
     """Where neurostream's time went, from its /metrics: sink transactions (outputs + checkpoint
-    in one PostgreSQL transaction), rows, backpressure pauses, checkpoint size, late drops."""
+    in one PostgreSQL transaction), rows, backpressure pauses, checkpoint size, late drops, and
+    the workers' time per state since `since` (a [`worker_time_us`] taken earlier)."""
     code, body = http_get(port, "/metrics", 5.0)
     if code != 200:
         return {}
@@ -898,6 +912,8 @@ def service_internals(port: int) -> dict:
                 sums[name] = sums.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
             except ValueError:
                 pass
+    worker_us = {k: v - (since or {}).get(k, 0.0) for k, v in worker_time_us(body).items()}
+    total_us = sum(worker_us.values())
     tx = sums.get("neurostream_sink_commit_seconds_count", 0.0)
     return {
         "sink_transactions": int(tx),
@@ -908,7 +924,15 @@ def service_internals(port: int) -> dict:
         "checkpoint_bytes": int(sums.get("neurostream_checkpoint_bytes", 0.0)),
         "late_events_dropped": int(sums.get("neurostream_late_events_dropped_total", 0.0)),
         "output_messages": int(sums.get("neurostream_output_messages_total", 0.0)),
+        # Share of the partition workers' time per state, summed over partitions.
+        "worker_time": {k: round(v / total_us, 3) for k, v in sorted(worker_us.items())} if total_us else {},
     }
+
+
+def worker_split(shares: dict) -> str:
+    if not shares:
+        return "-"
+    return " / ".join(f"{shares.get(k, 0.0) * 100:.0f} %" for k in ("busy", "idle", "waiting_kafka", "waiting_postgres"))
 
 
 def finish_result(res: ThroughputResult, sampler: Sampler, n: int, t1: float, tn: float) -> None:
@@ -940,12 +964,14 @@ def run_throughput_neurostream(ctx: Context, profile: str) -> ThroughputResult:
     logfile = ctx.root / f"{name}.log"
     proc = CHILDREN.spawn(name, [str(NEUROSTREAM), "--config", str(cfg), "run"], logfile)
     first_consumed: list[float] = []
+    time_at_first: dict[str, float] = {}
 
     def progress():
         if not first_consumed:
-            c = consumed_messages(port)
-            if c:
+            code, body = http_get(port, "/metrics", 1.0)
+            if code == 200 and consumed_in(body):
                 first_consumed.append(time.time())
+                time_at_first.update(worker_time_us(body))
         return durable_offsets(port)
 
     sampler = Sampler(proc.pid, progress, interval=0.02)
@@ -976,7 +1002,7 @@ def run_throughput_neurostream(ctx: Context, profile: str) -> ThroughputResult:
                              "use more --events")
         finish_result(res, sampler, a.events, first_consumed[0], tn)
         res.basis = "1st consumed (/metrics) -> N durable (/status), 20 ms polls"
-        res.internals = service_internals(port)
+        res.internals = service_internals(port, since=time_at_first)
     finally:
         sampler.stop()
         rc = Children.stop(proc, 40)
@@ -1438,16 +1464,20 @@ def write_report(out: Path, command: str, params: dict, machine: dict, dataset: 
            [(f"latency, {r.name.split('(')[-1].rstrip(')')}", r.internals) for r in lat if r.internals]
     if rows:
         L += ["### Inside neurostream (its /metrics at the end of each run)", "",
-              "| phase, profile | sink transactions | ms per transaction | rows per transaction | backpressure pauses | checkpoint bytes (all partitions) | late events dropped |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+              "| phase, profile | sink transactions | ms per transaction | rows per transaction | backpressure pauses | checkpoint bytes (all partitions) | late events dropped | worker time: busy / idle / waiting Kafka / waiting PostgreSQL |",
+              "|---|---:|---:|---:|---:|---:|---:|---|"]
         for name, m in rows:
             per = m["sink_rows"] / m["sink_transactions"] if m.get("sink_transactions") else None
             L.append(f"| {name} | {m.get('sink_transactions', 0):,} | {fmt(m.get('sink_ms_per_transaction'), '.1f')} | "
                      f"{fmt(per)} | {m.get('partition_pauses', 0):,} | {m.get('checkpoint_bytes', 0):,} | "
-                     f"{m.get('late_events_dropped', 0):,} |")
-        L += ["", "A sink transaction carries a batch's outputs and the partition's checkpoint (its whole "
-              "state) to PostgreSQL after the batch's outputs are acknowledged by Kafka; a pause is a "
-              "partition paused because its worker's queue (`kafka.partition_queue_capacity`) was full.", ""]
+                     f"{m.get('late_events_dropped', 0):,} | {worker_split(m.get('worker_time') or {})} |")
+        L += ["", "A sink transaction carries the outputs of the flushes since the last one and the "
+              "partition's checkpoint (a delta of what changed, or a new base) to PostgreSQL after those "
+              "outputs are acknowledged by Kafka; a pause is a partition paused because its worker's "
+              "queue (`kafka.partition_queue_capacity`) was full. Worker time is "
+              "`neurostream_worker_time_microseconds_total` summed over partitions: in the throughput "
+              "phase from the first consumed message to the last durable one, in the latency phase "
+              "over the whole run.", ""]
     notes = [f"{r.label}: {n}" for r in tp for n in r.notes] + [f"{r.name}: {n}" for r in lat for n in r.notes]
     overlap = [r.label for r in tp if r.cargo_overlap] + [r.name for r in lat if r.cargo_overlap]
     L += ["## Machine use during the run", "",
