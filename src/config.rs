@@ -276,10 +276,13 @@ impl Profile {
     /// The settings this profile stands for.
     pub fn settings(self) -> ProfileSettings {
         match self {
+            // Producer linger 100 → 10 ms: 72.8 k → 82.9–91.2 k events/s (balanced in the same
+            // alternating runs: 68.4–81.0 k). A flush's outputs fill 1 MB batches at once; the
+            // linger only holds its last, partial batch, and the worker waits for that ack.
             Profile::Throughput => ProfileSettings {
                 fetch_wait_max_ms: 500,
                 fetch_min_bytes: 1 << 20,
-                linger_ms: 100,
+                linger_ms: 10,
                 batch_size_bytes: 1_000_000,
                 compression: "lz4",
                 sink_batch_rows: 20_000,

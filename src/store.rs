@@ -553,20 +553,35 @@ async fn write_outputs(
     outputs: &[Emitted],
     fast: bool,
 ) -> Result<u64, sqlx::Error> {
+    let latest = latest_window_rows(outputs);
+    // The window rows are most of a batch: their text is sized once (a row is about 150
+    // bytes beside its topic and key).
+    let window_bytes = outputs
+        .iter()
+        .zip(&latest)
+        .filter_map(|(e, &latest)| match &e.output {
+            Output::WindowAggregate(w) if latest => Some(topic.len() + w.key.len() + 160),
+            _ => None,
+        })
+        .sum();
     let (mut windows, mut fresh, mut clusters, mut drifts, mut outliers) = (
         String::new(),
-        String::new(),
+        String::with_capacity(if fast { window_bytes } else { 0 }),
         String::new(),
         String::new(),
         String::new(),
     );
-    let latest = latest_window_rows(outputs);
+    let mut fresh_rows = 0;
     for (i, e) in outputs.iter().enumerate() {
         match &e.output {
             Output::WindowAggregate(w) if latest[i] => {
                 let out = if fast && w.revision == 0 {
+                    fresh_rows += 1;
                     &mut fresh
                 } else {
+                    if windows.capacity() == 0 {
+                        windows.reserve(window_bytes);
+                    }
                     &mut windows
                 };
                 copy_window_row(out, topic, w, e.source_offset)
@@ -581,7 +596,7 @@ async fn write_outputs(
     }
     let mut rows = 0;
     if !fresh.is_empty() {
-        rows += fresh.lines().count() as u64;
+        rows += fresh_rows;
         copy_into(tx, "window_aggregates", WINDOW_COLUMNS, fresh).await?;
     }
     if !windows.is_empty() {
@@ -872,8 +887,8 @@ fn copy_window_row(out: &mut String, topic: &str, w: &WindowAggregate, offset: i
     let _ = write!(
         out,
         "\t{}\t{}\t{}\t{}\t",
-        timestamp(w.window_start),
-        timestamp(w.window_end),
+        Ts(w.window_start),
+        Ts(w.window_end),
         w.count,
         Pg(w.sum)
     );
@@ -888,8 +903,9 @@ fn copy_window_row(out: &mut String, topic: &str, w: &WindowAggregate, offset: i
     let _ = writeln!(out, "{}\t{}\t{}", w.is_final, w.revision, offset);
 }
 
-/// A float as PostgreSQL reads it back exactly: shortest round-trip scientific notation (plain
-/// `{}` writes 1e-300 as 302 characters), and PostgreSQL's spellings of the non-finite values.
+/// A float as PostgreSQL reads it back exactly: the shortest round-trip digits (`zmij`, the
+/// formatter serde_json uses; plain `{}` writes 1e-300 as 302 characters), and PostgreSQL's
+/// spellings of the non-finite values.
 struct Pg(f64);
 
 impl std::fmt::Display for Pg {
@@ -898,7 +914,7 @@ impl std::fmt::Display for Pg {
             x if x.is_nan() => f.write_str("NaN"),
             x if x == f64::INFINITY => f.write_str("Infinity"),
             x if x == f64::NEG_INFINITY => f.write_str("-Infinity"),
-            x => write!(f, "{x:e}"),
+            x => f.write_str(zmij::Buffer::new().format_finite(x)),
         }
     }
 }
@@ -947,8 +963,8 @@ fn copy_cluster_row(out: &mut String, topic: &str, c: &ClusterUpdate, offset: i6
         Pg(c.radius),
         Pg(c.quality),
         Pg(c.drift_coefficient),
-        timestamp(c.created_at),
-        timestamp(c.updated_at)
+        Ts(c.created_at),
+        Ts(c.updated_at)
     );
 }
 
@@ -963,7 +979,7 @@ fn copy_drift_row(out: &mut String, topic: &str, d: &DriftRecord, offset: i64) {
     out.push('\t');
     let _ = write!(out, "{}\t", Pg(d.statistic));
     copy_text(out, &d.recommendation);
-    let _ = writeln!(out, "\t{}", timestamp(d.detected_at));
+    let _ = writeln!(out, "\t{}", Ts(d.detected_at));
 }
 
 fn copy_outlier_row(out: &mut String, topic: &str, o: &OutlierRecord) {
@@ -972,21 +988,24 @@ fn copy_outlier_row(out: &mut String, topic: &str, o: &OutlierRecord) {
     copy_opt_text(out, o.id.as_deref());
     out.push('\t');
     copy_text(out, &o.key);
-    let _ = write!(out, "\t{}\t", timestamp(o.ts));
+    let _ = write!(out, "\t{}\t", Ts(o.ts));
     copy_floats(out, &o.features);
     let _ = write!(out, "\t{}\t", Pg(o.outlier_score));
     copy_text(out, &o.reason);
     out.push('\n');
 }
 
-/// Epoch milliseconds as a timestamptz literal.
-fn timestamp(ms: i64) -> String {
-    use chrono::{Datelike as _, Timelike as _};
-    // Years 1 to 9999 (every event time the decoder accepts) by integer formatting: the
-    // strftime path parses its format string on every row.
-    if let Some(t) = chrono::DateTime::from_timestamp_millis(ms) {
-        if (1..=9999).contains(&t.year()) {
-            return format!(
+/// Epoch milliseconds as a timestamptz literal, written straight into the COPY text.
+struct Ts(i64);
+
+impl std::fmt::Display for Ts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use chrono::{Datelike as _, Timelike as _};
+        match chrono::DateTime::from_timestamp_millis(self.0) {
+            // Years 1 to 9999 (every event time the decoder accepts) by integer formatting:
+            // the strftime path parses its format string on every row.
+            Some(t) if (1..=9999).contains(&t.year()) => write!(
+                f,
                 "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03}+00",
                 t.year(),
                 t.month(),
@@ -995,18 +1014,12 @@ fn timestamp(ms: i64) -> String {
                 t.minute(),
                 t.second(),
                 t.timestamp_subsec_millis()
-            );
+            ),
+            Some(t) => write!(f, "{}", t.format("%Y-%m-%d %H:%M:%S%.3f+00")),
+            None if self.0 < 0 => f.write_str("-infinity"),
+            None => f.write_str("infinity"),
         }
     }
-    chrono::DateTime::from_timestamp_millis(ms)
-        .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f+00").to_string())
-        .unwrap_or_else(|| {
-            if ms < 0 {
-                "-infinity".into()
-            } else {
-                "infinity".into()
-            }
-        })
 }
 
 /// Appends `s` escaped for COPY's text format.
@@ -1058,17 +1071,29 @@ mod tests {
 
     #[test]
     fn timestamps_are_utc_literals() {
-        assert_eq!(timestamp(1_763_866_800_123), "2025-11-23 03:00:00.123+00");
-        assert_eq!(timestamp(-1), "1969-12-31 23:59:59.999+00");
-        assert_eq!(timestamp(-62_135_596_800_000), "0001-01-01 00:00:00.000+00");
-        assert_eq!(timestamp(253_402_300_799_999), "9999-12-31 23:59:59.999+00");
+        assert_eq!(
+            Ts(1_763_866_800_123).to_string(),
+            "2025-11-23 03:00:00.123+00"
+        );
+        assert_eq!(Ts(-1).to_string(), "1969-12-31 23:59:59.999+00");
+        assert_eq!(
+            Ts(-62_135_596_800_000).to_string(),
+            "0001-01-01 00:00:00.000+00"
+        );
+        assert_eq!(
+            Ts(253_402_300_799_999).to_string(),
+            "9999-12-31 23:59:59.999+00"
+        );
         // Outside years 1-9999 chrono's own spelling (PostgreSQL refuses it: a data error).
         assert_eq!(
-            timestamp(253_402_300_800_000),
+            Ts(253_402_300_800_000).to_string(),
             chrono::DateTime::from_timestamp_millis(253_402_300_800_000)
                 .unwrap()
                 .format("%Y-%m-%d %H:%M:%S%.3f+00")
                 .to_string()
         );
+        // Beyond chrono's range: PostgreSQL's infinities.
+        assert_eq!(Ts(i64::MIN).to_string(), "-infinity");
+        assert_eq!(Ts(i64::MAX).to_string(), "infinity");
     }
 }
