@@ -276,22 +276,27 @@ impl Profile {
     /// The settings this profile stands for.
     pub fn settings(self) -> ProfileSettings {
         match self {
-            // Producer linger 100 → 10 ms: 72.8 k → 82.9–91.2 k events/s (balanced in the same
-            // alternating runs: 68.4–81.0 k). A flush's outputs fill 1 MB batches at once; the
-            // linger only holds its last, partial batch, and the worker waits for that ack.
+            // Measured with `benches/e2e/run.py` (500,000 events, alternating runs). Producer
+            // linger 100 → 10 ms: 72.8 k → 82.9–91.2 k events/s; a flush's outputs fill 1 MB
+            // batches at once, the linger only holds its last, partial batch. With deliveries
+            // pipelined, sink linger 1,000 → 200 ms: 96.9–100.6 k, and batch_rows 20,000 →
+            // 10,000: 97.8–106.5 k (balanced meanwhile 84.8–85.3 k). Under load batches fill by
+            // rows; a long linger only delayed the tail.
             Profile::Throughput => ProfileSettings {
                 fetch_wait_max_ms: 500,
                 fetch_min_bytes: 1 << 20,
                 linger_ms: 10,
                 batch_size_bytes: 1_000_000,
                 compression: "lz4",
-                sink_batch_rows: 20_000,
+                sink_batch_rows: 10_000,
                 // A transaction starts as soon as the previous one ended: under load PostgreSQL
                 // is what bounds the rate, and an idle gap between transactions is lost rate;
                 // when idle, the sink linger already spaces the flushes.
                 sink_commit_interval_ms: 0,
-                sink_linger_ms: 1_000,
+                sink_linger_ms: 200,
             },
+            // Sink linger 200 → 100 ms: p99 at 10,000 events/s 219 ms → 116–149 ms, the rate
+            // unchanged (80.3–90.6 k → 93.3–95.9 k events/s, alternating runs).
             Profile::Balanced => ProfileSettings {
                 fetch_wait_max_ms: 100,
                 fetch_min_bytes: 1,
@@ -300,7 +305,7 @@ impl Profile {
                 compression: "lz4",
                 sink_batch_rows: 5_000,
                 sink_commit_interval_ms: 0,
-                sink_linger_ms: 200,
+                sink_linger_ms: 100,
             },
             // Measured with `benches/e2e/run.py` at 10,000 events/s (20 k events, p99 send →
             // output on Kafka): producer linger 0 → 139–384 ms, 1 → 139 ms, 2 → 32–48 ms,
@@ -2053,7 +2058,7 @@ mod tests {
         assert_eq!(get("compression.type").source, "profile throughput");
         assert_eq!(get("acks").value, "all");
         assert_eq!(c.sink_linger_ms(), 3);
-        assert_eq!(c.sink_batch_rows(), 20_000);
+        assert_eq!(c.sink_batch_rows(), 10_000);
         assert_eq!(c.sink_commit_interval_ms(), 40);
     }
 

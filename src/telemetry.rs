@@ -124,7 +124,8 @@ catalogue! {
     /// How long the partition has been producing, committing or retrying its current batch.
     BATCH_RETRYING_SECONDS = "neurostream_batch_retrying_seconds", Gauge, ["topic", "partition"], "How long the partition has been on its current batch (0 when idle)";
     /// Where a partition worker's time goes: `idle` (waiting for input), `busy` (processing,
-    /// encoding, checkpointing), `waiting_kafka` (for the acks of a flush), `waiting_postgres`
+    /// encoding, checkpointing), `waiting_kafka` (for the acks of the previous flush, which
+    /// was delivered while the worker processed the next batch), `waiting_postgres`
     /// (for a transaction, when too many flushes wait or a stop needs them durable),
     /// `waiting_registry` (for a writer schema).
     WORKER_TIME_MICROSECONDS_TOTAL = "neurostream_worker_time_microseconds_total", Counter, ["topic", "partition", "state"], "Partition worker time by state: idle, busy, waiting_kafka, waiting_postgres, waiting_registry";

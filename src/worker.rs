@@ -7,6 +7,11 @@
 //! PostgreSQL, and one transaction writes all of them with the checkpoint taken after the last
 //! (the processor's snapshot and next offset), then the offset is stored for commit.
 //!
+//! One delivery is in flight at a time, while the worker processes the next batch: the next
+//! flush waits for it first, so a partition's outputs reach Kafka in order. A checkpoint is
+//! taken at a batch boundary only: when a flush's transaction is to start as soon as its acks
+//! are in, the checkpoint taken at the flush goes with its delivery.
+//!
 //! One transaction is in flight at a time, while the worker goes on processing and delivering
 //! the next batches; they coalesce into the next transaction, which starts no sooner than
 //! `postgres.commit_interval_ms` after the previous one started. PostgreSQL trails Kafka by at
@@ -157,6 +162,14 @@ impl Pending {
         self.next_offset.is_none() && self.rows() == 0
     }
 
+    /// Every output and dead letter, to deliver.
+    fn refs(&self) -> Vec<MessageRef> {
+        (0..self.outputs.len())
+            .map(MessageRef::Output)
+            .chain((0..self.dead.len()).map(MessageRef::DeadLetter))
+            .collect()
+    }
+
     /// Appends a later batch (it was taken after everything here).
     fn absorb(&mut self, later: Pending) {
         self.outputs.extend(later.outputs);
@@ -202,6 +215,17 @@ type InFlight = tokio::task::JoinHandle<Committed>;
 /// A transaction's flushes, what it wrote of the checkpoint, and its outcome.
 type Committed = (Pending, Written, Result<u64, Halt>);
 
+/// A flush on its way to Kafka.
+type Delivering = tokio::task::JoinHandle<Delivered>;
+
+/// A delivery's batch, back with its outcome, and the checkpoint taken at its end when its
+/// transaction starts once it is delivered.
+struct Delivered {
+    batch: Pending,
+    checkpoint: Option<Checkpoint>,
+    result: Result<(), Halt>,
+}
+
 /// The partition's way out: Kafka, then PostgreSQL. Cheap to clone into a commit task.
 #[derive(Clone)]
 struct Sink {
@@ -222,6 +246,8 @@ pub struct PartitionWorker {
     pending: Pending,
     /// Flushes delivered to Kafka, waiting for the next PostgreSQL transaction.
     waiting: Pending,
+    /// The flush on its way to Kafka.
+    delivering: Option<Delivering>,
     /// The PostgreSQL transaction in flight.
     in_flight: Option<InFlight>,
     /// The checkpoint chain written so far.
@@ -437,6 +463,7 @@ impl PartitionWorker {
             position,
             pending: Pending::default(),
             waiting: Pending::default(),
+            delivering: None,
             in_flight: None,
             chain: Chain::default(),
             stop: stop.clone(),
@@ -466,11 +493,20 @@ impl PartitionWorker {
                         Err(_) => return,
                     }
                 }
+                done = join(&mut worker.delivering), if worker.delivering.is_some() => {
+                    worker.metrics.time.switch(Doing::Busy);
+                    worker.delivering = None;
+                    match worker.delivered(done, &stop) {
+                        Ok(()) => {}
+                        Err(Halt::Stopped) => break,
+                        Err(_) => return worker.abandon().await,
+                    }
+                }
                 // Between batches, the flushes that waited go when the interval is over;
                 // otherwise with the next flush (within `linger_ms`).
                 _ = sleep_until_opt(commit_at), if commit_at.is_some() => {
                     worker.metrics.time.switch(Doing::Busy);
-                    worker.start_commit(&stop);
+                    worker.commit_now(&stop);
                 }
                 _ = sleep_until_opt(deadline), if deadline.is_some() => {
                     worker.metrics.time.switch(Doing::Busy);
@@ -523,6 +559,16 @@ impl PartitionWorker {
         // at the stop if it was retrying; its flushes then go with the final one, which does not.
         drop(deliveries_rx);
         worker.metrics.time.switch(Doing::Busy);
+        if let Some(handle) = worker.delivering.take() {
+            worker.metrics.time.switch(Doing::WaitingKafka);
+            let done = handle.await;
+            worker.metrics.time.switch(Doing::Busy);
+            // A delivery that gave up at the stop put its batch back: the final flush has it.
+            match worker.delivered(done, &CancellationToken::new()) {
+                Ok(()) | Err(Halt::Stopped) => {}
+                Err(_) => return,
+            }
+        }
         if let Some(handle) = worker.in_flight.take() {
             worker.metrics.time.switch(Doing::WaitingPostgres);
             let done = handle.await;
@@ -639,6 +685,9 @@ impl PartitionWorker {
     /// stop request when retrying), so what it made durable is stored for commit before the
     /// worker returns.
     async fn abandon(&mut self) {
+        if let Some(handle) = self.delivering.take() {
+            handle.abort();
+        }
         if let Some(handle) = self.in_flight.take() {
             let _ = self.settle(handle.await);
         }
@@ -658,9 +707,13 @@ impl PartitionWorker {
     }
 
     /// When the waiting flushes' transaction starts between batches: none in flight, nothing
-    /// pending, something waiting; at the end of the commit interval.
+    /// pending or being delivered, something waiting; at the end of the commit interval.
     fn commit_at(&self) -> Option<Instant> {
-        if self.in_flight.is_some() || !self.pending.is_empty() || self.waiting.is_empty() {
+        if self.in_flight.is_some()
+            || self.delivering.is_some()
+            || !self.pending.is_empty()
+            || self.waiting.is_empty()
+        {
             return None;
         }
         Some(self.commit_due().unwrap_or_else(Instant::now))
@@ -672,10 +725,10 @@ impl PartitionWorker {
         self.last_commit.map(|t| t + self.commit_interval)
     }
 
-    /// Delivers the pending batch to Kafka (every ack awaited), adds it to the flushes waiting
-    /// for PostgreSQL, and starts their transaction when none is in flight and the commit
-    /// interval is over. Waits for the one in flight, and starts the next at once, when too
-    /// many flushes wait; for all of them when `durable`.
+    /// Sends the pending batch to Kafka once the previous flush is delivered: in the background,
+    /// or, when `durable`, awaiting every ack and then PostgreSQL for all waiting flushes.
+    /// Delivered flushes wait for PostgreSQL; their transaction starts when none is in flight
+    /// and the commit interval is over. Waits for the one in flight when too many flushes wait.
     async fn flush_until(&mut self, stop: &CancellationToken, durable: bool) -> Result<(), Halt> {
         self.processor.end_batch(&mut self.pending.outputs);
         if self.pending.next_offset.is_none() {
@@ -687,25 +740,121 @@ impl PartitionWorker {
                 _ => self.pending = Pending::default(),
             }
         }
-        if !self.pending.is_empty() {
-            let all: Vec<MessageRef> = (0..self.pending.outputs.len())
-                .map(MessageRef::Output)
-                .chain((0..self.pending.dead.len()).map(MessageRef::DeadLetter))
-                .collect();
+        // A partition's outputs reach Kafka in batch order.
+        if let Some(handle) = self.delivering.take() {
+            self.metrics.time.switch(Doing::WaitingKafka);
+            let done = handle.await;
+            self.metrics.time.switch(Doing::Busy);
+            self.delivered(done, stop)?;
+        }
+        if self.pending.is_empty() {
+            return self.commit_waiting(stop, durable).await;
+        }
+        if durable {
+            let all = self.pending.refs();
             self.metrics.time.switch(Doing::WaitingKafka);
             let delivered = self.sink.deliver(&mut self.pending, all, stop).await;
             self.metrics.time.switch(Doing::Busy);
             delivered?;
-            let now = wall_clock_ms();
-            for ts in &self.pending.timestamps {
-                self.metrics
-                    .output_latency
-                    .record((now - ts).max(0) as f64 / 1e3);
-            }
-            let mut batch = std::mem::take(&mut self.pending);
-            batch.since = None;
-            self.waiting.absorb(batch);
+            let batch = std::mem::take(&mut self.pending);
+            self.join_waiting(batch);
+            return self.commit_waiting(stop, true).await;
         }
+        // Room for this flush: a finished transaction is settled, one still running awaited
+        // when too much waits. Then this flush's transaction starts as soon as it is delivered
+        // if none is in flight and the commit interval is over: its checkpoint is taken now,
+        // at its end.
+        let held = self.waiting.rows().max(self.waiting.consumed as usize)
+            + self.pending.rows().max(self.pending.consumed as usize);
+        let urgent = held > MAX_WAITING_BATCHES * self.batch_rows;
+        if let Some(handle) = &self.in_flight {
+            if urgent || handle.is_finished() {
+                let handle = self.in_flight.take().expect("checked above");
+                self.metrics.time.switch(Doing::WaitingPostgres);
+                let done = handle.await;
+                self.metrics.time.switch(Doing::Busy);
+                self.settle(done)?;
+            }
+        }
+        let early = self.commit_due().is_some_and(|due| Instant::now() < due);
+        let mut batch = std::mem::take(&mut self.pending);
+        let checkpoint = (self.in_flight.is_none() && (urgent || !early)).then(|| {
+            let next_offset = batch
+                .next_offset
+                .expect("a pending flush always has its next offset");
+            self.take_checkpoint(next_offset)
+        });
+        let all = batch.refs();
+        let (sink, stop) = (self.sink.clone(), stop.clone());
+        self.delivering = Some(tokio::spawn(async move {
+            let result = sink.deliver(&mut batch, all, &stop).await;
+            Delivered {
+                batch,
+                checkpoint,
+                result,
+            }
+        }));
+        Ok(())
+    }
+
+    /// Takes a delivery's outcome: the batch waits for PostgreSQL, its transaction starting now
+    /// when it carries its checkpoint; a delivery that gave up at a stop puts its batch back in
+    /// front of the pending one.
+    fn delivered(
+        &mut self,
+        done: Result<Delivered, tokio::task::JoinError>,
+        stop: &CancellationToken,
+    ) -> Result<(), Halt> {
+        let done = done.map_err(|err| {
+            self.sink.ctx.fatal.raise(format!(
+                "partition {}/{}: the Kafka delivery's task failed: {err}",
+                self.sink.id.topic, self.sink.id.partition
+            ));
+            Halt::Fatal
+        })?;
+        let Delivered {
+            mut batch,
+            checkpoint,
+            result,
+        } = done;
+        if let Err(halt) = result {
+            if halt == Halt::Stopped {
+                if checkpoint.is_some() {
+                    // Its delta is lost with it: the next checkpoint is full.
+                    self.chain.base = None;
+                }
+                batch.absorb(std::mem::take(&mut self.pending));
+                self.pending = batch;
+            }
+            return Err(halt);
+        }
+        self.join_waiting(batch);
+        if let Some(checkpoint) = checkpoint {
+            self.start_commit(stop, checkpoint);
+        }
+        Ok(())
+    }
+
+    /// A delivered flush: its events' time to output is recorded, and it waits for PostgreSQL.
+    fn join_waiting(&mut self, mut batch: Pending) {
+        let now = wall_clock_ms();
+        for ts in &batch.timestamps {
+            self.metrics
+                .output_latency
+                .record((now - ts).max(0) as f64 / 1e3);
+        }
+        batch.since = None;
+        self.waiting.absorb(batch);
+    }
+
+    /// Starts the waiting flushes' transaction when none is in flight and the commit interval is
+    /// over, after waiting for the one in flight when too many flushes wait; for all of them
+    /// when `durable`. Nothing is pending or being delivered: the checkpoint is of this moment.
+    async fn commit_waiting(
+        &mut self,
+        stop: &CancellationToken,
+        durable: bool,
+    ) -> Result<(), Halt> {
         loop {
             let held = self.waiting.rows().max(self.waiting.consumed as usize);
             let urgent = durable || held > MAX_WAITING_BATCHES * self.batch_rows;
@@ -723,31 +872,36 @@ impl PartitionWorker {
             if self.waiting.is_empty() || (!urgent && early) {
                 return Ok(());
             }
-            self.start_commit(stop);
+            self.commit_now(stop);
             if !durable {
                 return Ok(());
             }
         }
     }
 
-    /// Starts the transaction of the waiting flushes, with the checkpoint of this moment (a
-    /// batch boundary: nothing is pending).
-    fn start_commit(&mut self, stop: &CancellationToken) {
-        debug_assert!(self.in_flight.is_none() && self.pending.is_empty());
-        let batch = std::mem::take(&mut self.waiting);
-        self.last_commit = Some(Instant::now());
-        let started = std::time::Instant::now();
-        let next_offset = batch
+    /// Starts the transaction of the waiting flushes with the checkpoint of this moment: nothing
+    /// is pending or being delivered.
+    fn commit_now(&mut self, stop: &CancellationToken) {
+        debug_assert!(self.pending.is_empty() && self.delivering.is_none());
+        let next_offset = self
+            .waiting
             .next_offset
             .expect("a waiting flush always has its next offset");
-        let checkpoint = self.checkpoint(next_offset);
-        self.metrics
-            .checkpoint_seconds
-            .record(started.elapsed().as_secs_f64());
+        let checkpoint = self.take_checkpoint(next_offset);
+        self.start_commit(stop, checkpoint);
+    }
+
+    /// Starts the transaction of the waiting flushes with `checkpoint`, taken after the last
+    /// of them.
+    fn start_commit(&mut self, stop: &CancellationToken, checkpoint: Checkpoint) {
+        debug_assert!(self.in_flight.is_none());
+        let batch = std::mem::take(&mut self.waiting);
+        debug_assert_eq!(batch.next_offset, Some(checkpoint.next_offset));
+        self.last_commit = Some(Instant::now());
         let written = Written {
             bytes: checkpoint.bytes(),
             delta: checkpoint.is_delta(),
-            next_offset,
+            next_offset: checkpoint.next_offset,
         };
         let (sink, stop) = (self.sink.clone(), stop.clone());
         self.in_flight = Some(tokio::spawn(async move {
@@ -755,6 +909,16 @@ impl PartitionWorker {
             let result = sink.commit(&mut batch, &checkpoint, &stop).await;
             (batch, written, result)
         }));
+    }
+
+    /// [`Self::checkpoint`], timed.
+    fn take_checkpoint(&mut self, next_offset: i64) -> Checkpoint {
+        let started = std::time::Instant::now();
+        let checkpoint = self.checkpoint(next_offset);
+        self.metrics
+            .checkpoint_seconds
+            .record(started.elapsed().as_secs_f64());
+        checkpoint
     }
 
     /// The checkpoint to write now: what changed since the last one while the deltas after the
@@ -1148,8 +1312,10 @@ fn wall_clock_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The outcome of the transaction in flight (never resolves without one).
-async fn join(in_flight: &mut Option<InFlight>) -> Result<Committed, tokio::task::JoinError> {
+/// The outcome of the task in flight (never resolves without one).
+async fn join<T>(
+    in_flight: &mut Option<tokio::task::JoinHandle<T>>,
+) -> Result<T, tokio::task::JoinError> {
     match in_flight {
         Some(handle) => handle.await,
         None => std::future::pending().await,

@@ -90,11 +90,23 @@ async fn end_to_end(broker: Broker) {
         Some(expected.len()),
     );
     assert_eq!(windows.len(), expected.len());
+    // In source order per source partition (one output partition here): a flush's delivery
+    // overlaps the next batch's processing, never the next delivery.
+    let mut last = std::collections::BTreeMap::new();
     for m in &windows {
-        assert!(header(m, "neurostream.source.offset").is_some());
+        let source: i64 = header(m, "neurostream.source.offset")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let partition = header(m, "neurostream.source.partition")
+            .unwrap()
+            .to_string();
+        let before = last.insert(partition, source).unwrap_or(-1);
+        assert!(before <= source, "source offset {source} after {before}");
         let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
         assert_eq!(v["type"], "window_aggregate");
     }
+    assert_eq!(last.len(), 3, "every source partition closed windows");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
