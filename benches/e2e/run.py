@@ -1458,8 +1458,9 @@ def write_report(out: Path, command: str, params: dict, machine: dict, dataset: 
           "consumer. The column \"to the output's CreateTime\" is the part of that latency until "
           "neurostream produced the covering output (the rest is the output's way through the broker "
           "to the reader). Outputs go to Kafka before the batch's PostgreSQL transaction (which "
-          "follows their acknowledgement), so the transaction is not inside this latency itself, "
-          "but it holds the partition's next batch.", ""]
+          "follows their acknowledgement), so the transaction is not inside this latency itself; "
+          "a flush's delivery runs while the worker processes the next batch, whose flush waits "
+          "for those acknowledgements before its own outputs go.", ""]
     rows = [(f"throughput, {r.profile}", r.internals) for r in tp if r.internals] + \
            [(f"latency, {r.name.split('(')[-1].rstrip(')')}", r.internals) for r in lat if r.internals]
     if rows:
