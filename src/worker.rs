@@ -760,22 +760,16 @@ impl PartitionWorker {
             self.join_waiting(batch);
             return self.commit_waiting(stop, true).await;
         }
-        // Room for this flush: a finished transaction is settled, one still running awaited
-        // when too much waits. Then this flush's transaction starts as soon as it is delivered
-        // if none is in flight and the commit interval is over: its checkpoint is taken now,
-        // at its end.
+        // This flush's transaction starts as soon as it is delivered if none is in flight (a
+        // finished one is settled first) and the commit interval is over: its checkpoint is
+        // taken now, at its end.
+        if self.in_flight.as_ref().is_some_and(|h| h.is_finished()) {
+            let handle = self.in_flight.take().expect("checked above");
+            self.settle(handle.await)?;
+        }
         let held = self.waiting.rows().max(self.waiting.consumed as usize)
             + self.pending.rows().max(self.pending.consumed as usize);
         let urgent = held > MAX_WAITING_BATCHES * self.batch_rows;
-        if let Some(handle) = &self.in_flight {
-            if urgent || handle.is_finished() {
-                let handle = self.in_flight.take().expect("checked above");
-                self.metrics.time.switch(Doing::WaitingPostgres);
-                let done = handle.await;
-                self.metrics.time.switch(Doing::Busy);
-                self.settle(done)?;
-            }
-        }
         let early = self.commit_due().is_some_and(|due| Instant::now() < due);
         let mut batch = std::mem::take(&mut self.pending);
         let checkpoint = (self.in_flight.is_none() && (urgent || !early)).then(|| {
@@ -794,6 +788,16 @@ impl PartitionWorker {
                 result,
             }
         }));
+        // Too much waits for PostgreSQL: the worker waits for the transaction in flight, with
+        // this flush's outputs already on their way (the next flush then carries a checkpoint).
+        if urgent {
+            if let Some(handle) = self.in_flight.take() {
+                self.metrics.time.switch(Doing::WaitingPostgres);
+                let done = handle.await;
+                self.metrics.time.switch(Doing::Busy);
+                self.settle(done)?;
+            }
+        }
         Ok(())
     }
 
