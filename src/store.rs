@@ -553,24 +553,14 @@ async fn write_outputs(
     outputs: &[Emitted],
     fast: bool,
 ) -> Result<u64, sqlx::Error> {
-    let latest = latest_window_rows(outputs);
-    // The window rows are most of a batch: their text is sized once (a row is about 150
-    // bytes beside its topic and key).
-    let window_bytes = outputs
-        .iter()
-        .zip(&latest)
-        .filter_map(|(e, &latest)| match &e.output {
-            Output::WindowAggregate(w) if latest => Some(topic.len() + w.key.len() + 160),
-            _ => None,
-        })
-        .sum();
     let (mut windows, mut fresh, mut clusters, mut drifts, mut outliers) = (
         String::new(),
-        String::with_capacity(if fast { window_bytes } else { 0 }),
+        String::new(),
         String::new(),
         String::new(),
         String::new(),
     );
+    let latest = latest_window_rows(outputs);
     let mut fresh_rows = 0;
     for (i, e) in outputs.iter().enumerate() {
         match &e.output {
@@ -579,9 +569,6 @@ async fn write_outputs(
                     fresh_rows += 1;
                     &mut fresh
                 } else {
-                    if windows.capacity() == 0 {
-                        windows.reserve(window_bytes);
-                    }
                     &mut windows
                 };
                 copy_window_row(out, topic, w, e.source_offset)

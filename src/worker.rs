@@ -338,6 +338,14 @@ impl TimeUse {
         }
     }
 
+    /// Awaits `wait` as `doing`, then goes back to busy.
+    async fn waiting<F: std::future::Future>(&mut self, doing: Doing, wait: F) -> F::Output {
+        self.switch(doing);
+        let out = wait.await;
+        self.switch(Doing::Busy);
+        out
+    }
+
     /// Ends what the worker was doing and starts `next`.
     fn switch(&mut self, next: Doing) {
         let now = std::time::Instant::now();
@@ -532,9 +540,8 @@ impl PartitionWorker {
                                 }
                                 let (progress, w) = (&worker.sink.ctx.progress, &worker.sink.id);
                                 let waiting = |why| progress.set_retrying(&w.topic, w.partition, why);
-                                worker.metrics.time.switch(Doing::WaitingRegistry);
-                                let fetched = registry.ensure(id, &stop, waiting).await;
-                                worker.metrics.time.switch(Doing::Busy);
+                                let fetch = registry.ensure(id, &stop, waiting);
+                                let fetched = worker.metrics.time.waiting(Doing::WaitingRegistry, fetch).await;
                                 if fetched.is_err() {
                                     break;
                                 }
@@ -560,9 +567,11 @@ impl PartitionWorker {
         drop(deliveries_rx);
         worker.metrics.time.switch(Doing::Busy);
         if let Some(handle) = worker.delivering.take() {
-            worker.metrics.time.switch(Doing::WaitingKafka);
-            let done = handle.await;
-            worker.metrics.time.switch(Doing::Busy);
+            let done = worker
+                .metrics
+                .time
+                .waiting(Doing::WaitingKafka, handle)
+                .await;
             // A delivery that gave up at the stop put its batch back: the final flush has it.
             match worker.delivered(done, &CancellationToken::new()) {
                 Ok(()) | Err(Halt::Stopped) => {}
@@ -570,9 +579,11 @@ impl PartitionWorker {
             }
         }
         if let Some(handle) = worker.in_flight.take() {
-            worker.metrics.time.switch(Doing::WaitingPostgres);
-            let done = handle.await;
-            worker.metrics.time.switch(Doing::Busy);
+            let done = worker
+                .metrics
+                .time
+                .waiting(Doing::WaitingPostgres, handle)
+                .await;
             match worker.settle(done) {
                 Ok(()) | Err(Halt::Stopped) => {}
                 Err(_) => return,
@@ -742,9 +753,7 @@ impl PartitionWorker {
         }
         // A partition's outputs reach Kafka in batch order.
         if let Some(handle) = self.delivering.take() {
-            self.metrics.time.switch(Doing::WaitingKafka);
-            let done = handle.await;
-            self.metrics.time.switch(Doing::Busy);
+            let done = self.metrics.time.waiting(Doing::WaitingKafka, handle).await;
             self.delivered(done, stop)?;
         }
         if self.pending.is_empty() {
@@ -752,9 +761,14 @@ impl PartitionWorker {
         }
         if durable {
             let all = self.pending.refs();
-            self.metrics.time.switch(Doing::WaitingKafka);
-            let delivered = self.sink.deliver(&mut self.pending, all, stop).await;
-            self.metrics.time.switch(Doing::Busy);
+            let delivered = self
+                .metrics
+                .time
+                .waiting(
+                    Doing::WaitingKafka,
+                    self.sink.deliver(&mut self.pending, all, stop),
+                )
+                .await;
             delivered?;
             let batch = std::mem::take(&mut self.pending);
             self.join_waiting(batch);
@@ -792,9 +806,11 @@ impl PartitionWorker {
         // this flush's outputs already on their way (the next flush then carries a checkpoint).
         if urgent {
             if let Some(handle) = self.in_flight.take() {
-                self.metrics.time.switch(Doing::WaitingPostgres);
-                let done = handle.await;
-                self.metrics.time.switch(Doing::Busy);
+                let done = self
+                    .metrics
+                    .time
+                    .waiting(Doing::WaitingPostgres, handle)
+                    .await;
                 self.settle(done)?;
             }
         }
@@ -867,9 +883,11 @@ impl PartitionWorker {
                     return Ok(());
                 }
                 let handle = self.in_flight.take().expect("checked above");
-                self.metrics.time.switch(Doing::WaitingPostgres);
-                let done = handle.await;
-                self.metrics.time.switch(Doing::Busy);
+                let done = self
+                    .metrics
+                    .time
+                    .waiting(Doing::WaitingPostgres, handle)
+                    .await;
                 self.settle(done)?;
             }
             let early = self.commit_due().is_some_and(|due| Instant::now() < due);
