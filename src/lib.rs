@@ -24,6 +24,7 @@
 //!   after it is durable, drop re-deliveries, report gaps).
 //! - [`store`]: PostgreSQL sink (COPY → upsert + checkpoint in one fenced transaction, refused
 //!   rows named) and the in-memory fallback.
+//! - `pgcopy`: PostgreSQL's binary COPY format, the sink's encoding.
 //! - [`pgserver`]: a private PostgreSQL server for the demo and tests.
 //! - [`app`]: the service: wires everything and runs until shutdown.
 //! - [`http`]: `/metrics`, `/health`, `/ready`, `/status`.
@@ -45,6 +46,7 @@ pub mod ncs;
 pub mod offline;
 pub mod offsets;
 pub mod output;
+mod pgcopy;
 pub mod pgserver;
 pub mod processor;
 pub mod store;

@@ -19,7 +19,6 @@
 //! checkpoints in process and counts the rows it would have written.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,6 +29,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::Connection as _;
 
 use crate::output::{ClusterUpdate, DriftRecord, Emitted, OutlierRecord, Output, WindowAggregate};
+use crate::pgcopy::BinaryCopy;
 use crate::telemetry as tm;
 
 /// A partition's checkpoint: a full snapshot (the base) and the deltas written after it.
@@ -322,12 +322,12 @@ const DRIFT_COLUMNS: &str = "source_topic, partition, source_offset, detector, s
 const OUTLIER_COLUMNS: &str =
     "source_topic, partition, source_offset, event_id, key, ts, features, outlier_score, reason";
 
-/// COPYs `text` into a per-connection staging table shaped like `table`, emptied at commit.
+/// COPYs `rows` into a per-connection staging table shaped like `table`, emptied at commit.
 async fn stage(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     table: &str,
     columns: &str,
-    text: String,
+    rows: BinaryCopy,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(&format!(
         "-- per-connection staging table, emptied at every commit
@@ -336,20 +336,22 @@ async fn stage(
     ))
     .execute(&mut **tx)
     .await?;
-    copy_into(tx, &format!("{table}_staging"), columns, text).await
+    copy_into(tx, &format!("{table}_staging"), columns, rows).await
 }
 
-/// COPYs `text` (COPY's text format) into `table`.
+/// COPYs `rows` (COPY's binary format) into `table`.
 async fn copy_into(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     table: &str,
     columns: &str,
-    text: String,
+    rows: BinaryCopy,
 ) -> Result<(), sqlx::Error> {
     let mut copy = tx
-        .copy_in_raw(&format!("COPY {table} ({columns}) FROM STDIN"))
+        .copy_in_raw(&format!(
+            "COPY {table} ({columns}) FROM STDIN (FORMAT binary)"
+        ))
         .await?;
-    copy.send(text.into_bytes()).await?;
+    copy.send(rows.finish()).await?;
     copy.finish().await?;
     Ok(())
 }
@@ -554,19 +556,17 @@ async fn write_outputs(
     fast: bool,
 ) -> Result<u64, sqlx::Error> {
     let (mut windows, mut fresh, mut clusters, mut drifts, mut outliers) = (
-        String::new(),
-        String::new(),
-        String::new(),
-        String::new(),
-        String::new(),
+        BinaryCopy::new(),
+        BinaryCopy::new(),
+        BinaryCopy::new(),
+        BinaryCopy::new(),
+        BinaryCopy::new(),
     );
     let latest = latest_window_rows(outputs);
-    let mut fresh_rows = 0;
     for (i, e) in outputs.iter().enumerate() {
         match &e.output {
             Output::WindowAggregate(w) if latest[i] => {
                 let out = if fast && w.revision == 0 {
-                    fresh_rows += 1;
                     &mut fresh
                 } else {
                     &mut windows
@@ -582,11 +582,11 @@ async fn write_outputs(
         }
     }
     let mut rows = 0;
-    if !fresh.is_empty() {
-        rows += fresh_rows;
+    if fresh.rows() > 0 {
+        rows += fresh.rows() as u64;
         copy_into(tx, "window_aggregates", WINDOW_COLUMNS, fresh).await?;
     }
-    if !windows.is_empty() {
+    if windows.rows() > 0 {
         stage(tx, "window_aggregates", WINDOW_COLUMNS, windows).await?;
         rows += sqlx::query(&format!(
             "-- upsert: a higher revision, or the final of the same revision, replaces the row;
@@ -607,7 +607,7 @@ async fn write_outputs(
         .await?
         .rows_affected();
     }
-    if !clusters.is_empty() {
+    if clusters.rows() > 0 {
         stage(tx, "cluster_updates", CLUSTER_UPDATE_COLUMNS, clusters).await?;
         rows += sqlx::query(&format!(
             "-- cluster history: one row per (cluster, source offset, event); replays do nothing
@@ -640,7 +640,7 @@ async fn write_outputs(
         .execute(&mut **tx)
         .await?;
     }
-    if !drifts.is_empty() {
+    if drifts.rows() > 0 {
         stage(tx, "drift_alerts", DRIFT_COLUMNS, drifts).await?;
         rows += sqlx::query(&format!(
             "-- drift alarms, keyed by source offset and detector; replays do nothing
@@ -651,7 +651,7 @@ async fn write_outputs(
         .await?
         .rows_affected();
     }
-    if !outliers.is_empty() {
+    if outliers.rows() > 0 {
         stage(tx, "outliers", OUTLIER_COLUMNS, outliers).await?;
         rows += sqlx::query(&format!(
             "-- outliers, keyed by source offset; replays do nothing
@@ -860,227 +860,67 @@ async fn write_checkpoint(
     Ok(())
 }
 
-fn copy_window_row(out: &mut String, topic: &str, w: &WindowAggregate, offset: i64) {
-    copy_text(out, topic);
-    let _ = write!(
-        out,
-        "\t{}\t{}\t{}\t{}\t",
-        w.partition,
-        w.window.as_str(),
-        w.size_ms,
-        w.slide_ms
-    );
-    copy_text(out, &w.key);
-    let _ = write!(
-        out,
-        "\t{}\t{}\t{}\t{}\t",
-        Ts(w.window_start),
-        Ts(w.window_end),
-        w.count,
-        Pg(w.sum)
-    );
+fn copy_window_row(out: &mut BinaryCopy, topic: &str, w: &WindowAggregate, offset: i64) {
+    // WINDOW_COLUMNS, in order.
+    out.row(17);
+    out.text(topic);
+    out.int4(w.partition);
+    out.text(w.window.as_str());
+    out.int8(w.size_ms);
+    out.int8(w.slide_ms);
+    out.text(&w.key);
+    out.timestamptz(w.window_start);
+    out.timestamptz(w.window_end);
+    out.int8(w.count);
+    out.float8(w.sum);
     for x in [w.mean, w.std, w.min, w.max] {
-        match x {
-            Some(x) => {
-                let _ = write!(out, "{}\t", Pg(x));
-            }
-            None => out.push_str("\\N\t"),
-        }
+        out.opt_float8(x);
     }
-    let _ = writeln!(out, "{}\t{}\t{}", w.is_final, w.revision, offset);
+    out.bool(w.is_final);
+    out.int4(w.revision);
+    out.int8(offset);
 }
 
-/// A float as PostgreSQL reads it back exactly: the shortest round-trip digits (`zmij`, the
-/// formatter serde_json uses; plain `{}` writes 1e-300 as 302 characters), and PostgreSQL's
-/// spellings of the non-finite values.
-struct Pg(f64);
-
-impl std::fmt::Display for Pg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
-            x if x.is_nan() => f.write_str("NaN"),
-            x if x == f64::INFINITY => f.write_str("Infinity"),
-            x if x == f64::NEG_INFINITY => f.write_str("-Infinity"),
-            x => f.write_str(zmij::Buffer::new().format_finite(x)),
-        }
+fn copy_cluster_row(out: &mut BinaryCopy, topic: &str, c: &ClusterUpdate, offset: i64) {
+    // CLUSTER_UPDATE_COLUMNS, in order.
+    out.row(12);
+    out.text(topic);
+    out.int4(c.partition);
+    out.int8(c.cluster_id);
+    out.int8(offset);
+    out.text(&c.event);
+    out.float8_array(&c.centroid);
+    for x in [c.weight, c.radius, c.quality, c.drift_coefficient] {
+        out.float8(x);
     }
+    out.timestamptz(c.created_at);
+    out.timestamptz(c.updated_at);
 }
 
-fn copy_floats(out: &mut String, items: &[f64]) {
-    out.push('{');
-    for (i, x) in items.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let _ = write!(out, "{}", Pg(*x));
-    }
-    out.push('}');
+fn copy_drift_row(out: &mut BinaryCopy, topic: &str, d: &DriftRecord, offset: i64) {
+    // DRIFT_COLUMNS, in order.
+    out.row(9);
+    out.text(topic);
+    out.int4(d.partition);
+    out.int8(offset);
+    out.text(&d.detector);
+    out.text(&d.severity);
+    out.int8_array(&d.affected_clusters);
+    out.float8(d.statistic);
+    out.text(&d.recommendation);
+    out.timestamptz(d.detected_at);
 }
 
-fn copy_array<T: std::fmt::Display>(out: &mut String, items: &[T]) {
-    out.push('{');
-    for (i, x) in items.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let _ = write!(out, "{x}");
-    }
-    out.push('}');
-}
-
-fn copy_opt_text(out: &mut String, s: Option<&str>) {
-    match s {
-        Some(s) => copy_text(out, s),
-        None => out.push_str("\\N"),
-    }
-}
-
-fn copy_cluster_row(out: &mut String, topic: &str, c: &ClusterUpdate, offset: i64) {
-    copy_text(out, topic);
-    let _ = write!(
-        out,
-        "\t{}\t{}\t{}\t{}\t",
-        c.partition, c.cluster_id, offset, c.event
-    );
-    copy_floats(out, &c.centroid);
-    let _ = writeln!(
-        out,
-        "\t{}\t{}\t{}\t{}\t{}\t{}",
-        Pg(c.weight),
-        Pg(c.radius),
-        Pg(c.quality),
-        Pg(c.drift_coefficient),
-        Ts(c.created_at),
-        Ts(c.updated_at)
-    );
-}
-
-fn copy_drift_row(out: &mut String, topic: &str, d: &DriftRecord, offset: i64) {
-    copy_text(out, topic);
-    let _ = write!(
-        out,
-        "\t{}\t{}\t{}\t{}\t",
-        d.partition, offset, d.detector, d.severity
-    );
-    copy_array(out, &d.affected_clusters);
-    out.push('\t');
-    let _ = write!(out, "{}\t", Pg(d.statistic));
-    copy_text(out, &d.recommendation);
-    let _ = writeln!(out, "\t{}", Ts(d.detected_at));
-}
-
-fn copy_outlier_row(out: &mut String, topic: &str, o: &OutlierRecord) {
-    copy_text(out, topic);
-    let _ = write!(out, "\t{}\t{}\t", o.partition, o.offset);
-    copy_opt_text(out, o.id.as_deref());
-    out.push('\t');
-    copy_text(out, &o.key);
-    let _ = write!(out, "\t{}\t", Ts(o.ts));
-    copy_floats(out, &o.features);
-    let _ = write!(out, "\t{}\t", Pg(o.outlier_score));
-    copy_text(out, &o.reason);
-    out.push('\n');
-}
-
-/// Epoch milliseconds as a timestamptz literal, written straight into the COPY text.
-struct Ts(i64);
-
-impl std::fmt::Display for Ts {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use chrono::{Datelike as _, Timelike as _};
-        match chrono::DateTime::from_timestamp_millis(self.0) {
-            // Years 1 to 9999 (every event time the decoder accepts) by integer formatting:
-            // the strftime path parses its format string on every row.
-            Some(t) if (1..=9999).contains(&t.year()) => write!(
-                f,
-                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03}+00",
-                t.year(),
-                t.month(),
-                t.day(),
-                t.hour(),
-                t.minute(),
-                t.second(),
-                t.timestamp_subsec_millis()
-            ),
-            Some(t) => write!(f, "{}", t.format("%Y-%m-%d %H:%M:%S%.3f+00")),
-            None if self.0 < 0 => f.write_str("-infinity"),
-            None => f.write_str("infinity"),
-        }
-    }
-}
-
-/// Appends `s` escaped for COPY's text format.
-fn copy_text(out: &mut String, s: &str) {
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\t' => out.push_str("\\t"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            c => out.push(c),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn copy_text_escapes_separators() {
-        let mut s = String::new();
-        copy_text(&mut s, "a\tb\nc\\d");
-        assert_eq!(s, "a\\tb\\nc\\\\d");
-    }
-
-    #[test]
-    fn floats_are_short_and_exact() {
-        for x in [
-            1e-300,
-            5e-324,
-            -1e100,
-            0.1,
-            42.0,
-            -0.0,
-            1.7976931348623157e308,
-        ] {
-            let text = Pg(x).to_string();
-            assert!(text.len() <= 24, "{text}");
-            assert_eq!(
-                text.parse::<f64>().unwrap().to_bits(),
-                x.to_bits(),
-                "{text}"
-            );
-        }
-        assert_eq!(Pg(f64::NAN).to_string(), "NaN");
-        assert_eq!(Pg(f64::NEG_INFINITY).to_string(), "-Infinity");
-    }
-
-    #[test]
-    fn timestamps_are_utc_literals() {
-        assert_eq!(
-            Ts(1_763_866_800_123).to_string(),
-            "2025-11-23 03:00:00.123+00"
-        );
-        assert_eq!(Ts(-1).to_string(), "1969-12-31 23:59:59.999+00");
-        assert_eq!(
-            Ts(-62_135_596_800_000).to_string(),
-            "0001-01-01 00:00:00.000+00"
-        );
-        assert_eq!(
-            Ts(253_402_300_799_999).to_string(),
-            "9999-12-31 23:59:59.999+00"
-        );
-        // Outside years 1-9999 chrono's own spelling (PostgreSQL refuses it: a data error).
-        assert_eq!(
-            Ts(253_402_300_800_000).to_string(),
-            chrono::DateTime::from_timestamp_millis(253_402_300_800_000)
-                .unwrap()
-                .format("%Y-%m-%d %H:%M:%S%.3f+00")
-                .to_string()
-        );
-        // Beyond chrono's range: PostgreSQL's infinities.
-        assert_eq!(Ts(i64::MIN).to_string(), "-infinity");
-        assert_eq!(Ts(i64::MAX).to_string(), "infinity");
-    }
+fn copy_outlier_row(out: &mut BinaryCopy, topic: &str, o: &OutlierRecord) {
+    // OUTLIER_COLUMNS, in order.
+    out.row(9);
+    out.text(topic);
+    out.int4(o.partition);
+    out.int8(o.offset);
+    out.opt_text(o.id.as_deref());
+    out.text(&o.key);
+    out.timestamptz(o.ts);
+    out.float8_array(&o.features);
+    out.float8(o.outlier_score);
+    out.text(&o.reason);
 }

@@ -1,11 +1,15 @@
 //! The PostgreSQL sink against a real server: replays change nothing, checkpoints never move
-//! backwards, a final replaces its updates, and keys survive COPY escaping.
+//! backwards, a final replaces its updates, and every column of every output row arrives
+//! exactly through the binary COPY (separators and backslashes in strings, NaN, infinities,
+//! -0.0, the ends of the timestamp range, arrays empty and long).
 
 mod common;
 
 use common::fresh_db;
 use neurostream::config::WindowKind;
-use neurostream::output::{Emitted, Output, WindowAggregate};
+use neurostream::output::{
+    ClusterUpdate, DriftRecord, Emitted, OutlierRecord, Output, WindowAggregate,
+};
 use neurostream::store::{Batch, Checkpoint, PartitionId, Store};
 
 fn window(key: &str, start: i64, count: u64, is_final: bool, revision: u32) -> Emitted {
@@ -463,4 +467,226 @@ async fn checkpoint_deltas_chain_after_their_base_and_a_new_base_drops_them() {
             Err(neurostream::store::StoreError::Fenced { .. })
         ));
     }
+}
+
+/// Every column of every row kind round-trips exactly through the binary COPY, with what the
+/// text format needed escaping for (tabs, newlines, backslashes) and the values at the edges.
+#[tokio::test]
+async fn every_column_round_trips_exactly() {
+    let (_, pg) = fresh_db().await;
+    let store = Store::Postgres(pg.clone());
+    let id = id();
+    let (epoch, _) = store.claim(&id).await.unwrap();
+    let hostile = "tab\there\nnew line \\N back\\slash \u{e9}\u{1F600}";
+    // Year 1 and year 9999 (the decoder's range), and what is beyond microseconds: infinity.
+    let (first, last) = (-62_135_596_800_000, 253_402_300_799_999);
+    let mut outputs = vec![
+        window(hostile, first, 3, true, 0),
+        window("k", last, u64::from(u32::MAX), false, 7),
+        window("open", 1_000, 1, false, 0),
+    ];
+    if let Output::WindowAggregate(w) = &mut outputs[1].output {
+        (w.sum, w.mean, w.std, w.min, w.max) = (
+            f64::NAN,
+            None,
+            Some(-0.0),
+            Some(f64::NEG_INFINITY),
+            Some(f64::INFINITY),
+        );
+    }
+    if let Output::WindowAggregate(w) = &mut outputs[2].output {
+        w.window_end = i64::MAX;
+    }
+    let centroid: Vec<f64> = (0..64).map(|i| f64::from(i) * -0.25).collect();
+    outputs.push(Emitted {
+        seq: 0,
+        source_offset: 40,
+        output: Output::ClusterUpdate(ClusterUpdate {
+            partition: 0,
+            cluster_id: u64::from(u32::MAX) + 5,
+            event: "created".into(),
+            centroid: centroid.clone(),
+            weight: 1e-300,
+            radius: 5e-324,
+            quality: 1.0,
+            drift_coefficient: -0.0,
+            created_at: first,
+            updated_at: 1_700_000_000_123,
+        }),
+    });
+    for (offset, affected) in [(41, vec![]), (42, vec![3, i64::MAX as u64])] {
+        outputs.push(Emitted {
+            seq: 0,
+            source_offset: offset,
+            output: Output::DriftDetection(DriftRecord {
+                partition: 0,
+                severity: "high".into(),
+                affected_clusters: affected,
+                detector: "adwin".into(),
+                statistic: 2.5,
+                recommendation: hostile.into(),
+                detected_at: 1_700_000_000_000,
+            }),
+        });
+    }
+    for (offset, event_id) in [(43, None), (44, Some(hostile.to_string()))] {
+        outputs.push(Emitted {
+            seq: 0,
+            source_offset: offset,
+            output: Output::Outlier(OutlierRecord {
+                partition: 0,
+                offset,
+                id: event_id,
+                key: hostile.into(),
+                ts: last,
+                features: vec![],
+                outlier_score: 0.999,
+                reason: "score".into(),
+                metadata: None,
+            }),
+        });
+    }
+    let checkpoint = Checkpoint::full(45, vec![]);
+    let batch = Batch {
+        id: &id,
+        epoch,
+        outputs: &outputs,
+        checkpoint: &checkpoint,
+    };
+    assert_eq!(store.commit(&batch).await.unwrap(), 8);
+
+    type WindowRow = (
+        String,
+        i64,
+        Option<i64>,
+        i64,
+        f64,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+        bool,
+        i32,
+        i64,
+    );
+    let windows: Vec<WindowRow> = sqlx::query_as(
+        "SELECT key, (extract(epoch FROM window_start) * 1000)::bigint,
+                CASE WHEN isfinite(window_end) THEN (extract(epoch FROM window_end) * 1000)::bigint END,
+                count, sum, mean, std, min, max, is_final, revision, source_offset
+         FROM window_aggregates ORDER BY window_start",
+    )
+    .fetch_all(pg.pool())
+    .await
+    .unwrap();
+    assert_eq!(windows.len(), 3);
+    let w = &windows[0];
+    assert_eq!(
+        (w.0.as_str(), w.1, w.2, w.3),
+        (hostile, first, Some(first + 1_000), 3)
+    );
+    assert_eq!((w.9, w.10, w.11), (true, 0, first));
+    let (open, edge) = (&windows[1], &windows[2]);
+    assert_eq!((open.0.as_str(), open.2), ("open", None), "infinity");
+    assert_eq!((edge.1, edge.3, edge.10), (last, i64::from(u32::MAX), 7));
+    assert!(edge.4.is_nan());
+    assert_eq!(edge.5, None);
+    assert_eq!(edge.6.map(f64::to_bits), Some((-0.0f64).to_bits()));
+    assert_eq!(
+        (edge.7, edge.8),
+        (Some(f64::NEG_INFINITY), Some(f64::INFINITY))
+    );
+
+    let (cluster_id, stored, weight, radius, drift, created): (i64, Vec<f64>, f64, f64, f64, i64) =
+        sqlx::query_as(
+            "SELECT cluster_id, centroid, weight, radius, drift_coefficient,
+                    (extract(epoch FROM created_at) * 1000)::bigint
+             FROM cluster_updates",
+        )
+        .fetch_one(pg.pool())
+        .await
+        .unwrap();
+    assert_eq!(cluster_id, i64::from(u32::MAX) + 5);
+    assert_eq!(
+        stored.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+        centroid.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        (weight, radius, drift.to_bits(), created),
+        (1e-300, 5e-324, (-0.0f64).to_bits(), first)
+    );
+
+    let drifts: Vec<(Vec<i64>, String)> = sqlx::query_as(
+        "SELECT affected_clusters, recommendation FROM drift_alerts ORDER BY source_offset",
+    )
+    .fetch_all(pg.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        drifts,
+        vec![
+            (vec![], hostile.to_string()),
+            (vec![3, i64::MAX], hostile.to_string())
+        ]
+    );
+
+    let outliers: Vec<(Option<String>, String, i64, Vec<f64>)> = sqlx::query_as(
+        "SELECT event_id, key, (extract(epoch FROM ts) * 1000)::bigint, features
+         FROM outliers ORDER BY source_offset",
+    )
+    .fetch_all(pg.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        outliers,
+        vec![
+            (None, hostile.to_string(), last, vec![]),
+            (Some(hostile.to_string()), hostile.to_string(), last, vec![]),
+        ]
+    );
+}
+
+/// A value its column cannot hold (a count over bigint's range, a drift naming a cluster id
+/// over it, a timestamp past PostgreSQL's range) is refused for its row alone, with a reason.
+#[tokio::test]
+async fn values_out_of_their_columns_range_are_refused_by_row() {
+    let (_, pg) = fresh_db().await;
+    let store = Store::Postgres(pg.clone());
+    let id = id();
+    let (epoch, _) = store.claim(&id).await.unwrap();
+    let mut outputs = vec![
+        window("fine", 0, 1, true, 0),
+        window("too many", 0, u64::MAX, true, 0),
+        // Year 29,719 BC: microseconds hold it, PostgreSQL's timestamps do not.
+        window("too early", -1_000_000_000_000_000, 1, true, 0),
+    ];
+    outputs.push(Emitted {
+        seq: 0,
+        source_offset: 9,
+        output: Output::DriftDetection(DriftRecord {
+            partition: 0,
+            severity: "low".into(),
+            affected_clusters: vec![1, u64::MAX],
+            detector: "adwin".into(),
+            statistic: 0.0,
+            recommendation: String::new(),
+            detected_at: 0,
+        }),
+    });
+    let checkpoint = Checkpoint::full(10, vec![]);
+    let batch = Batch {
+        id: &id,
+        epoch,
+        outputs: &outputs,
+        checkpoint: &checkpoint,
+    };
+    let rejected = match store.commit(&batch).await {
+        Err(neurostream::store::StoreError::Rejected(rows)) => rows,
+        other => panic!("expected rejected rows, got {other:?}"),
+    };
+    let indices: Vec<usize> = rejected.iter().map(|r| r.index).collect();
+    assert_eq!(indices, vec![1, 2, 3], "{rejected:?}");
+    assert!(
+        rejected.iter().all(|r| !r.reason.is_empty()),
+        "{rejected:?}"
+    );
 }
