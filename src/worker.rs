@@ -115,6 +115,10 @@ pub const MAX_WAITING_BATCHES: usize = 8;
 /// reads and applies besides the byte rule (deltas stop when they sum to the base's size).
 pub const MAX_DELTAS: usize = 1_000;
 
+/// Queued deliveries a worker takes at once; a stop, a finished delivery or transaction is
+/// seen between chunks (a chunk of events takes well under a millisecond).
+const INBOX_CHUNK: usize = 256;
+
 /// The partition's checkpoint in PostgreSQL as this worker wrote it: the base and the deltas
 /// after it. A worker's first checkpoint is full (the chain it restored may come from another
 /// configuration), and so is one after a transaction that gave up (its delta was lost).
@@ -485,7 +489,8 @@ impl PartitionWorker {
             .map(|ms| Duration::from_millis((ms / 4).max(50)));
         let mut ticks = tokio::time::interval(tick_every.unwrap_or(Duration::from_secs(3600)));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        let mut inbox = Vec::with_capacity(INBOX_CHUNK);
+        'run: loop {
             let deadline = worker.pending.since.map(|t| t + worker.linger);
             let commit_at = worker.commit_at();
             worker.metrics.time.switch(Doing::Idle);
@@ -521,16 +526,29 @@ impl PartitionWorker {
                     if worker.flush(false).await.is_err() { return worker.abandon().await; }
                 }
                 // Deliveries before ticks: a backlog is never mistaken for a quiet partition.
-                delivery = deliveries_rx.recv() => match delivery {
-                    Some(Delivery::Message(msg)) => {
-                        worker.metrics.time.switch(Doing::Busy);
+                // What is queued comes in chunks: one pass of this loop (its timers, clock reads
+                // and select) per chunk, not per message.
+                received = deliveries_rx.recv_many(&mut inbox, INBOX_CHUNK) => {
+                    if received == 0 {
+                        break;
+                    }
+                    worker.metrics.time.switch(Doing::Busy);
+                    for delivery in inbox.drain(..) {
+                        let msg = match delivery {
+                            Delivery::Message(msg) => msg,
+                            Delivery::Positioned => {
+                                worker.cursor.positioned();
+                                continue;
+                            }
+                        };
                         worker
                             .sink
                             .ctx
                             .queued_bytes
                             .fetch_sub(queued_size(&msg), std::sync::atomic::Ordering::Relaxed);
                         // An Avro message's writer schema is fetched first (retrying while the
-                        // registry is away); a stop meanwhile leaves the message unprocessed.
+                        // registry is away); a stop meanwhile leaves the message, and the rest
+                        // of the chunk, unprocessed.
                         if let (Some(id), Some(registry)) = (decoder.schema_id(msg.payload()), &registry) {
                             if !registry.has(id) {
                                 // What is processed becomes durable before a wait of unknown
@@ -543,7 +561,7 @@ impl PartitionWorker {
                                 let fetch = registry.ensure(id, &stop, waiting);
                                 let fetched = worker.metrics.time.waiting(Doing::WaitingRegistry, fetch).await;
                                 if fetched.is_err() {
-                                    break;
+                                    break 'run;
                                 }
                             }
                         }
@@ -552,9 +570,7 @@ impl PartitionWorker {
                             return worker.abandon().await;
                         }
                     }
-                    Some(Delivery::Positioned) => worker.cursor.positioned(),
-                    None => break,
-                },
+                }
                 _ = ticks.tick(), if tick_every.is_some() => {
                     worker.metrics.time.switch(Doing::Busy);
                     worker.tick();
