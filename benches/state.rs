@@ -9,6 +9,10 @@
 
 use std::time::Instant;
 
+/// The service's allocator (`src/main.rs`), so the times are the service's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use neurostream::config::{ProcessingConfig, WindowConfig, WindowKind};
 use neurostream::event::Event;
 use neurostream::processor::Processor;
