@@ -10,7 +10,7 @@ use neurostream::config::WindowKind;
 use neurostream::output::{
     ClusterUpdate, DriftRecord, Emitted, OutlierRecord, Output, WindowAggregate,
 };
-use neurostream::store::{Batch, Checkpoint, PartitionId, Store};
+use neurostream::store::{Batch, Checkpoint, Epoch, PartitionId, RejectedRow, Store};
 
 fn window(key: &str, start: i64, count: u64, is_final: bool, revision: u32) -> Emitted {
     Emitted {
@@ -42,6 +42,44 @@ fn id() -> PartitionId {
         topic: "events".into(),
         partition: 0,
     }
+}
+
+fn drift(offset: i64, affected: Vec<u64>, recommendation: &str) -> Emitted {
+    Emitted {
+        seq: 0,
+        source_offset: offset,
+        output: Output::DriftDetection(DriftRecord {
+            partition: 0,
+            severity: "high".into(),
+            affected_clusters: affected,
+            detector: "adwin".into(),
+            statistic: 2.5,
+            recommendation: recommendation.into(),
+            detected_at: 1_700_000_000_000,
+        }),
+    }
+}
+
+/// Commits `outputs`, which PostgreSQL must refuse in part; the refused rows, each with a reason.
+async fn refused(store: &Store, epoch: Epoch, outputs: &[Emitted]) -> Vec<RejectedRow> {
+    let id = id();
+    let checkpoint = Checkpoint::full(outputs.len() as i64, b"s".to_vec());
+    let batch = Batch {
+        id: &id,
+        epoch,
+        outputs,
+        checkpoint: &checkpoint,
+    };
+    let rejected = match store.commit(&batch).await {
+        Err(neurostream::store::StoreError::Rejected(rows)) => rows,
+        other => panic!("expected rejected rows, got {other:?}"),
+    };
+    assert!(
+        rejected.iter().all(|r| !r.reason.is_empty()),
+        "{rejected:?}"
+    );
+    assert_eq!(store.load(&id).await.unwrap(), None, "nothing committed");
+    rejected
 }
 
 async fn dump(store: &neurostream::store::PgStore) -> Vec<(String, i64, bool, i32)> {
@@ -242,21 +280,10 @@ async fn refused_rows_are_named_and_the_rest_commits() {
         // Incompressible, over the btree's 2,704-byte index row limit.
         window(&incompressible(3_000), 0, 1, true, 0),
     ];
-    let checkpoint = Checkpoint::full(4, b"s".to_vec());
-    let batch = Batch {
-        id: &id,
-        epoch,
-        outputs: &outputs,
-        checkpoint: &checkpoint,
-    };
-    let rejected = match store.commit(&batch).await {
-        Err(neurostream::store::StoreError::Rejected(rows)) => rows,
-        other => panic!("expected rejected rows, got {other:?}"),
-    };
+    let rejected = refused(&store, epoch, &outputs).await;
     let indices: Vec<usize> = rejected.iter().map(|r| r.index).collect();
     assert_eq!(indices, vec![1, 3], "{rejected:?}");
-    assert!(rejected.iter().all(|r| !r.reason.is_empty()));
-    assert_eq!(store.load(&id).await.unwrap(), None, "nothing committed");
+    let checkpoint = Checkpoint::full(4, b"s".to_vec());
     outputs.remove(3);
     outputs.remove(1);
     let batch = Batch {
@@ -514,21 +541,8 @@ async fn every_column_round_trips_exactly() {
             updated_at: 1_700_000_000_123,
         }),
     });
-    for (offset, affected) in [(41, vec![]), (42, vec![3, i64::MAX as u64])] {
-        outputs.push(Emitted {
-            seq: 0,
-            source_offset: offset,
-            output: Output::DriftDetection(DriftRecord {
-                partition: 0,
-                severity: "high".into(),
-                affected_clusters: affected,
-                detector: "adwin".into(),
-                statistic: 2.5,
-                recommendation: hostile.into(),
-                detected_at: 1_700_000_000_000,
-            }),
-        });
-    }
+    outputs.push(drift(41, vec![], hostile));
+    outputs.push(drift(42, vec![3, i64::MAX as u64], hostile));
     for (offset, event_id) in [(43, None), (44, Some(hostile.to_string()))] {
         outputs.push(Emitted {
             seq: 0,
@@ -646,7 +660,7 @@ async fn every_column_round_trips_exactly() {
 }
 
 /// A value its column cannot hold (a count over bigint's range, a drift naming a cluster id
-/// over it, a timestamp past PostgreSQL's range) is refused for its row alone, with a reason.
+/// over it, a timestamp outside PostgreSQL's range) is refused for its row alone, with a reason.
 #[tokio::test]
 async fn values_out_of_their_columns_range_are_refused_by_row() {
     let (_, pg) = fresh_db().await;
@@ -659,34 +673,8 @@ async fn values_out_of_their_columns_range_are_refused_by_row() {
         // Year 29,719 BC: microseconds hold it, PostgreSQL's timestamps do not.
         window("too early", -1_000_000_000_000_000, 1, true, 0),
     ];
-    outputs.push(Emitted {
-        seq: 0,
-        source_offset: 9,
-        output: Output::DriftDetection(DriftRecord {
-            partition: 0,
-            severity: "low".into(),
-            affected_clusters: vec![1, u64::MAX],
-            detector: "adwin".into(),
-            statistic: 0.0,
-            recommendation: String::new(),
-            detected_at: 0,
-        }),
-    });
-    let checkpoint = Checkpoint::full(10, vec![]);
-    let batch = Batch {
-        id: &id,
-        epoch,
-        outputs: &outputs,
-        checkpoint: &checkpoint,
-    };
-    let rejected = match store.commit(&batch).await {
-        Err(neurostream::store::StoreError::Rejected(rows)) => rows,
-        other => panic!("expected rejected rows, got {other:?}"),
-    };
+    outputs.push(drift(9, vec![1, u64::MAX], ""));
+    let rejected = refused(&store, epoch, &outputs).await;
     let indices: Vec<usize> = rejected.iter().map(|r| r.index).collect();
     assert_eq!(indices, vec![1, 2, 3], "{rejected:?}");
-    assert!(
-        rejected.iter().all(|r| !r.reason.is_empty()),
-        "{rejected:?}"
-    );
 }
