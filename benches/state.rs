@@ -4,6 +4,9 @@
 //! deltas the worker writes instead while they stay smaller than the base: 100 batches of 1,000
 //! events over existing keys, each followed by a delta, and the restore of base + 100 deltas.
 //!
+//! Last, the base goes through a private PostgreSQL (fsync on) as a worker's does: committed
+//! with a batch, then read back by a claim and restored, the whole restore a new owner does.
+//!
 //! `cargo bench --bench state [-- KEYS]` prints one table row; it is a measurement, not a
 //! criterion benchmark (each step runs once on a state far too large to repeat cheaply).
 
@@ -15,7 +18,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use neurostream::config::{ProcessingConfig, WindowConfig, WindowKind};
 use neurostream::event::Event;
+use neurostream::pgserver::{Durability, PgServer};
 use neurostream::processor::Processor;
+use neurostream::store::{Batch, Checkpoint, PartitionId, PgStore, Store};
 
 /// Resident set size of this process, bytes (Linux `/proc/self/statm`).
 fn rss_bytes() -> u64 {
@@ -117,6 +122,7 @@ fn main() {
         "base + deltas = the state"
     );
     let delta_bytes: usize = deltas.iter().map(Vec::len).sum();
+    let snapshot_len = snapshot.len();
     println!();
     println!("| delta after a batch of {batch} events | delta time | restore of base + {batches} deltas |");
     println!("|---|---|---|");
@@ -126,4 +132,64 @@ fn main() {
         delta_time.as_secs_f64() * 1e3 / batches as f64,
         chain_time.as_secs_f64() * 1e3,
     );
+    drop(restored);
+
+    println!();
+    println!("| base through PostgreSQL | commit (with the checkpoint) | claim + read + restore |");
+    println!("|---|---|---|");
+    match PgServer::start(Durability::Default) {
+        Ok(server) => {
+            let (commit, restore) = through_postgres(&server, &config, snapshot, keys);
+            println!(
+                "| {:.1} MB | {:.0} ms | {:.0} ms |",
+                snapshot_len as f64 / 1e6,
+                commit.as_secs_f64() * 1e3,
+                restore.as_secs_f64() * 1e3,
+            );
+        }
+        Err(err) => println!("| skipped: {err} | | |"),
+    }
+}
+
+/// Commits `snapshot` as a partition's base, then claims the partition and restores from what
+/// the claim read, as a new owner does; the two durations.
+fn through_postgres(
+    server: &PgServer,
+    config: &ProcessingConfig,
+    snapshot: Vec<u8>,
+    keys: usize,
+) -> (std::time::Duration, std::time::Duration) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    runtime.block_on(async {
+        let pg = PgStore::connect_lazy(&server.url("postgres"), 2).expect("a valid URL");
+        pg.migrate().await.expect("migrations apply");
+        let store = Store::Postgres(pg);
+        let id = PartitionId {
+            group_id: "bench".into(),
+            topic: "events".into(),
+            partition: 0,
+        };
+        let (epoch, _) = store.claim(&id).await.expect("first claim");
+        let checkpoint = Checkpoint::full(keys as i64, snapshot);
+        let started = Instant::now();
+        let batch = Batch {
+            id: &id,
+            epoch,
+            outputs: &[],
+            checkpoint: &checkpoint,
+        };
+        store.commit(&batch).await.expect("the base commits");
+        let commit = started.elapsed();
+        let started = Instant::now();
+        let (_, read) = store.claim(&id).await.expect("second claim");
+        let read = read.expect("the base just committed");
+        let restored = Processor::restore_chain(config, 1 << 20, 0, &read.state, &read.deltas)
+            .expect("own snapshot");
+        let restore = started.elapsed();
+        assert_eq!(restored.state_size().0, keys);
+        (commit, restore)
+    })
 }
