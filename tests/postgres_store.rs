@@ -678,3 +678,26 @@ async fn values_out_of_their_columns_range_are_refused_by_row() {
     let indices: Vec<usize> = rejected.iter().map(|r| r.index).collect();
     assert_eq!(indices, vec![1, 2, 3], "{rejected:?}");
 }
+
+/// Checkpoint bytes are compressed with lz4 where the server has it (this one does: Debian's
+/// PostgreSQL 15 is built with lz4); pglz took 3.5 s for a 1 M-key base.
+#[tokio::test]
+async fn checkpoint_columns_compress_with_lz4() {
+    let (_, pg) = fresh_db().await;
+    let methods: Vec<(String, String)> = sqlx::query_as(
+        "SELECT attrelid::regclass::text, attcompression::text FROM pg_attribute
+         WHERE (attrelid, attname) IN (('partition_checkpoints'::regclass, 'state'),
+                                       ('partition_checkpoint_deltas'::regclass, 'delta'))
+         ORDER BY 1",
+    )
+    .fetch_all(pg.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        methods,
+        vec![
+            ("partition_checkpoint_deltas".to_string(), "l".to_string()),
+            ("partition_checkpoints".to_string(), "l".to_string()),
+        ]
+    );
+}
