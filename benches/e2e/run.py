@@ -62,7 +62,8 @@ Output: results.md, results.json, throughput.png, latency_cdf.png under --out (-
 re-renders the Markdown and the plots from an existing results.json). The two binaries are
 copied into the work dir at the start, so a rebuild of target/release during the run does not
 mix binaries; their build time, hash and the git state are recorded. --keep keeps the work dir
-(every child's log, and latency-<profile>.tsv: each measured event's send time and latencies). Failures of one system are reported as "failed: reason" and the others
+(every child's log; latency-<profile>.tsv: each measured event's send time and latencies;
+ns-tp-<profile>-progress.tsv: the throughput phase's 20 ms samples of CPU and durable events). Failures of one system are reported as "failed: reason" and the others
 still run. The load average, the whole machine's busy cores (/proc/stat) and any cargo process
 seen during each measurement are recorded: on a 2-core machine anything else running (a build,
 a test) changes every number here.
@@ -1001,6 +1002,10 @@ def run_throughput_neurostream(ctx: Context, profile: str) -> ThroughputResult:
                              f"{tn - first_consumed[0]:.3f} s after the first was seen consumed; "
                              "use more --events")
         finish_result(res, sampler, a.events, first_consumed[0], tn)
+        with open(ctx.root / f"{name}-progress.tsv", "w") as f:  # kept with --keep
+            f.write("seconds_since_first_consumed\tcpu_s\tdurable_events\n")
+            for t, cpu, pr in sampler.samples:
+                f.write(f"{t - first_consumed[0]:.3f}\t{cpu:.3f}\t{'' if pr is None else pr}\n")
         res.basis = "1st consumed (/metrics) -> N durable (/status), 20 ms polls"
         res.internals = service_internals(port, since=time_at_first)
     finally:
