@@ -50,6 +50,20 @@ struct Snapshot {
     seq: SeqCounter,
 }
 
+/// The processor's state at one moment, copied for a full checkpoint ([`Processor::copy_state`]).
+#[derive(Debug)]
+pub struct StateCopy(Snapshot);
+
+impl StateCopy {
+    /// The checkpoint's bytes, as [`Processor::snapshot`] would have written them then.
+    pub fn encode(mut self) -> Vec<u8> {
+        self.0.windows.iter_mut().for_each(WindowerState::sort);
+        rmp_serde::to_vec(&self.0).expect(
+            "MessagePack encodes every value of the processor state (plain data, string map keys or integers)",
+        )
+    }
+}
+
 /// Numbers outputs within their source offset, across batches and checkpoints, so (source
 /// offset, seq) identifies an output and a replay numbers it the same.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -271,16 +285,22 @@ impl Processor {
 
     /// The state to checkpoint.
     pub fn snapshot(&self) -> Vec<u8> {
-        rmp_serde::to_vec(&Snapshot {
+        self.copy_state().encode()
+    }
+
+    /// A copy of the state to checkpoint: the cheap half of [`Processor::snapshot`], which the
+    /// processor must wait for; [`StateCopy::encode`] (sorting and serialising, the larger half,
+    /// and freeing the copy) can run elsewhere while it goes on.
+    pub fn copy_state(&self) -> StateCopy {
+        StateCopy(Snapshot {
             version: SNAPSHOT_VERSION,
             dimension: self.dimension,
             counters: self.counters.clone(),
             last_offset: self.last_offset,
             clustering: self.clustering.clone(),
-            windows: self.windows.iter().map(Windower::snapshot).collect(),
+            windows: self.windows.iter().map(Windower::copy_state).collect(),
             seq: self.seq,
         })
-        .expect("MessagePack encodes every value of the processor state (plain data, string map keys or integers)")
     }
 
     /// What changed since the last delta or [`Processor::forget_changes`] (with

@@ -113,8 +113,12 @@ catalogue! {
     CHECKPOINT_BYTES = "neurostream_checkpoint_bytes", Gauge, ["topic", "partition"], "Size of the partition's last checkpoint";
     /// Checkpoint bytes written to PostgreSQL, per partition.
     CHECKPOINT_BYTES_TOTAL = "neurostream_checkpoint_bytes_total", Counter, ["topic", "partition"], "Checkpoint bytes written to PostgreSQL";
-    /// Seconds to take a checkpoint (the processor's snapshot or delta), per transaction.
-    CHECKPOINT_SECONDS = "neurostream_checkpoint_seconds", Histogram, ["topic"], "Seconds to take a checkpoint (the processor's snapshot or delta), per transaction", COMMIT_BUCKETS;
+    /// Seconds a partition's processing paused to take a checkpoint (a delta, or the copy of
+    /// the state a new base is encoded from), per transaction.
+    CHECKPOINT_SECONDS = "neurostream_checkpoint_seconds", Histogram, ["topic"], "Seconds the partition's processing paused to take a checkpoint (a delta, or the copy of the state for a new base), per transaction", COMMIT_BUCKETS;
+    /// Seconds to sort and serialise a new base from its copy, beside the partition's
+    /// processing (on a blocking thread, before its transaction), per full checkpoint.
+    CHECKPOINT_ENCODE_SECONDS = "neurostream_checkpoint_encode_seconds", Histogram, ["topic"], "Seconds to encode a new base from its copy, beside the partition's processing, per full checkpoint", COMMIT_BUCKETS;
     /// Checkpoints written, by kind: `full` (a new base) or `delta` (what changed since).
     CHECKPOINTS_TOTAL = "neurostream_checkpoints_total", Counter, ["topic", "kind"], "Checkpoints written to PostgreSQL, full (a new base) or delta";
     /// Keys with state in a partition's windows.

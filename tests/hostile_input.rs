@@ -250,27 +250,30 @@ proptest! {
     #[test]
     fn a_full_snapshot_and_the_deltas_after_it_rebuild_the_state_exactly(
         evs in events(),
-        cuts in prop::collection::vec(any::<prop::sample::Index>(), 1..6),
+        cuts in prop::collection::vec((any::<prop::sample::Index>(), any::<bool>()), 1..6),
     ) {
         let config = processing_for_deltas();
         let payloads = payloads(&evs);
-        let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(payloads.len() + 1)).collect();
+        let mut cuts: Vec<(usize, bool)> =
+            cuts.iter().map(|(c, full)| (c.index(payloads.len() + 1), *full)).collect();
         cuts.sort_unstable();
 
         let mut live = Processor::new(&config, 1 << 20, 0);
         live.track_changes();
         let (mut base, mut deltas, mut from) = (None, Vec::new(), 0);
-        for &cut in &cuts {
+        for &(cut, full) in &cuts {
             feed(&mut live, &payloads, from, cut);
             live.end_batch(&mut Vec::new());
             from = cut;
-            // The first checkpoint is full, every later one a delta (the worker's order).
-            match base {
-                None => {
-                    base = Some(live.snapshot());
-                    live.forget_changes();
-                }
-                Some(_) => deltas.push(live.take_delta()),
+            // The first checkpoint is full, later ones deltas or (when the deltas outgrow the
+            // base) a new base, taken as the worker takes it: a copy, encoded later.
+            if base.is_none() || full {
+                let copy = live.copy_state();
+                live.forget_changes();
+                base = Some(copy.encode());
+                deltas.clear();
+            } else {
+                deltas.push(live.take_delta());
             }
         }
         let base = base.expect("at least one cut");

@@ -164,7 +164,8 @@ pub struct WindowerDelta {
     pub closed_removed: Vec<i64>,
 }
 
-/// Serialisable state of a [`Windower`], sorted so that equal states serialise equally.
+/// Serialisable state of a [`Windower`]; sorted ([`WindowerState::sort`]), equal states
+/// serialise equally.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WindowerState {
     /// Window shape, to match state to configuration on restore.
@@ -192,6 +193,22 @@ pub struct WindowerState {
     /// Sliding windows' own state.
     #[serde(default)]
     pub sliding: Option<SlidingState>,
+}
+
+impl WindowerState {
+    /// Puts the per-key lists in their canonical order, so that equal states serialise equally
+    /// (each list holds a window and key at most once: the order is total).
+    pub fn sort(&mut self) {
+        fn by_window(a: &(i64, String, Slot), b: &(i64, String, Slot)) -> std::cmp::Ordering {
+            (a.0, &a.1).cmp(&(b.0, &b.1))
+        }
+        self.open.sort_unstable_by(by_window);
+        self.closed.sort_unstable_by(by_window);
+        if let Some(sliding) = &mut self.sliding {
+            sliding.keys.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+            sliding.emitted.sort_unstable();
+        }
+    }
 }
 
 impl Aggregate {
@@ -375,9 +392,17 @@ impl Windower {
         each!(self, w => w.matches(state))
     }
 
-    /// The state to checkpoint.
+    /// The state to checkpoint, in its canonical order.
     pub fn snapshot(&self) -> WindowerState {
-        each!(self, w => w.snapshot())
+        let mut state = self.copy_state();
+        state.sort();
+        state
+    }
+
+    /// The state to checkpoint, its lists in no particular order: the cheap half of
+    /// [`Windower::snapshot`] (copying), leaving [`WindowerState::sort`] to whoever encodes it.
+    pub fn copy_state(&self) -> WindowerState {
+        each!(self, w => w.copy_state())
     }
 
     /// Restores checkpointed state.
@@ -391,7 +416,11 @@ impl Windower {
             Windower::Fixed(w) => w.take_delta(),
             // Sliding windows keep no change log: their whole state goes in every delta.
             Windower::Sliding(w) => WindowerDelta {
-                state: w.snapshot(),
+                state: {
+                    let mut state = w.copy_state();
+                    state.sort();
+                    state
+                },
                 open_removed: Vec::new(),
                 closed_removed: Vec::new(),
             },

@@ -421,9 +421,9 @@ impl SlidingWindower {
         agg.to_output(&self.spec, 0, partition, start, key, is_final, revision)
     }
 
-    /// The state to checkpoint.
-    pub fn snapshot(&self) -> WindowerState {
-        let mut keys: Vec<KeySnapshot> = self
+    /// The state to checkpoint, unsorted ([`WindowerState::sort`]).
+    pub fn copy_state(&self) -> WindowerState {
+        let keys: Vec<KeySnapshot> = self
             .keys
             .iter()
             .map(|(k, s)| KeySnapshot {
@@ -435,13 +435,11 @@ impl SlidingWindower {
                 max_ts: s.max_ts,
             })
             .collect();
-        keys.sort_by(|a, b| a.key.cmp(&b.key));
-        let mut emitted: Vec<_> = self
+        let emitted: Vec<_> = self
             .emitted
             .iter()
             .map(|((s, k), n)| (*s, k.clone(), *n))
             .collect();
-        emitted.sort();
         WindowerState {
             kind: self.spec.kind,
             size_ms: self.spec.size_ms,
