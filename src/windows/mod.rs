@@ -209,6 +209,12 @@ impl WindowerState {
             sliding.emitted.sort_unstable();
         }
     }
+
+    /// This state, [sorted](WindowerState::sort).
+    pub fn sorted(mut self) -> Self {
+        self.sort();
+        self
+    }
 }
 
 impl Aggregate {
@@ -394,9 +400,7 @@ impl Windower {
 
     /// The state to checkpoint, in its canonical order.
     pub fn snapshot(&self) -> WindowerState {
-        let mut state = self.copy_state();
-        state.sort();
-        state
+        self.copy_state().sorted()
     }
 
     /// The state to checkpoint, its lists in no particular order: the cheap half of
@@ -416,11 +420,7 @@ impl Windower {
             Windower::Fixed(w) => w.take_delta(),
             // Sliding windows keep no change log: their whole state goes in every delta.
             Windower::Sliding(w) => WindowerDelta {
-                state: {
-                    let mut state = w.copy_state();
-                    state.sort();
-                    state
-                },
+                state: w.copy_state().sorted(),
                 open_removed: Vec::new(),
                 closed_removed: Vec::new(),
             },
