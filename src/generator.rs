@@ -19,8 +19,9 @@ pub struct GeneratorConfig {
     pub keys: usize,
     /// Event time of the first event (epoch ms).
     pub start_ms: i64,
-    /// Event-time step between consecutive events.
-    pub step_ms: i64,
+    /// Event-time step between consecutive events, in microseconds (event times stay whole
+    /// milliseconds: a step under 1,000 puts several events in one millisecond).
+    pub step_us: i64,
     /// Largest backwards jitter of event time (out-of-order events).
     pub jitter_ms: i64,
     /// One message in this many is malformed (0: none).
@@ -38,7 +39,7 @@ impl Default for GeneratorConfig {
             keys: 50,
             // 2025-11-23T00:00:00Z
             start_ms: 1_763_856_000_000,
-            step_ms: 5,
+            step_us: 5_000,
             jitter_ms: 200,
             malformed_every: 0,
             id_prefix: "evt".into(),
@@ -131,7 +132,8 @@ impl Generator {
         } else {
             0
         };
-        let ts = self.config.start_ms + i as i64 * self.config.step_ms - jitter;
+        let ts =
+            self.config.start_ms + (i as i64).saturating_mul(self.config.step_us) / 1_000 - jitter;
         let value = round3(10.0 * c as f64 + noise.sample(&mut self.rng));
         let payload = format!(
             r#"{{"key":"{key}","ts":{ts},"features":{},"value":{value},"id":"{}-{i}"}}"#,
@@ -154,6 +156,27 @@ fn round3(x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_under_a_millisecond_puts_several_events_in_one() {
+        let mut g = Generator::new(GeneratorConfig {
+            step_us: 250,
+            jitter_ms: 0,
+            start_ms: 1_000,
+            ..GeneratorConfig::default()
+        });
+        let ts: Vec<i64> = (0..9)
+            .map(|_| {
+                let m = g.next_message();
+                let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                v["ts"].as_i64().unwrap()
+            })
+            .collect();
+        assert_eq!(
+            ts,
+            [1_000, 1_000, 1_000, 1_000, 1_001, 1_001, 1_001, 1_001, 1_002]
+        );
+    }
 
     #[test]
     fn deterministic_and_decodable() {

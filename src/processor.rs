@@ -320,6 +320,25 @@ impl Processor {
         .expect("MessagePack encodes every value of the processor state (plain data, string map keys or integers)")
     }
 
+    /// Whether the next [`Processor::take_delta`] may come under `room` bytes, judged from a
+    /// base of `base_bytes` and the share of window state changed since the last checkpoint,
+    /// without taking it. `false` when the delta would hold (nearly) the whole state: no window
+    /// keeps a change list (sliding windows, or none: the clustering goes whole into every
+    /// delta), or every slot changed. Taking such a delta only to drop it for a new base costs
+    /// the worker a whole serialisation.
+    pub fn delta_may_fit(&self, base_bytes: usize, room: usize) -> bool {
+        let (changed, total) = self
+            .windows
+            .iter()
+            .map(Windower::changed_units)
+            .fold((0usize, 0usize), |(c, t), (dc, dt)| (c + dc, t + dt));
+        if total == 0 {
+            return false;
+        }
+        let estimate = base_bytes as u128 * changed as u128 / total as u128;
+        estimate < room as u128
+    }
+
     /// Lists what changes from now on, for [`Processor::take_delta`] (off by default: a
     /// processor that takes no deltas would list every window slot it ever touched).
     pub fn track_changes(&mut self) {
@@ -677,6 +696,69 @@ mod tests {
             let want: Vec<u32> = (0..seqs.len() as u32).collect();
             assert_eq!(seqs, want, "offset {offset}");
         }
+    }
+
+    /// The worker asks [`Processor::delta_may_fit`] before taking a delta: yes when few slots
+    /// changed, no when a delta would be the whole state (every slot changed, sliding windows
+    /// only, no windows); and the real deltas agree.
+    #[test]
+    fn a_delta_is_judged_before_it_is_taken() {
+        fn feed(p: &mut Processor, keys: std::ops::Range<usize>, ts: i64) {
+            let mut out = Vec::new();
+            for k in keys {
+                let text = format!(r#"{{"key":"key-{k}","ts":{ts},"value":1,"features":[1.0]}}"#);
+                let record = Record {
+                    payload: Some(text.as_bytes()),
+                    key: None,
+                    timestamp_ms: Some(ts),
+                    offset: k as i64,
+                };
+                p.process(record, &mut out).unwrap();
+            }
+        }
+        let with_windows = |windows: Vec<WindowConfig>| ProcessingConfig {
+            windows,
+            ..ProcessingConfig::default()
+        };
+        let tumbling = WindowConfig {
+            size_ms: 1_000,
+            ..WindowConfig::default()
+        };
+        let sliding = WindowConfig {
+            kind: crate::config::WindowKind::Sliding,
+            size_ms: 1_000,
+            ..WindowConfig::default()
+        };
+        for (windows, few_fit) in [
+            (vec![tumbling.clone()], true),
+            (vec![sliding], false),
+            (vec![], false),
+        ] {
+            let config = with_windows(windows.clone());
+            let mut p = Processor::new(&config, 1 << 20, 0);
+            p.track_changes();
+            feed(&mut p, 0..200, 10);
+            let base = p.snapshot().len();
+            p.forget_changes();
+            feed(&mut p, 0..4, 20);
+            assert_eq!(p.delta_may_fit(base, base), few_fit, "{windows:?}");
+            assert_eq!(p.take_delta().len() < base / 2, few_fit, "{windows:?}");
+            feed(&mut p, 0..200, 30);
+            assert!(
+                !p.delta_may_fit(base, base),
+                "{windows:?}: every slot changed"
+            );
+            assert!(p.take_delta().len() * 10 > base * 9, "{windows:?}");
+        }
+        // A delta that fits the base but not what the deltas before it left of the budget.
+        let mut p = Processor::new(&with_windows(vec![tumbling]), 1 << 20, 0);
+        p.track_changes();
+        feed(&mut p, 0..200, 10);
+        let base = p.snapshot().len();
+        p.forget_changes();
+        feed(&mut p, 0..100, 20);
+        assert!(p.delta_may_fit(base, base));
+        assert!(!p.delta_may_fit(base, base / 4));
     }
 
     #[test]

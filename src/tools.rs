@@ -48,6 +48,8 @@ pub struct SyntheticOptions {
     pub keys: usize,
     /// Gaussian blobs.
     pub clusters: usize,
+    /// Event-time step between consecutive events, microseconds.
+    pub step_us: i64,
 }
 
 impl Default for SyntheticOptions {
@@ -59,6 +61,7 @@ impl Default for SyntheticOptions {
             dimension: g.dimension,
             keys: g.keys,
             clusters: g.clusters,
+            step_us: g.step_us,
         }
     }
 }
@@ -109,6 +112,7 @@ pub async fn produce(config: &Config, opts: ProduceOptions) -> anyhow::Result<u6
                 dimension: synthetic.dimension,
                 keys: synthetic.keys,
                 clusters: synthetic.clusters,
+                step_us: synthetic.step_us,
                 start_ms,
                 id_prefix: format!("evt-{start_ms}"),
                 malformed_every: opts.malformed_every,

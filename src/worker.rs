@@ -133,18 +133,33 @@ struct Chain {
 }
 
 /// A checkpoint as the worker takes it: a delta is encoded at once (it costs what changed); a
-/// new base is a copy of the state, sorted and serialised by its transaction's task on a
-/// blocking thread while the worker goes on (at 1 M keys the copy takes ~50 ms of the
-/// ~0.6 s a whole snapshot took in the worker).
+/// new base is a copy of the state, sorted and serialised on a blocking thread from the moment
+/// it is taken, while the worker goes on and the flush's outputs go to Kafka (at 1 M keys the
+/// copy takes ~50 ms of the ~0.6 s a whole snapshot took in the worker). A base dropped unused
+/// (its delivery gave up at a stop) finishes encoding and is freed.
 enum Taken {
     Ready(Checkpoint),
     Base {
         next_offset: i64,
-        state: Box<StateCopy>,
+        encoding: tokio::task::JoinHandle<Vec<u8>>,
     },
 }
 
 impl Taken {
+    /// A new base from `state`, its encoding started.
+    fn base(next_offset: i64, state: StateCopy, encode_seconds: metrics::Histogram) -> Self {
+        let encoding = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let bytes = state.encode();
+            encode_seconds.record(started.elapsed().as_secs_f64());
+            bytes
+        });
+        Taken::Base {
+            next_offset,
+            encoding,
+        }
+    }
+
     fn next_offset(&self) -> i64 {
         match self {
             Taken::Ready(checkpoint) => checkpoint.next_offset,
@@ -152,25 +167,19 @@ impl Taken {
         }
     }
 
-    /// The checkpoint, a base encoded on a blocking thread; `None` when the runtime shuts down
-    /// first. A panic while encoding is the caller's.
-    async fn checkpoint(self, encode_seconds: metrics::Histogram) -> Option<Checkpoint> {
+    /// The checkpoint, once a base is encoded; `None` when the runtime shuts down first. A
+    /// panic while encoding is the caller's.
+    async fn checkpoint(self) -> Option<Checkpoint> {
         match self {
             Taken::Ready(checkpoint) => Some(checkpoint),
-            Taken::Base { next_offset, state } => {
-                let encoded = tokio::task::spawn_blocking(move || {
-                    let started = std::time::Instant::now();
-                    let bytes = (*state).encode();
-                    encode_seconds.record(started.elapsed().as_secs_f64());
-                    bytes
-                })
-                .await;
-                match encoded {
-                    Ok(bytes) => Some(Checkpoint::full(next_offset, bytes)),
-                    Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
-                    Err(_) => None,
-                }
-            }
+            Taken::Base {
+                next_offset,
+                encoding,
+            } => match encoding.await {
+                Ok(bytes) => Some(Checkpoint::full(next_offset, bytes)),
+                Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
+                Err(_) => None,
+            },
         }
     }
 }
@@ -578,6 +587,9 @@ impl PartitionWorker {
                         break;
                     }
                     worker.metrics.time.switch(Doing::Busy);
+                    // The wall clock idle close compares with: read once per chunk (a clock read
+                    // per message was ~3 % of the service's CPU), and again after each wait.
+                    worker.processor.set_wall_clock(wall_clock_ms());
                     for delivery in inbox.drain(..) {
                         let msg = match delivery {
                             Delivery::Message(msg) => msg,
@@ -608,11 +620,15 @@ impl PartitionWorker {
                                 if fetched.is_err() {
                                     break 'run;
                                 }
+                                worker.processor.set_wall_clock(wall_clock_ms());
                             }
                         }
                         worker.take(&msg);
-                        if worker.pending.rows() >= worker.batch_rows && worker.flush(false).await.is_err() {
-                            return worker.abandon().await;
+                        if worker.pending.rows() >= worker.batch_rows {
+                            if worker.flush(false).await.is_err() {
+                                return worker.abandon().await;
+                            }
+                            worker.processor.set_wall_clock(wall_clock_ms());
                         }
                     }
                 }
@@ -706,7 +722,6 @@ impl PartitionWorker {
             offset,
         };
         let late_before = self.processor.late_dropped();
-        self.processor.set_wall_clock(wall_clock_ms());
         self.pending.consumed += 1;
         self.metrics.consumed.increment(1);
         self.metrics.taken += 1;
@@ -975,18 +990,18 @@ impl PartitionWorker {
     }
 
     /// Starts the transaction of the waiting flushes with `checkpoint`, taken after the last
-    /// of them (a new base is encoded first, in the transaction's task).
+    /// of them (a new base's encoding, started when it was taken, is awaited first in the
+    /// transaction's task).
     fn start_commit(&mut self, stop: &CancellationToken, checkpoint: Taken) {
         debug_assert!(self.in_flight.is_none());
         let batch = std::mem::take(&mut self.waiting);
         debug_assert_eq!(batch.next_offset, Some(checkpoint.next_offset()));
         self.last_commit = Some(Instant::now());
         let (sink, stop) = (self.sink.clone(), stop.clone());
-        let encode_seconds = self.metrics.checkpoint_encode_seconds.clone();
         self.in_flight = Some(tokio::spawn(async move {
             let mut batch = batch;
             let next_offset = checkpoint.next_offset();
-            let Some(checkpoint) = checkpoint.checkpoint(encode_seconds).await else {
+            let Some(checkpoint) = checkpoint.checkpoint().await else {
                 // The runtime is shutting down: as a transaction that gave up at a stop.
                 let written = Written {
                     bytes: 0,
@@ -1021,16 +1036,21 @@ impl PartitionWorker {
     /// reads at most that.
     fn checkpoint(&mut self, next_offset: i64) -> Taken {
         if let Some((base, base_offset)) = self.chain.base {
-            if self.chain.deltas < MAX_DELTAS {
+            let room = base.saturating_sub(self.chain.delta_bytes);
+            if self.chain.deltas < MAX_DELTAS && self.processor.delta_may_fit(base, room) {
                 let delta = self.processor.take_delta();
                 if self.chain.delta_bytes + delta.len() < base {
                     return Taken::Ready(Checkpoint::delta(next_offset, base_offset, delta));
                 }
             }
         }
-        let state = Box::new(self.processor.copy_state());
+        let state = self.processor.copy_state();
         self.processor.forget_changes();
-        Taken::Base { next_offset, state }
+        Taken::base(
+            next_offset,
+            state,
+            self.metrics.checkpoint_encode_seconds.clone(),
+        )
     }
 
     /// Takes the outcome of a transaction: on success the offset is stored and the batch

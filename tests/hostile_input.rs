@@ -261,20 +261,32 @@ proptest! {
         let mut live = Processor::new(&config, 1 << 20, 0);
         live.track_changes();
         let (mut base, mut deltas, mut from) = (None, Vec::new(), 0);
-        for &(cut, full) in &cuts {
+        let mut copy: Option<neurostream::processor::StateCopy> = None;
+        for (i, &(cut, full)) in cuts.iter().enumerate() {
             feed(&mut live, &payloads, from, cut);
             live.end_batch(&mut Vec::new());
             from = cut;
+            // A base copied at the last cut is encoded only now, after later events changed the
+            // live state, as the worker's transaction task encodes it beside the worker.
+            if let Some(taken) = copy.take() {
+                base = Some(taken.encode());
+            }
             // The first checkpoint is full, later ones deltas or (when the deltas outgrow the
-            // base) a new base, taken as the worker takes it: a copy, encoded later.
-            if base.is_none() || full {
-                let copy = live.copy_state();
+            // base) a new base, taken as the worker takes it: a copy, encoded later; sometimes
+            // after a delta taken and dropped because it did not fit.
+            if copy.is_none() && base.is_none() || full {
+                if i % 2 == 1 {
+                    drop(live.take_delta());
+                }
+                copy = Some(live.copy_state());
                 live.forget_changes();
-                base = Some(copy.encode());
                 deltas.clear();
             } else {
                 deltas.push(live.take_delta());
             }
+        }
+        if let Some(taken) = copy.take() {
+            base = Some(taken.encode());
         }
         let base = base.expect("at least one cut");
         let mut restored = Processor::restore_chain(&config, 1 << 20, 0, &base, &deltas)

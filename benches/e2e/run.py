@@ -15,9 +15,12 @@ example (built only while no other cargo runs), and the Kafka Streams peer jar
 (`benches/e2e/kstreams`, skipped with a note when absent).
 
 Data: one fixed data set per run, `neurostream produce` with --seed 42 --start-ts 2026-01-01
-(event time advances 5 ms per event), N events of d features over K keys, event n to partition
-n mod P, as fast as the producer goes (throughput profile), into a fresh topic that every system
-then reads from the beginning, each in its own consumer group, writing to its own output topics.
+(event time advances --step-ms per event), N events of d features over K keys, event n to
+partition n mod P, as fast as the producer goes (throughput profile), into a fresh topic that
+every system then reads from the beginning, each in its own consumer group, writing to its own
+output topics. --step-ms sets how many events a window holds, and so how many outputs each event
+makes: at the default 5 ms, 100 keys and 2 partitions a 1 s window holds 1-2 events per key
+(~0.6 window rows per event, each to Kafka and PostgreSQL); at 0.05 ms about 100 (~0.01).
 
 The job: a 1 s tumbling event-time window (grace 0) per key with count/sum/mean/min/max of
 `value`, final results only. neurostream additionally clusters every event (NCS, the default
@@ -771,7 +774,8 @@ def produce_config(ctx: Context, path: Path, profile: str, topic: str,
 
 
 def produce(ctx: Context, topic: str, events: int, rate: int, profile: str, start_ts: Optional[int],
-            name: str, linger_ms: Optional[int] = None) -> subprocess.Popen:
+            name: str, linger_ms: Optional[int] = None,
+            step_ms: Optional[float] = None) -> subprocess.Popen:
     cfg = produce_config(ctx, ctx.root / f"produce-{name}.toml", profile, topic, linger_ms)
     argv = [str(NEUROSTREAM), "--config", str(cfg), "produce", "--topic", topic,
             "--events", str(events), "--rate", str(rate), "--seed", str(SEED),
@@ -779,6 +783,8 @@ def produce(ctx: Context, topic: str, events: int, rate: int, profile: str, star
             "--partitions", str(ctx.args.partitions)]
     if start_ts is not None:
         argv += ["--start-ts", str(start_ts)]
+    if step_ms is not None:
+        argv += ["--step-ms", str(step_ms)]
     return CHILDREN.spawn(f"produce-{name}", argv, ctx.root / f"produce-{name}.log")
 
 
@@ -789,7 +795,8 @@ def make_data_set(ctx: Context) -> dict:
     log(f"producing {a.events} events (d={a.dimension}, {a.keys} keys, {a.partitions} partitions) "
         f"to {ctx.input_topic}")
     t0 = time.time()
-    p = produce(ctx, ctx.input_topic, a.events, 0, "throughput", START_TS, "dataset")
+    p = produce(ctx, ctx.input_topic, a.events, 0, "throughput", START_TS, "dataset",
+                step_ms=a.step_ms)
     rc = p.wait(timeout=max(600, a.events / 1000))
     took = time.time() - t0
     if rc != 0:
@@ -1406,7 +1413,8 @@ def write_report(out: Path, command: str, params: dict, machine: dict, dataset: 
          f"{machine['cpu_model']}, {machine['mem_total']} RAM). Definitions: the docstring of "
          "`benches/e2e/run.py`; raw numbers: `results.json`.", "",
          f"Parameters: {params['events']:,} events, d = {params['dimension']}, {params['keys']} keys, "
-         f"{params['partitions']} partitions, 1 s tumbling windows per key (grace 0) with "
+         f"{params['partitions']} partitions, event time {params.get('step_ms', 5.0):g} ms apart, "
+         "1 s tumbling windows per key (grace 0) with "
          f"count/sum/mean/min/max of `value`; latency at {params['rate']:,} events/s for "
          f"{params['latency_seconds']} s (first {WARMUP_S:.0f} s dropped). One Apache Kafka 4.3.1 broker "
          "(KRaft, 1 GB heap) and PostgreSQL 15 (fsync on) on the same machine.", "",
@@ -1560,6 +1568,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dimension", type=int, default=8)
     p.add_argument("--keys", type=int, default=100)
     p.add_argument("--partitions", type=int, default=2)
+    p.add_argument("--step-ms", type=float, default=5.0,
+                   help="event-time step between the data set's events (see the docstring's Data)")
     p.add_argument("--rate", type=int, default=10_000)
     p.add_argument("--latency-seconds", type=int, default=30)
     p.add_argument("--producer-linger-ms", type=int, default=1,
@@ -1695,7 +1705,7 @@ def main() -> int:
         broker.stop()
         CHILDREN.kill_all()
         env.update(load_after=load_average(), cargo_after=cargo_running())
-        params = {k: getattr(args, k) for k in ("events", "dimension", "keys", "partitions", "rate",
+        params = {k: getattr(args, k) for k in ("events", "dimension", "keys", "partitions", "step_ms", "rate",
                                                   "latency_seconds", "systems", "profiles")}
         if tp or lat:
             write_report(out, command, params, machine_info(), dataset, tp, lat, env)

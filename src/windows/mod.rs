@@ -427,6 +427,19 @@ impl Windower {
         }
     }
 
+    /// Units of state changed since the last delta, and units in all (see
+    /// [`FixedWindower::changed_slots`]); a sliding window keeps no change list and counts as
+    /// changed whole, one unit per key.
+    pub fn changed_units(&self) -> (usize, usize) {
+        match self {
+            Windower::Fixed(w) => w.changed_slots(),
+            Windower::Sliding(w) => {
+                let keys = w.state_size().0.max(1);
+                (keys, keys)
+            }
+        }
+    }
+
     /// Lists changes for deltas from now on (a sliding window keeps no list).
     pub fn track_changes(&mut self) {
         if let Windower::Fixed(w) = self {
