@@ -1568,8 +1568,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dimension", type=int, default=8)
     p.add_argument("--keys", type=int, default=100)
     p.add_argument("--partitions", type=int, default=2)
-    p.add_argument("--step-ms", type=float, default=5.0,
-                   help="event-time step between the data set's events (see the docstring's Data)")
+    p.add_argument("--step-ms", type=float, default=None,
+                   help="event-time step between the data set's events, 5 ms when not given "
+                        "(see the docstring's Data)")
     p.add_argument("--rate", type=int, default=10_000)
     p.add_argument("--latency-seconds", type=int, default=30)
     p.add_argument("--producer-linger-ms", type=int, default=1,
@@ -1707,6 +1708,7 @@ def main() -> int:
         env.update(load_after=load_average(), cargo_after=cargo_running())
         params = {k: getattr(args, k) for k in ("events", "dimension", "keys", "partitions", "step_ms", "rate",
                                                   "latency_seconds", "systems", "profiles")}
+        params["step_ms"] = params["step_ms"] or 5.0
         if tp or lat:
             write_report(out, command, params, machine_info(), dataset, tp, lat, env)
             log(f"wrote {out}/results.md, results.json, throughput.png, latency_cdf.png")
