@@ -429,9 +429,9 @@ impl FixedWindower {
         }
     }
 
-    /// Slots listed as changed since the last delta (at most the slots there are: a slot listed
-    /// twice counts once at most as often as it is listed) and slots in all, for an estimate of
-    /// the next delta's share of the state without taking it.
+    /// Slots listed as changed since the last delta (a slot listed twice, closed and then
+    /// changed late, counts twice; never more than the slots there are) and slots in all, for
+    /// an estimate of the next delta's share of the state without taking it.
     pub fn changed_slots(&self) -> (usize, usize) {
         let total = self
             .open
