@@ -101,6 +101,9 @@ catalogue! {
     PROCESSING_LATENCY_SECONDS = "neurostream_processing_latency_seconds", Histogram, ["topic"], "Processor time per message (one in 16 timed)", PROCESSING_BUCKETS;
     /// Seconds per sink transaction (outputs + checkpoint).
     SINK_COMMIT_SECONDS = "neurostream_sink_commit_seconds", Histogram, [], "Sink transaction duration (outputs + checkpoint)", COMMIT_BUCKETS;
+    /// Seconds from a flush's outputs handed to the producer to the last acknowledgement
+    /// (retries included), per delivered flush: the wait the next flush's outputs may have.
+    DELIVERY_SECONDS = "neurostream_delivery_seconds", Histogram, ["topic"], "Seconds from a flush's outputs handed to the Kafka producer to the last acknowledgement (retries included), per flush", COMMIT_BUCKETS;
     /// Output rows per sink transaction.
     SINK_BATCH_ROWS = "neurostream_sink_batch_rows", Histogram, [], "Output rows per sink transaction", ROW_BUCKETS;
     /// Rows upserted into PostgreSQL.

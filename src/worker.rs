@@ -1196,6 +1196,7 @@ impl Sink {
         let topic = self.id.topic.clone();
         let mut backoff = Backoff::new(self.ctx.config.postgres.retry_max_backoff_ms);
         let mut retried = false;
+        let started = Instant::now();
         loop {
             let report = self
                 .ctx
@@ -1214,6 +1215,8 @@ impl Sink {
                         .progress
                         .set_retrying(&topic, self.id.partition, None);
                 }
+                metrics::histogram!(tm::DELIVERY_SECONDS, "topic" => topic)
+                    .record(started.elapsed().as_secs_f64());
                 return Ok(());
             }
             which.clear();

@@ -184,6 +184,9 @@ async fn metrics_status_and_lag_during_a_pipeline_run() {
     assert_eq!(not_json, Some(1.0));
     assert!(sum(&s, "neurostream_state_keys") > 0.0);
     assert!(sum(&s, "neurostream_checkpoint_bytes") > 0.0);
+    // Every flush delivered to Kafka is timed, whatever the sink did after it.
+    assert!(sum(&s, "neurostream_delivery_seconds_count") > 0.0);
+    assert!(sum(&s, "neurostream_delivery_seconds_sum") > 0.0);
     // Worker time: every state is exported per partition; processing 1,200 events took some.
     let time_in = |state: &str| -> Vec<f64> {
         s.iter()

@@ -66,7 +66,8 @@ re-renders the Markdown and the plots from an existing results.json). The two bi
 copied into the work dir at the start, so a rebuild of target/release during the run does not
 mix binaries; their build time, hash and the git state are recorded. --keep keeps the work dir
 (every child's log; latency-<profile>.tsv: each measured event's send time and latencies;
-ns-tp-<profile>-progress.tsv: the throughput phase's 20 ms samples of CPU and durable events). Failures of one system are reported as "failed: reason" and the others
+ns-tp-<profile>-progress.tsv: the throughput phase's 20 ms samples of CPU and durable events;
+<name>-metrics.txt: the service's /metrics at the end of each run). Failures of one system are reported as "failed: reason" and the others
 still run. The load average, the whole machine's busy cores (/proc/stat) and any cargo process
 seen during each measurement are recorded: on a 2-core machine anything else running (a build,
 a test) changes every number here.
@@ -905,13 +906,17 @@ def worker_time_us(body: str) -> dict[str, float]:
     return out
 
 
-def service_internals(port: int, since: Optional[dict[str, float]] = None) -> dict:
+def service_internals(port: int, since: Optional[dict[str, float]] = None,
+                      keep: Optional[Path] = None) -> dict:
     """Where neurostream's time went, from its /metrics: sink transactions (outputs + checkpoint
     in one PostgreSQL transaction), rows, backpressure pauses, checkpoint size, late drops, and
-    the workers' time per state since `since` (a [`worker_time_us`] taken earlier)."""
+    the workers' time per state since `since` (a [`worker_time_us`] taken earlier). The whole
+    /metrics text is written to `keep` (kept with --keep)."""
     code, body = http_get(port, "/metrics", 5.0)
     if code != 200:
         return {}
+    if keep is not None:
+        keep.write_text(body)
     sums: dict[str, float] = {}
     for line in body.splitlines():
         if line.startswith("neurostream_") and " " in line:
@@ -1014,7 +1019,8 @@ def run_throughput_neurostream(ctx: Context, profile: str) -> ThroughputResult:
             for t, cpu, pr in sampler.samples:
                 f.write(f"{t - first_consumed[0]:.3f}\t{cpu:.3f}\t{'' if pr is None else pr}\n")
         res.basis = "1st consumed (/metrics) -> N durable (/status), 20 ms polls"
-        res.internals = service_internals(port, since=time_at_first)
+        res.internals = service_internals(port, since=time_at_first,
+                                          keep=ctx.root / f"{name}-metrics.txt")
     finally:
         sampler.stop()
         rc = Children.stop(proc, 40)
@@ -1316,7 +1322,7 @@ def run_latency_neurostream(ctx: Context, profile: str) -> LatencyResult:
                      proc, lambda: f"last /status: {http_get(port, '/status')[1][:400]}")
         except BenchError as e:
             res.notes.append(str(e))
-        res.internals = service_internals(port)
+        res.internals = service_internals(port, keep=ctx.root / f"{name}-metrics.txt")
     finally:
         if reader is not None:
             reader.stop()
