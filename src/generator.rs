@@ -132,8 +132,11 @@ impl Generator {
         } else {
             0
         };
-        let ts =
-            self.config.start_ms + (i as i64).saturating_mul(self.config.step_us) / 1_000 - jitter;
+        let ts = self
+            .config
+            .start_ms
+            .saturating_add((i as i64).saturating_mul(self.config.step_us) / 1_000)
+            - jitter;
         let value = round3(10.0 * c as f64 + noise.sample(&mut self.rng));
         let payload = format!(
             r#"{{"key":"{key}","ts":{ts},"features":{},"value":{value},"id":"{}-{i}"}}"#,
