@@ -262,6 +262,9 @@ pub struct ProfileSettings {
     pub linger_ms: u64,
     /// librdkafka `batch.size`.
     pub batch_size_bytes: u64,
+    /// librdkafka `max.in.flight.requests.per.connection` of the producer (at most 5: the
+    /// idempotent producer's limit).
+    pub max_in_flight: u64,
     /// librdkafka `compression.type`.
     pub compression: &'static str,
     /// Sink: output rows that trigger a flush.
@@ -292,6 +295,7 @@ impl Profile {
                 fetch_min_bytes: 1 << 20,
                 linger_ms: 10,
                 batch_size_bytes: 1_000_000,
+                max_in_flight: 5,
                 compression: "lz4",
                 sink_batch_rows: 10_000,
                 // A transaction starts as soon as the previous one ended: under load PostgreSQL
@@ -307,6 +311,7 @@ impl Profile {
                 fetch_min_bytes: 1,
                 linger_ms: 10,
                 batch_size_bytes: 262_144,
+                max_in_flight: 5,
                 compression: "lz4",
                 sink_batch_rows: 5_000,
                 sink_commit_interval_ms: 0,
@@ -318,11 +323,25 @@ impl Profile {
             // message or two, five in flight per connection (idempotence), and the acks of a
             // flush queue behind each other: 60–280 ms per flush under load. Sink linger 5 ms
             // with producer linger 3 gave p99 21–22 ms in three runs (10 ms: 26 ms).
+            //
+            // One produce request in flight per connection, not five (2026-12-07, 100 k events,
+            // 10,000 events/s, 2-core machine): while a request waits for its ack and a batch
+            // is ready, librdkafka 2.12's producer thread polls with a zero timeout, a whole
+            // core for as long as the broker is slow (measured by pausing the broker: 10-12 of
+            // 10 possible CPU ticks per 100 ms, against 1-2 with one in flight). On a loaded
+            // machine that core is taken from the broker, which slows it further. The load
+            // generator and the service with one in flight: p99 26.8-41.8 ms in six runs,
+            // against 92-107 ms with five; the latency profile's rate unchanged (44-48 k
+            // events/s against 39-49 k) at 8.5-9.1 CPU-s per M events against 11.8-15.5.
+            // Throughput and balanced keep five: on loopback one was no slower for them, but
+            // on a network one request at a time per broker serialises every partition's
+            // batches behind a round trip each.
             Profile::Latency => ProfileSettings {
                 fetch_wait_max_ms: 10,
                 fetch_min_bytes: 1,
                 linger_ms: 3,
                 batch_size_bytes: 1_000_000,
+                max_in_flight: 1,
                 compression: "none",
                 sink_batch_rows: 500,
                 // A flush every 5 ms would be a transaction (and a WAL flush) every 5 ms: 100 ms
@@ -1556,6 +1575,17 @@ impl Config {
             s.batch_size_bytes,
             "kafka.batch_size_bytes",
         );
+        // librdkafka has two names for it: a raw setting under either wins.
+        if !["max.in.flight", "max.in.flight.requests.per.connection"]
+            .iter()
+            .any(|name| k.producer.contains_key(*name))
+        {
+            out.set(
+                "max.in.flight.requests.per.connection",
+                &s.max_in_flight.to_string(),
+                &format!("profile {}", self.profile),
+            );
+        }
         match &k.compression {
             Some(c) => out.set("compression.type", c, "kafka.compression"),
             None => out.set(
@@ -2075,6 +2105,38 @@ mod tests {
         assert_eq!(c.sink_linger_ms(), 3);
         assert_eq!(c.sink_batch_rows(), 10_000);
         assert_eq!(c.sink_commit_interval_ms(), 40);
+    }
+
+    #[test]
+    fn the_latency_profile_keeps_one_produce_request_in_flight_unless_the_raw_map_says() {
+        let in_flight = |toml: &str| {
+            let producer = from_toml(toml).unwrap().config.producer_settings();
+            producer
+                .iter()
+                .filter(|s| s.key.starts_with("max.in.flight"))
+                .map(|s| (s.key.clone(), s.value.clone()))
+                .collect::<Vec<_>>()
+        };
+        let full = "max.in.flight.requests.per.connection".to_string();
+        assert_eq!(
+            in_flight("profile = \"latency\""),
+            [(full.clone(), "1".into())]
+        );
+        assert_eq!(
+            in_flight("profile = \"throughput\""),
+            [(full.clone(), "5".into())]
+        );
+        // Either of librdkafka's two names in the raw map is the only one set.
+        assert_eq!(
+            in_flight("profile = \"latency\"\n[kafka.producer]\n\"max.in.flight\" = \"3\""),
+            [("max.in.flight".into(), "3".into())]
+        );
+        assert_eq!(
+            in_flight(
+                "profile = \"latency\"\n[kafka.producer]\n\"max.in.flight.requests.per.connection\" = \"2\""
+            ),
+            [(full, "2".into())]
+        );
     }
 
     #[test]

@@ -49,9 +49,10 @@ Throughput phase (per system; neurostream once per profile). Measured the same w
 
 Latency phase (per neurostream profile): a fresh input topic, the service started and ready
 (/ready 200), then `neurostream produce --rate R` for --latency-seconds (latency profile
-producer with `linger.ms` = --producer-linger-ms, 1 by default: at 0 the producer alone took
-half a core here and the broker floor's p99 was 52-80 ms against 17 ms; its pacing per 100 ms
-is reported), while a consumer in this script reads
+producer with `linger.ms` = --producer-linger-ms, 5 by default, the default of librdkafka and of
+the Java client since Kafka 4.0: on this 2-core machine 1 ms cost the producer alone 53 % of a
+core at 10,000 events/s against 23 % at 5 ms, 0 ms 63 %; its pacing per 100 ms is reported),
+while a consumer in this script reads
 every output topic with its headers. The windows emit `update` (an update per processing batch,
 then the final), so every flush produces output. Latency of input event (p, o) = receive time
 (this host's clock) of the first output message with `neurostream.source.partition` = p and
@@ -336,12 +337,26 @@ rootLogger.level = WARN
 rootLogger.appenderRef.out.ref = OUT
 """
 
+# With --broker-request-log: every request the broker completes, with where its time went
+# (queue for a request thread, local work, response queue, send), to kafka/request.log.
+REQUEST_LOG4J2 = """appender.req.type = File
+appender.req.name = REQ
+appender.req.fileName = {path}
+appender.req.layout.type = PatternLayout
+appender.req.layout.pattern = [%d] %m%n
+logger.req.name = kafka.request.logger
+logger.req.level = DEBUG
+logger.req.additivity = false
+logger.req.appenderRef.req.ref = REQ
+"""
+
 
 class KafkaBroker:
     """One combined broker+controller JVM on loopback."""
 
-    def __init__(self, root: Path, libs: Path) -> None:
+    def __init__(self, root: Path, libs: Path, request_log: bool = False) -> None:
         self.dir = root / "kafka"
+        self.request_log = request_log
         (self.dir / "data").mkdir(parents=True)
         self.libs = libs
         self.port, self.cport = free_ports(2)
@@ -354,7 +369,10 @@ class KafkaBroker:
                 "-cp", f"{self.libs}/*"]
 
     def start(self) -> None:
-        (self.dir / "log4j2.properties").write_text(LOG4J2)
+        log4j2 = LOG4J2
+        if self.request_log:
+            log4j2 += REQUEST_LOG4J2.format(path=self.dir / "request.log")
+        (self.dir / "log4j2.properties").write_text(log4j2)
         props = self.dir / "server.properties"
         props.write_text(f"""process.roles=broker,controller
 node.id=1
@@ -774,6 +792,20 @@ def produce_config(ctx: Context, path: Path, profile: str, topic: str,
     return path
 
 
+def service_env(ctx: Context) -> Optional[dict]:
+    """The service's environment: this one plus --service-env (settings to try, e.g.
+    NEUROSTREAM__KAFKA__FETCH_MIN_BYTES=65536; the load generator does not get them)."""
+    if not ctx.args.service_env:
+        return None
+    env = dict(os.environ)
+    for item in ctx.args.service_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BenchError(f"--service-env wants KEY=VALUE, not {item!r}")
+        env[key] = value
+    return env
+
+
 def produce(ctx: Context, topic: str, events: int, rate: int, profile: str, start_ts: Optional[int],
             name: str, linger_ms: Optional[int] = None,
             step_ms: Optional[float] = None) -> subprocess.Popen:
@@ -975,7 +1007,8 @@ def run_throughput_neurostream(ctx: Context, profile: str) -> ThroughputResult:
                              group=f"bench-{ctx.run_id}-{name}", input_topic=ctx.input_topic,
                              prefix=prefix, db_url=db, http_port=port, emit="final")
     logfile = ctx.root / f"{name}.log"
-    proc = CHILDREN.spawn(name, [str(NEUROSTREAM), "--config", str(cfg), "run"], logfile)
+    proc = CHILDREN.spawn(name, [str(NEUROSTREAM), "--config", str(cfg), "run"], logfile,
+                          env=service_env(ctx))
     first_consumed: list[float] = []
     time_at_first: dict[str, float] = {}
 
@@ -1293,7 +1326,8 @@ def run_latency_neurostream(ctx: Context, profile: str) -> LatencyResult:
                              group=f"bench-{ctx.run_id}-{name}", input_topic=topic, prefix=prefix,
                              db_url=db, http_port=port, emit="update")
     logfile = ctx.root / f"{name}.log"
-    proc = CHILDREN.spawn(name, [str(NEUROSTREAM), "--config", str(cfg), "run"], logfile)
+    proc = CHILDREN.spawn(name, [str(NEUROSTREAM), "--config", str(cfg), "run"], logfile,
+                          env=service_env(ctx))
     reader = None
     try:
         wait_for(f"neurostream/{profile} never became ready", lambda: http_get(port, "/ready")[0] == 200,
@@ -1579,13 +1613,19 @@ def parse_args() -> argparse.Namespace:
                         "(see the docstring's Data)")
     p.add_argument("--rate", type=int, default=10_000)
     p.add_argument("--latency-seconds", type=int, default=30)
-    p.add_argument("--producer-linger-ms", type=int, default=1,
+    p.add_argument("--producer-linger-ms", type=int, default=5,
                    help="linger.ms of the latency phase's producer (the same for the floor)")
     p.add_argument("--systems", default="neurostream,bare,kstreams,quix")
     p.add_argument("--profiles", default="throughput,balanced,latency")
     p.add_argument("--out", default="docs/bench")
     p.add_argument("--rebuild", action="store_true", help="run cargo build even when the binaries exist")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
+    p.add_argument("--service-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="an environment variable for the service only (repeatable): a setting "
+                        "to measure, e.g. NEUROSTREAM__POSTGRES__LINGER_MS=10")
+    p.add_argument("--broker-request-log", action="store_true",
+                   help="the broker logs every request it completes with its timings to "
+                        "kafka/request.log (a diagnosis aid: it costs the broker CPU)")
     p.add_argument("--report-only", action="store_true",
                    help="only re-render results.md and the plots from --out/results.json")
     return p.parse_args()
@@ -1661,7 +1701,7 @@ def main() -> int:
         signal.signal(sig, lambda s, f: sys.exit(128 + s))
     log(f"work dir {root}")
     env["binaries"] = snapshot_binaries(root)
-    broker, pg = KafkaBroker(root, libs), Postgres(root)
+    broker, pg = KafkaBroker(root, libs, args.broker_request_log), Postgres(root)
     tp: list[ThroughputResult] = []
     lat: list[LatencyResult] = []
     dataset: dict = {}
