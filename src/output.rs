@@ -172,21 +172,33 @@ impl Output {
 
     /// The Kafka message key: the grouping identity of DESIGN.md.
     pub fn key(&self) -> String {
-        match self {
-            Output::WindowAggregate(w) => {
-                format!(
-                    "{}:{}:{}:{}",
-                    w.key,
-                    w.window.as_str(),
-                    w.size_ms,
-                    w.window_start
-                )
+        let mut key = String::new();
+        self.write_key(&mut key);
+        key
+    }
+
+    /// Writes [`Self::key`] into `out` (cleared first), so a batch reuses one buffer.
+    pub fn write_key(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        out.clear();
+        // Writing into a String cannot fail.
+        let _ = match self {
+            Output::WindowAggregate(w) => write!(
+                out,
+                "{}:{}:{}:{}",
+                w.key,
+                w.window.as_str(),
+                w.size_ms,
+                w.window_start
+            ),
+            Output::ClusterUpdate(c) => write!(out, "{}:{}", c.partition, c.cluster_id),
+            Output::Outlier(o) => {
+                out.push_str(&o.key);
+                Ok(())
             }
-            Output::ClusterUpdate(c) => format!("{}:{}", c.partition, c.cluster_id),
-            Output::Outlier(o) => o.key.clone(),
-            Output::DriftDetection(d) => d.partition.to_string(),
-            Output::AlgorithmStatus(s) => s.partition.to_string(),
-        }
+            Output::DriftDetection(d) => write!(out, "{}", d.partition),
+            Output::AlgorithmStatus(s) => write!(out, "{}", s.partition),
+        };
     }
 
     /// The message `type` (`window_aggregate`, `cluster_update`, …).
@@ -202,6 +214,15 @@ impl Output {
 
     /// The JSON message value.
     pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("outputs contain only finite numbers and strings")
+        let mut json = Vec::new();
+        self.write_json(&mut json);
+        json
+    }
+
+    /// Writes [`Self::to_json`] into `out` (cleared first), so a batch reuses one buffer.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        out.clear();
+        serde_json::to_writer(&mut *out, self)
+            .expect("outputs contain only finite numbers and strings");
     }
 }

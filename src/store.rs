@@ -670,7 +670,10 @@ async fn write_outputs(
 /// would keep; one statement cannot update a row twice.
 fn latest_window_rows(outputs: &[Emitted]) -> Vec<bool> {
     let mut keep = vec![false; outputs.len()];
-    let mut by_window: HashMap<(i32, &str, u64, u64, &str, i64), usize> = HashMap::new();
+    // Per batch and keyed by event keys: foldhash's per-process random seed, at a fraction of
+    // SipHash's cost on these short keys.
+    let mut by_window: HashMap<(i32, &str, u64, u64, &str, i64), usize, _> =
+        HashMap::with_capacity_and_hasher(outputs.len(), foldhash::fast::RandomState::default());
     for (i, e) in outputs.iter().enumerate() {
         let Output::WindowAggregate(w) = &e.output else {
             continue;

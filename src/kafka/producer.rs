@@ -252,27 +252,35 @@ impl OutputProducer {
         let partition = source_partition.to_string();
         let mut report = SendReport::default();
         let mut deliveries = Vec::with_capacity(which.len());
+        // librdkafka copies key and value when it enqueues: one buffer each serves the batch.
+        let (mut key, mut json) = (String::new(), Vec::new());
+        let (mut offset, mut seq) = (itoa::Buffer::new(), itoa::Buffer::new());
         for &m in which {
             let queued = match m {
                 MessageRef::Output(i) => {
                     let emitted = &outputs[i];
-                    let key = emitted.output.key();
+                    emitted.output.write_key(&mut key);
                     let value = match &self.avro {
-                        Some(avro) => avro.encode(&emitted.output),
-                        None => emitted.output.to_json(),
+                        Some(avro) => std::borrow::Cow::Owned(avro.encode(&emitted.output)),
+                        None => {
+                            emitted.output.write_json(&mut json);
+                            std::borrow::Cow::Borrowed(json.as_slice())
+                        }
                     };
-                    let offset = emitted.source_offset.to_string();
                     // `neurostream.source.seq` tells apart outputs of one source offset, so a
                     // consumer deduplicating on (topic, partition, offset, seq) drops only replays.
-                    let seq = emitted.seq.to_string();
-                    let headers =
-                        source_headers(source_topic, &partition, &offset).insert(Header {
-                            key: headers::SOURCE_SEQ,
-                            value: Some(seq.as_str()),
-                        });
+                    let headers = source_headers(
+                        source_topic,
+                        &partition,
+                        offset.format(emitted.source_offset),
+                    )
+                    .insert(Header {
+                        key: headers::SOURCE_SEQ,
+                        value: Some(seq.format(emitted.seq)),
+                    });
                     let record = FutureRecord::to(emitted.output.topic(&self.topics))
-                        .key(&key)
-                        .payload(&value)
+                        .key(key.as_str())
+                        .payload(value.as_ref())
                         .headers(headers);
                     enqueue(&self.producer, record).await
                 }
