@@ -366,6 +366,9 @@ pub const MAX_COMMIT_INTERVAL_MS: u64 = 60_000;
 /// The longest window: 100 years, so window ends of accepted event times stay storable.
 pub const MAX_WINDOW_MS: u64 = 3_155_760_000_000;
 
+/// The most windows one event may join (a hopping window's `size_ms / slide_ms`).
+pub const MAX_WINDOWS_PER_EVENT: u64 = 10_000;
+
 /// The per-partition processor.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -1402,6 +1405,14 @@ impl Config {
                     "{at}.slide_ms ({s}) must be positive and at most size_ms ({})",
                     w.size_ms
                 )),
+                // Every event joins size / slide windows: each one is a slot to update, count
+                // and checkpoint.
+                (WindowKind::Hopping, Some(s)) if w.size_ms / s > MAX_WINDOWS_PER_EVENT => {
+                    p.push(format!(
+                        "{at}: size_ms / slide_ms ({} / {s}) puts every event into more than {MAX_WINDOWS_PER_EVENT} windows; raise slide_ms",
+                        w.size_ms
+                    ))
+                }
                 (WindowKind::Tumbling | WindowKind::Sliding, Some(_)) => {
                     p.push(format!("{at}.slide_ms only applies to hopping windows"))
                 }
@@ -2065,6 +2076,21 @@ mod tests {
         c.kafka.producer.insert("acks".into(), "1".into());
         let err = c.validate().unwrap_err();
         assert_eq!(err.0.len(), 5, "{err}");
+    }
+
+    #[test]
+    fn a_hopping_window_joins_each_event_to_at_most_ten_thousand_windows() {
+        let mut c = Config::default();
+        c.processing.windows[0] = WindowConfig {
+            kind: WindowKind::Hopping,
+            size_ms: 86_400_000,
+            slide_ms: Some(1),
+            ..WindowConfig::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("more than 10000 windows"), "{err}");
+        c.processing.windows[0].slide_ms = Some(8_640);
+        c.validate().unwrap();
     }
 
     #[test]

@@ -134,13 +134,13 @@ pub enum DecodeError {
         /// This event's dimension.
         got: usize,
     },
-    /// The partition holds `processing.max_open_windows` open windows and this event would
-    /// open another.
+    /// The partition holds `processing.max_open_windows` windows (open, or closed and kept for
+    /// late updates) and this event would add another.
     #[error(
-        "the partition holds {open} open windows, the limit (processing.max_open_windows = {limit}); this event would open another"
+        "the partition holds {open} windows (open, or closed and kept for late updates), the limit (processing.max_open_windows = {limit}); this event would add another"
     )]
     StateLimit {
-        /// Open (key, window) pairs now.
+        /// (key, window) pairs held now.
         open: usize,
         /// `processing.max_open_windows`.
         limit: usize,

@@ -414,22 +414,22 @@ impl Processor {
                 });
             }
         }
-        // At the cap, an event that would open one more window first moves stream time to
-        // its own (closing what that closes: a full partition must not stop its windows from
+        // At the cap, an event that would add one more window (open, or kept closed for late
+        // updates) first moves stream time to its own (closing what that closes: a full partition must not stop its windows from
         // ever closing), then is refused if there is still no room, before its clustering or
         // aggregation changes anything. An event clustering will refuse for want of features
         // is left to that refusal (it moves nothing, at the cap or not).
         let clusterable = self.clustering.is_none() || !event.features.is_empty();
-        let open: usize = self.windows.iter().map(Windower::open_windows).sum();
+        let open: usize = self.windows.iter().map(Windower::held_windows).sum();
         if clusterable
             && open >= self.max_open_windows
-            && self.windows.iter().any(|w| w.would_open(event))
+            && self.windows.iter().any(|w| w.would_add(event))
         {
             for w in &mut self.windows {
                 w.advance(event.ts_ms, offset, self.partition, self.wall_ms, out);
             }
-            let open: usize = self.windows.iter().map(Windower::open_windows).sum();
-            if open >= self.max_open_windows && self.windows.iter().any(|w| w.would_open(event)) {
+            let open: usize = self.windows.iter().map(Windower::held_windows).sum();
+            if open >= self.max_open_windows && self.windows.iter().any(|w| w.would_add(event)) {
                 self.counters.rejected += 1;
                 return Err(DecodeError::StateLimit {
                     open,
@@ -841,6 +841,51 @@ mod tests {
         assert_eq!(finals, 3, "the three full windows closed");
         feed(&mut p, &mut out, "g", 26, 7).unwrap();
         assert_eq!(p.state_size(), (2, 2));
+    }
+
+    #[test]
+    fn closed_windows_kept_for_late_updates_count_toward_the_cap() {
+        use crate::config::LatePolicy;
+        // Late events with a new key each would otherwise add a closed slot apiece, unbounded.
+        let config = ProcessingConfig {
+            max_open_windows: 2,
+            clustering: ClusteringConfig {
+                enabled: false,
+                ..ClusteringConfig::default()
+            },
+            windows: vec![WindowConfig {
+                size_ms: 10,
+                late: LatePolicy::Update,
+                allowed_lateness_ms: 1_000,
+                ..WindowConfig::default()
+            }],
+            ..ProcessingConfig::default()
+        };
+        let mut p = Processor::new(&config, 1 << 20, 0);
+        let mut out = Vec::new();
+        let mut feed = |p: &mut Processor, key: &str, ts: i64, o: i64| {
+            let text = format!(r#"{{"key":"{key}","ts":{ts},"value":1}}"#);
+            let record = Record {
+                payload: Some(text.as_bytes()),
+                key: None,
+                timestamp_ms: Some(ts),
+                offset: o,
+            };
+            p.process(record, &mut out).map(|_| ())
+        };
+        feed(&mut p, "k0", 100, 0).unwrap();
+        // [0, 10) closed long ago: the first late key is kept for updates (2 held now).
+        feed(&mut p, "k1", 5, 1).unwrap();
+        for i in 2..100 {
+            let err = feed(&mut p, &format!("k{i}"), 5, i).unwrap_err();
+            assert_eq!(err.kind(), "state_limit");
+        }
+        // A late update of a window already held adds nothing: admitted.
+        feed(&mut p, "k1", 6, 100).unwrap();
+        // Once allowed lateness passes, the kept windows go and there is room again.
+        feed(&mut p, "k0", 2_000, 101).unwrap();
+        feed(&mut p, "k2", 2_001, 102).unwrap();
+        assert_eq!(p.counters().rejected, 98);
     }
 
     #[test]

@@ -300,3 +300,50 @@ fn kafka_streams_sliding_example() {
         ]
     );
 }
+
+#[test]
+fn a_sliding_window_forgets_keys_no_admissible_event_can_reach() {
+    // A new key per event (request ids, or a hostile producer): each key's last record must go
+    // once stream time is past it by more than size + grace, or state grows with every key ever
+    // seen (and every checkpoint with it).
+    let spec = WindowConfig {
+        kind: WindowKind::Sliding,
+        size_ms: 10,
+        ..WindowConfig::default()
+    };
+    let mut w = Windower::new(spec.clone());
+    let mut out = Vec::new();
+    let keys: Vec<String> = (0..1_000).map(|i| format!("k{i}")).collect();
+    for (i, key) in keys.iter().enumerate() {
+        let e = Event {
+            key: key.clone(),
+            ts_ms: 100 + 20 * i as i64,
+            value: Some(1.0),
+            features: vec![],
+            id: None,
+            metadata: None,
+        };
+        w.apply(&e, i as i64, 0, None, &mut out);
+        let (keys_held, open) = w.state_size();
+        assert!(
+            keys_held <= 3 && open <= 3,
+            "{keys_held} keys, {open} open windows"
+        );
+    }
+    w.advance(1_000_000, 1_000, 0, None, &mut out);
+    assert_eq!(w.state_size(), (0, 0));
+    let snapshot = w.snapshot();
+    assert!(snapshot.sliding.unwrap().keys.is_empty());
+    // Every key's window was emitted once, forgotten or not.
+    assert_eq!(out.len(), 1_000);
+    // A forgotten key that comes back is a fresh key: the same outputs as if it had been kept.
+    let back = Ev {
+        key: "k0",
+        ts: 1_000_000,
+        value: Some(2.0),
+    };
+    w.apply(&event(&back), 1_001, 0, None, &mut out);
+    w.close_all(1_002, 0, &mut out);
+    let last = unwrap(out.pop().expect("the returning key's window"));
+    assert_eq!((last.window_start, last.count, last.sum), (999_990, 1, 2.0));
+}

@@ -87,19 +87,31 @@ impl FixedWindower {
             && (state.slide_ms == 0 || state.slide_ms as i64 == self.slide)
     }
 
-    /// Open (key, window) pairs, cheaply (one length per open window start).
-    pub fn open_windows(&self) -> usize {
-        self.open.values().map(HashMap::len).sum()
+    /// (key, window) pairs held: open, and closed ones kept for late updates (`late =
+    /// "update"`), cheaply (one length per window start).
+    pub fn held_windows(&self) -> usize {
+        self.open
+            .values()
+            .chain(self.closed.values())
+            .map(HashMap::len)
+            .sum()
     }
 
-    /// Whether `event` would open a (key, window) pair that is not open yet.
-    pub fn would_open(&self, event: &Event) -> bool {
+    /// Whether `event` would add a (key, window) pair to the state: open one, or (late, under
+    /// `late = "update"`) keep a closed one for its key.
+    pub fn would_add(&self, event: &Event) -> bool {
+        let has = |map: &BTreeMap<i64, HashMap<String, Slot>>, start: i64| {
+            map.get(&start)
+                .is_some_and(|keys| keys.contains_key(event.key.as_str()))
+        };
         self.starts_of(event.ts_ms).any(|start| {
-            self.closes_at(start) > self.stream_time
-                && !self
-                    .open
-                    .get(&start)
-                    .is_some_and(|keys| keys.contains_key(event.key.as_str()))
+            if self.closes_at(start) > self.stream_time {
+                !has(&self.open, start)
+            } else {
+                self.spec.late == LatePolicy::Update
+                    && self.purges_at(start) > self.stream_time
+                    && !has(&self.closed, start)
+            }
         })
     }
 

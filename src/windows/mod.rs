@@ -372,15 +372,15 @@ impl Windower {
         each!(self, w => w.late_dropped())
     }
 
-    /// Open (key, window) pairs, cheaply.
-    pub fn open_windows(&self) -> usize {
-        each!(self, w => w.open_windows())
+    /// (key, window) pairs held (open, or closed and kept for late updates), cheaply.
+    pub fn held_windows(&self) -> usize {
+        each!(self, w => w.held_windows())
     }
 
-    /// Whether `event` would open a window that is not open yet (see
+    /// Whether `event` would add a (key, window) pair to the state (see
     /// `processing.max_open_windows`).
-    pub fn would_open(&self, event: &Event) -> bool {
-        each!(self, w => w.would_open(event))
+    pub fn would_add(&self, event: &Event) -> bool {
+        each!(self, w => w.would_add(event))
     }
 
     /// Keys with state, and open (key, window) pairs: the state's size.

@@ -159,6 +159,8 @@ pub struct SlidingWindower {
     emitted: HashMap<(i64, String), u32>,
     late_dropped: u64,
     pub(super) idle: IdleClock,
+    /// The stream-time period (see [`Self::forget_period`]) in which keys were last swept.
+    swept: i64,
 }
 
 impl SlidingWindower {
@@ -175,11 +177,36 @@ impl SlidingWindower {
             emitted: HashMap::new(),
             late_dropped: 0,
             idle: IdleClock::default(),
+            swept: i64::MIN,
         }
     }
 
-    /// Open windows.
-    pub fn open_windows(&self) -> usize {
+    /// Keys are swept once per this much stream time: `size + grace + 1`, so a key is gone at
+    /// most two periods after its last record (and the sweep costs O(1) per admitted event).
+    fn forget_period(&self) -> i64 {
+        self.size
+            .saturating_add(self.grace)
+            .saturating_add(1)
+            .max(1)
+    }
+
+    /// Forgets the keys no admissible event can reach: an event admitted from now on is at or
+    /// after `time − grace`, so its windows start at or after `time − grace − size`; a key whose
+    /// records all precede that has no open window (an open window holds one of its records at
+    /// or after its start) and would be rebuilt exactly as a fresh key. Without this, every key
+    /// ever seen would stay in memory and in every checkpoint.
+    fn forget_idle_keys(&mut self, time: i64) {
+        let period = time.div_euclid(self.forget_period());
+        if period <= self.swept {
+            return;
+        }
+        self.swept = period;
+        let admissible = time.saturating_sub(self.grace).saturating_sub(self.size);
+        self.keys.retain(|_, state| state.max_ts >= admissible);
+    }
+
+    /// Windows held (all open: sliding windows keep none for late updates).
+    pub fn held_windows(&self) -> usize {
         self.open.len()
     }
 
@@ -187,7 +214,7 @@ impl SlidingWindower {
     /// the windows starting at `t − size` and right after the key's previous record (the same
     /// starts [`SlidingWindower::apply`] tracks); out of order it may open windows around
     /// earlier records, and is counted as opening one.
-    pub fn would_open(&self, event: &Event) -> bool {
+    pub fn would_add(&self, event: &Event) -> bool {
         let t = event.ts_ms;
         if self.stream_time != i64::MIN && t.saturating_add(self.grace) < self.stream_time {
             return false;
@@ -402,6 +429,7 @@ impl SlidingWindower {
                 output: Output::WindowAggregate(output),
             });
         }
+        self.forget_idle_keys(time);
     }
 
     /// Emits every open window (end of input).
@@ -462,6 +490,12 @@ impl SlidingWindower {
     /// Restores checkpointed state.
     pub fn restore(&mut self, state: WindowerState) {
         self.stream_time = state.stream_time;
+        // The uninterrupted run swept when stream time entered this period, or left nothing to.
+        self.swept = if state.stream_time == i64::MIN {
+            i64::MIN
+        } else {
+            state.stream_time.div_euclid(self.forget_period())
+        };
         self.late_dropped = state.late_dropped;
         self.idle = IdleClock {
             last_event_wall_ms: state.last_event_wall_ms,
