@@ -27,7 +27,12 @@ struct Waiting {
     ts: i64,
     id: Option<String>,
     features: Vec<f64>,
+    /// Checkpoints before 2026-12-07 held the metadata parsed (17 times its text in memory);
+    /// read, never written.
     metadata: Option<serde_json::Value>,
+    /// The metadata as received (JSON text), parsed only for an outlier record.
+    #[serde(default)]
+    metadata_json: Option<String>,
 }
 
 /// One event's assignment (`neurostream process --assignments`).
@@ -185,7 +190,8 @@ impl ClusteringStage {
                     ts: event.ts_ms,
                     id: event.id.clone(),
                     features: event.features.clone(),
-                    metadata: metadata(event),
+                    metadata: None,
+                    metadata_json: event.metadata.as_ref().map(|m| m.get().to_owned()),
                 });
             }
             self.decide(partition, Some((offset, event)), out);
@@ -215,7 +221,11 @@ impl ClusteringStage {
                         features: w.features,
                         outlier_score: a.outlier_score,
                         reason: String::new(),
-                        metadata: w.metadata,
+                        metadata: w.metadata.or_else(|| {
+                            w.metadata_json
+                                .filter(|_| a.is_outlier)
+                                .and_then(|text| serde_json::from_str(&text).ok())
+                        }),
                     },
                 ),
                 None => {

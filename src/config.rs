@@ -366,6 +366,13 @@ pub const MAX_COMMIT_INTERVAL_MS: u64 = 60_000;
 /// The longest window: 100 years, so window ends of accepted event times stay storable.
 pub const MAX_WINDOW_MS: u64 = 3_155_760_000_000;
 
+/// The largest `processing.max_metadata_bytes`: the clustering warm-up holds `warmup_points`
+/// events' metadata in memory and in the checkpoint.
+pub const MAX_METADATA_BYTES: usize = 256 * 1024;
+
+/// The most the clustering warm-up may hold of events waiting to be placed.
+const MAX_WARMUP_BYTES: u128 = 256 << 20;
+
 /// The most windows one event may join (a hopping window's `size_ms / slide_ms`).
 pub const MAX_WINDOWS_PER_EVENT: u64 = 10_000;
 
@@ -389,6 +396,11 @@ pub struct ProcessingConfig {
     /// `max_key_bytes` it must keep the worst-case checkpoint under 768 MiB (PostgreSQL holds
     /// at most 1 GB in one value).
     pub max_open_windows: usize,
+    /// Longest `metadata` (its JSON text) an event may carry: it is echoed in outlier records
+    /// and held with the event through the clustering warm-up (`warmup_points` of them), so it
+    /// is bounded like the key; longer is dead-lettered (`field_too_long`). An `id` is bounded
+    /// by `max_key_bytes`.
+    pub max_metadata_bytes: usize,
     /// Online clustering of the events' features.
     pub clustering: ClusteringConfig,
     /// Event-time windows, each a `[[processing.windows]]` table.
@@ -402,6 +414,7 @@ impl Default for ProcessingConfig {
             max_key_bytes: 1_024,
             max_event_time_ahead_ms: 86_400_000,
             max_open_windows: 500_000,
+            max_metadata_bytes: 16_384,
             clustering: ClusteringConfig::default(),
             windows: vec![WindowConfig::default()],
         }
@@ -1362,6 +1375,12 @@ impl Config {
                 MAX_CHECKPOINT_BYTES >> 20
             ));
         }
+        if !(1..=MAX_METADATA_BYTES).contains(&self.processing.max_metadata_bytes) {
+            p.push(format!(
+                "processing.max_metadata_bytes must be within 1..={MAX_METADATA_BYTES}, not {}",
+                self.processing.max_metadata_bytes
+            ));
+        }
         if !(1..=2_048).contains(&self.processing.max_key_bytes) {
             p.push(format!(
                 "processing.max_key_bytes must be within 1..=2048 (PostgreSQL index rows), not {}",
@@ -1383,6 +1402,23 @@ impl Config {
         }
         if cl.warmup_points.is_some_and(|n| n < 2) {
             p.push("processing.clustering.warmup_points must be at least 2".into());
+        }
+        // `ncs` holds its warm-up events (id, key, features, metadata) until it has placed
+        // them, in memory and in every checkpoint meanwhile.
+        let held = (cl.ncs_params().warmup_points as u128)
+            * (self.processing.max_metadata_bytes as u128
+                + 2 * self.processing.max_key_bytes as u128
+                + 8 * 1_024
+                + 128);
+        if held > MAX_WARMUP_BYTES {
+            p.push(format!(
+                "processing.clustering.warmup_points = {} may hold {} MiB of events (with max_metadata_bytes = {} and max_key_bytes = {}), above {} MiB: lower either",
+                cl.ncs_params().warmup_points,
+                held >> 20,
+                self.processing.max_metadata_bytes,
+                self.processing.max_key_bytes,
+                MAX_WARMUP_BYTES >> 20
+            ));
         }
         if cl.stability_window == Some(0) {
             p.push("processing.clustering.stability_window must be at least 1".into());
@@ -2076,6 +2112,19 @@ mod tests {
         c.kafka.producer.insert("acks".into(), "1".into());
         let err = c.validate().unwrap_err();
         assert_eq!(err.0.len(), 5, "{err}");
+    }
+
+    #[test]
+    fn the_clustering_warm_up_holds_a_bounded_number_of_bytes() {
+        let mut c = Config::default();
+        c.validate().unwrap();
+        c.processing.clustering.warmup_points = Some(100_000);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("may hold 2551 MiB of events"), "{err}");
+        c.processing.clustering.warmup_points = Some(5_000);
+        c.validate().unwrap();
+        c.processing.max_metadata_bytes = MAX_METADATA_BYTES + 1;
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -28,8 +28,12 @@ pub const MAX_TS_MS: i64 = 190_288_396_800_000;
 pub struct Limits {
     /// Larger payloads are rejected as `oversized`.
     pub max_bytes: usize,
-    /// Longer keys (in UTF-8 bytes) are rejected as `key_too_long`.
+    /// Longer keys (in UTF-8 bytes) are rejected as `key_too_long`, longer ids as
+    /// `field_too_long`.
     pub max_key_bytes: usize,
+    /// Longer `metadata` (its JSON text) is rejected as `field_too_long`: it is echoed in
+    /// outlier records and held with the event through the clustering warm-up.
+    pub max_metadata_bytes: usize,
     /// An event time further than this ahead of the reference clock (the Kafka timestamp, or
     /// the wall clock when that is earlier) is rejected as `future_timestamp`.
     pub max_ahead_ms: u64,
@@ -43,6 +47,7 @@ impl Limits {
         Self {
             max_bytes,
             max_key_bytes: usize::MAX,
+            max_metadata_bytes: usize::MAX,
             max_ahead_ms: u64::MAX,
             now_ms: None,
         }
@@ -106,6 +111,17 @@ pub enum DecodeError {
     #[error("key of {len} bytes exceeds the limit of {limit} bytes")]
     KeyTooLong {
         /// Key length in bytes.
+        len: usize,
+        /// Configured limit.
+        limit: usize,
+    },
+    /// `id` longer than `processing.max_key_bytes` or `metadata` longer than
+    /// `processing.max_metadata_bytes`.
+    #[error("{field} of {len} bytes exceeds the limit of {limit} bytes")]
+    FieldTooLong {
+        /// `id` or `metadata`.
+        field: &'static str,
+        /// Its length in bytes (metadata: its JSON text).
         len: usize,
         /// Configured limit.
         limit: usize,
@@ -178,6 +194,7 @@ impl DecodeError {
             DecodeError::StateLimit { .. } => "state_limit",
             DecodeError::NulCharacter { .. } => "nul_character",
             DecodeError::KeyTooLong { .. } => "key_too_long",
+            DecodeError::FieldTooLong { .. } => "field_too_long",
             DecodeError::TimestampOutOfRange { .. } => "timestamp_out_of_range",
             DecodeError::FutureTimestamp { .. } => "future_timestamp",
             DecodeError::UnknownMagicByte(_) => "unknown_magic_byte",
@@ -431,6 +448,28 @@ fn check_storable(
             limit: limits.max_key_bytes,
         });
     }
+    if let Some(id) = event
+        .id
+        .as_ref()
+        .filter(|id| id.len() > limits.max_key_bytes)
+    {
+        return Err(DecodeError::FieldTooLong {
+            field: "id",
+            len: id.len(),
+            limit: limits.max_key_bytes,
+        });
+    }
+    if let Some(m) = event
+        .metadata
+        .as_ref()
+        .filter(|m| m.get().len() > limits.max_metadata_bytes)
+    {
+        return Err(DecodeError::FieldTooLong {
+            field: "metadata",
+            len: m.get().len(),
+            limit: limits.max_metadata_bytes,
+        });
+    }
     if event.key.contains('\0') {
         return Err(DecodeError::NulCharacter { field: "key" });
     }
@@ -678,6 +717,7 @@ mod tests {
         let limits = Limits {
             max_bytes: 1 << 20,
             max_key_bytes: 1024,
+            max_metadata_bytes: 16_384,
             max_ahead_ms: 86_400_000,
             now_ms: Some(1_763_866_800_000),
         };
@@ -738,6 +778,7 @@ mod tests {
         let limits = Limits {
             max_bytes: 1 << 20,
             max_key_bytes: 4,
+            max_metadata_bytes: 9,
             max_ahead_ms: 1_000,
             now_ms: Some(10_000),
         };
@@ -757,5 +798,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(e.ts_ms, MIN_TS_MS);
+        // id up to max_key_bytes, metadata's JSON text up to max_metadata_bytes; one more is
+        // refused with the field named.
+        let e = decode(
+            Some(br#"{"ts":1,"id":"abcd","metadata":{"a":123}}"#),
+            None,
+            None,
+            &limits,
+        )
+        .unwrap();
+        assert_eq!(e.metadata.unwrap().get(), r#"{"a":123}"#);
+        for (json, field) in [
+            (r#"{"ts":1,"id":"abcde"}"#, "id"),
+            (r#"{"ts":1,"metadata":{"a":1234}}"#, "metadata"),
+            (r#"{"ts":1,"metadata":"12345678"}"#, "metadata"),
+        ] {
+            let err = decode(Some(json.as_bytes()), None, None, &limits).unwrap_err();
+            assert_eq!(err.kind(), "field_too_long", "{json}");
+            assert!(err.to_string().starts_with(field), "{err}");
+        }
     }
 }

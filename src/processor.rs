@@ -141,6 +141,7 @@ impl Processor {
             limits: event::Limits {
                 max_bytes: max_event_bytes,
                 max_key_bytes: config.max_key_bytes,
+                max_metadata_bytes: config.max_metadata_bytes,
                 max_ahead_ms: config.max_event_time_ahead_ms,
                 now_ms: None,
             },
@@ -759,6 +760,59 @@ mod tests {
         feed(&mut p, 0..100, 20);
         assert!(p.delta_may_fit(base, base));
         assert!(!p.delta_may_fit(base, base / 4));
+    }
+
+    #[test]
+    fn warm_up_events_keep_their_metadata_as_text_through_a_checkpoint() {
+        // 19 points of one blob wait for the warm-up (20) with their metadata, held as the
+        // text received (a parsed tree took 17 times its size in memory) through a checkpoint;
+        // the far point that ends the warm-up is an outlier whose record echoes its metadata.
+        let mut p = Processor::new(&config(), 1 << 20, 0);
+        let mut out = Vec::new();
+        let meta = format!(r#"{{"pad":"{}","n":[1,2,3]}}"#, "x".repeat(4_000));
+        for i in 0..19 {
+            let x = (i % 5) as f64 * 0.01;
+            let text = format!(r#"{{"ts":{i},"features":[{x},0.5],"metadata":{meta}}}"#);
+            let record = Record {
+                payload: Some(text.as_bytes()),
+                key: None,
+                timestamp_ms: Some(i),
+                offset: i,
+            };
+            p.process(record, &mut out).unwrap();
+        }
+        let snapshot = p.snapshot();
+        assert!(
+            snapshot.len() < 19 * 4_100 + 8_192,
+            "{} bytes for 19 events of 4 kB metadata",
+            snapshot.len()
+        );
+        let mut restored = Processor::restore(&config(), 1 << 20, 0, &snapshot).unwrap();
+        let far = r#"{"ts":19,"features":[900,-900],"metadata":{"far":true}}"#;
+        let record = Record {
+            payload: Some(far.as_bytes()),
+            key: None,
+            timestamp_ms: Some(19),
+            offset: 19,
+        };
+        out.clear();
+        restored.process(record, &mut out).unwrap();
+        let outliers: Vec<_> = out
+            .iter()
+            .filter_map(|e| match &e.output {
+                crate::output::Output::Outlier(o) => Some(o),
+                _ => None,
+            })
+            .collect();
+        assert!(!outliers.is_empty(), "the far point is an outlier: {out:?}");
+        for o in outliers {
+            let expected: serde_json::Value = if o.offset == 19 {
+                serde_json::json!({"far": true})
+            } else {
+                serde_json::from_str(&meta).unwrap()
+            };
+            assert_eq!(o.metadata.as_ref(), Some(&expected), "offset {}", o.offset);
+        }
     }
 
     #[test]

@@ -194,6 +194,7 @@ pub const DEAD_LETTER_KINDS: &[&str] = &[
     "future_timestamp",
     "nul_character",
     "key_too_long",
+    "field_too_long",
     "dimension_mismatch",
     "late",
     "sink_rejected",

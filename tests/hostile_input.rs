@@ -15,6 +15,7 @@ fn limits() -> Limits {
     Limits {
         max_bytes: 4_096,
         max_key_bytes: 64,
+        max_metadata_bytes: 512,
         max_ahead_ms: 86_400_000,
         now_ms: Some(1_763_866_800_000),
     }
@@ -76,6 +77,8 @@ proptest! {
             Ok(e) => {
                 // Whatever is accepted is storable.
                 prop_assert!(!e.key.contains('\0') && e.key.len() <= 64);
+                prop_assert!(e.id.as_ref().is_none_or(|id| id.len() <= 64));
+                prop_assert!(e.metadata.as_ref().is_none_or(|m| m.get().len() <= 512));
                 prop_assert!((event::MIN_TS_MS..event::MAX_TS_MS).contains(&e.ts_ms));
                 prop_assert!(e.features.iter().chain(&e.value).all(|x| x.abs() <= 1e100));
             }
