@@ -306,23 +306,18 @@ impl ClusteringStage {
                     created_at: self.created_ts.get(&id).copied().unwrap_or(ts),
                     updated_at: ts,
                 },
+                // Gone since (merged away or evicted later in the same event): every removal
+                // queues an `evicted`, which reports its last emitted state; a cluster that
+                // never had a row (created and merged away at once) gets none.
+                None if event != ClusterEvent::Evicted => continue,
                 None => {
-                    let mut last = self.last_state.remove(&id).unwrap_or(ClusterUpdate {
-                        partition,
-                        cluster_id: id,
-                        event: String::new(),
-                        centroid: Vec::new(),
-                        weight: 0.0,
-                        radius: 0.0,
-                        quality: 0.0,
-                        drift_coefficient: 0.0,
-                        created_at: self.created_ts.get(&id).copied().unwrap_or(ts),
-                        updated_at: ts,
-                    });
-                    last.event = event.as_str().to_string();
-                    last.updated_at = ts;
                     self.created_ts.remove(&id);
                     self.last_emit.remove(&id);
+                    let Some(mut last) = self.last_state.remove(&id) else {
+                        continue;
+                    };
+                    last.event = event.as_str().to_string();
+                    last.updated_at = ts;
                     out.push(Emitted {
                         seq: 0,
                         source_offset: offset,

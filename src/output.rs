@@ -183,6 +183,15 @@ impl Output {
         out.clear();
         // Writing into a String cannot fail.
         let _ = match self {
+            Output::WindowAggregate(w) if w.window == WindowKind::Hopping => write!(
+                out,
+                "{}:{}:{}:{}:{}",
+                w.key,
+                w.window.as_str(),
+                w.size_ms,
+                w.slide_ms,
+                w.window_start
+            ),
             Output::WindowAggregate(w) => write!(
                 out,
                 "{}:{}:{}:{}",
@@ -224,5 +233,51 @@ impl Output {
         out.clear();
         serde_json::to_writer(&mut *out, self)
             .expect("outputs contain only finite numbers and strings");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(kind: WindowKind, size_ms: u64, slide_ms: u64) -> Output {
+        Output::WindowAggregate(WindowAggregate {
+            partition: 0,
+            window: kind,
+            size_ms,
+            slide_ms,
+            window_start: 0,
+            window_end: size_ms as i64,
+            key: "k".into(),
+            count: 1,
+            sum: 1.0,
+            mean: Some(1.0),
+            std: Some(0.0),
+            min: Some(1.0),
+            max: Some(1.0),
+            is_final: true,
+            revision: 0,
+        })
+    }
+
+    #[test]
+    fn hopping_windows_of_one_size_and_different_slides_have_different_keys() {
+        assert_eq!(
+            window(WindowKind::Tumbling, 10, 10).key(),
+            "k:tumbling:10:0"
+        );
+        assert_eq!(window(WindowKind::Sliding, 10, 0).key(), "k:sliding:10:0");
+        let (a, b) = (
+            window(WindowKind::Hopping, 10, 5).key(),
+            window(WindowKind::Hopping, 10, 2).key(),
+        );
+        assert_eq!(
+            (a.as_str(), b.as_str()),
+            ("k:hopping:10:5:0", "k:hopping:10:2:0")
+        );
+        // The batch path writes the same key into a reused buffer.
+        let mut buffer = String::from("stale");
+        window(WindowKind::Hopping, 10, 5).write_key(&mut buffer);
+        assert_eq!(buffer, a);
     }
 }

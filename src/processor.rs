@@ -816,6 +816,57 @@ mod tests {
     }
 
     #[test]
+    fn a_merged_cluster_ends_with_its_last_state_and_nothing_after() {
+        use rand::SeedableRng as _;
+        use rand_distr::Distribution as _;
+        // Two blobs 12 sigma apart walk into each other and merge; with every update emitted,
+        // the cluster merged away right after its update must not get a stale `updated` row or
+        // an empty `evicted` one (the latter would become its final row in `clusters`).
+        let config = ProcessingConfig {
+            clustering: ClusteringConfig {
+                emit_interval_ms: 0,
+                ..ClusteringConfig::default()
+            },
+            windows: vec![],
+            ..ProcessingConfig::default()
+        };
+        let mut p = Processor::new(&config, 1 << 20, 0);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(21);
+        let unit = rand_distr::Normal::new(0.0, 1.0).unwrap();
+        let mut out = Vec::new();
+        let n = 20_000;
+        for i in 0..n {
+            let gap = 12.0 * (1.0 - i as f64 / (n as f64 * 0.8)).max(0.0);
+            // The moving blob is the lighter one: its own update merges it away.
+            let x = if i % 3 != 0 { 0.0 } else { gap } + unit.sample(&mut rng);
+            let y: f64 = unit.sample(&mut rng);
+            let text = format!(r#"{{"ts":{i},"features":[{x},{y}]}}"#);
+            let record = Record {
+                payload: Some(text.as_bytes()),
+                key: None,
+                timestamp_ms: Some(i),
+                offset: i,
+            };
+            p.process(record, &mut out).unwrap();
+        }
+        let mut gone = std::collections::BTreeSet::new();
+        let mut evicted = 0;
+        for e in &out {
+            let crate::output::Output::ClusterUpdate(c) = &e.output else {
+                continue;
+            };
+            assert!(!gone.contains(&c.cluster_id), "a row after eviction: {c:?}");
+            assert_eq!(c.centroid.len(), 2, "{c:?}");
+            assert!(c.weight > 0.0, "{c:?}");
+            if c.event == "evicted" {
+                gone.insert(c.cluster_id);
+                evicted += 1;
+            }
+        }
+        assert!(evicted > 0, "the blobs merged");
+    }
+
+    #[test]
     fn dimension_is_fixed_by_the_first_event() {
         let mut p = Processor::new(&config(), 1 << 20, 0);
         let mut out = Vec::new();

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::{Aggregate, IdleClock, Late, Slot, WindowerDelta, WindowerState};
+use super::{next_revision, Aggregate, IdleClock, Late, Slot, WindowerDelta, WindowerState};
 use crate::config::{EmitMode, LatePolicy, WindowConfig, WindowKind};
 use crate::event::Event;
 use crate::output::{Emitted, Output, WindowAggregate};
@@ -201,9 +201,13 @@ impl FixedWindower {
                 .and_then(|keys| keys.get_mut(event.key.as_str()))
                 .map(|slot| {
                     slot.agg.add(event.value);
-                    slot.emitted += 1;
+                    slot.emitted = next_revision(slot.emitted);
                     let first_change = track && !std::mem::replace(&mut slot.unsaved, true);
-                    (slot.agg.clone(), slot.emitted - 1, first_change)
+                    (
+                        slot.agg.clone(),
+                        slot.emitted.saturating_sub(1),
+                        first_change,
+                    )
                 });
             let retained = retained.map(|(agg, revision, first_change)| {
                 if first_change {
@@ -299,7 +303,7 @@ impl FixedWindower {
                 self.unsaved_open.push((start, key.clone()));
             }
             let revision = slot.emitted;
-            slot.emitted += 1;
+            slot.emitted = next_revision(slot.emitted);
             let agg = slot.agg.clone();
             let output = self.aggregate(partition, start, key, &agg, false, revision);
             out.push(Emitted {
@@ -333,7 +337,7 @@ impl FixedWindower {
                         false,
                         slot.emitted,
                     );
-                    slot.emitted += 1;
+                    slot.emitted = next_revision(slot.emitted);
                     out.push(Emitted {
                         seq: 0,
                         source_offset: offset,
@@ -342,7 +346,7 @@ impl FixedWindower {
                 }
                 let output =
                     self.aggregate(partition, start, key.clone(), &slot.agg, true, slot.emitted);
-                slot.emitted += 1;
+                slot.emitted = next_revision(slot.emitted);
                 slot.changed = false;
                 out.push(Emitted {
                     seq: 0,

@@ -23,6 +23,12 @@
 pub mod fixed;
 pub mod sliding;
 
+/// The next emission count of a window: saturates at `i32::MAX` (PostgreSQL's `integer`
+/// `revision`), so billions of late updates of one window neither wrap nor get refused.
+fn next_revision(n: u32) -> u32 {
+    n.saturating_add(1).min(i32::MAX as u32)
+}
+
 use serde::{Deserialize, Serialize};
 
 use crate::config::{LatePolicy, WindowConfig, WindowKind};

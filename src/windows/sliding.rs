@@ -16,7 +16,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::{Aggregate, IdleClock, Late, WindowerState};
+use super::{next_revision, Aggregate, IdleClock, Late, WindowerState};
 use crate::config::{EmitMode, WindowConfig};
 use crate::event::Event;
 use crate::output::{Emitted, Output, WindowAggregate};
@@ -382,7 +382,8 @@ impl SlidingWindower {
                 .get(&(start, key.clone()))
                 .copied()
                 .unwrap_or(0);
-            self.emitted.insert((start, key.clone()), revision + 1);
+            self.emitted
+                .insert((start, key.clone()), next_revision(revision));
             let output = self.aggregate(partition, start, key, &agg, false, revision);
             out.push(Emitted {
                 seq: 0,
@@ -415,7 +416,7 @@ impl SlidingWindower {
             let mut revision = self.emitted.remove(&(start, key.clone())).unwrap_or(0);
             if self.dirty.remove(&(start, key.clone())) && self.spec.emit == EmitMode::Both {
                 let update = self.aggregate(partition, start, key.clone(), &agg, false, revision);
-                revision += 1;
+                revision = next_revision(revision);
                 out.push(Emitted {
                     seq: 0,
                     source_offset: offset,
