@@ -133,6 +133,35 @@ async fn a_replayed_batch_changes_nothing() {
 }
 
 #[tokio::test]
+async fn alarms_of_one_detector_at_one_offset_are_all_kept_and_replays_add_none() {
+    // Two clusters vanishing at the same refresh: two alarms of one detector at one offset.
+    let (_, pg) = fresh_db().await;
+    let store = Store::Postgres(pg.clone());
+    let outputs = vec![
+        drift(7, vec![1], "a"),
+        drift(7, vec![2], "b"),
+        drift(8, vec![1], "c"),
+    ];
+    let checkpoint = Checkpoint::full(9, b"s".to_vec());
+    let id = id();
+    let (epoch, _) = store.claim(&id).await.unwrap();
+    let batch = Batch {
+        id: &id,
+        epoch,
+        outputs: &outputs,
+        checkpoint: &checkpoint,
+    };
+    store.commit(&batch).await.unwrap();
+    store.commit(&batch).await.unwrap();
+    let rows: Vec<(i64, Vec<i64>)> =
+        sqlx::query_as("SELECT source_offset, affected_clusters FROM drift_alerts ORDER BY 1, 2")
+            .fetch_all(pg.pool())
+            .await
+            .unwrap();
+    assert_eq!(rows, vec![(7, vec![1]), (7, vec![2]), (8, vec![1])]);
+}
+
+#[tokio::test]
 async fn checkpoints_never_move_backwards() {
     let (_, pg) = fresh_db().await;
     let store = Store::Postgres(pg);
