@@ -607,7 +607,9 @@ impl PartitionWorker {
                         // registry is away); a stop meanwhile leaves the message, and the rest
                         // of the chunk, unprocessed.
                         if let (Some(id), Some(registry)) = (decoder.schema_id(msg.payload()), &registry) {
-                            if !registry.has(id) {
+                            // One request first; only an answer that needs retries (an outage,
+                            // an id the registry may not know yet) makes the partition wait.
+                            if !registry.has(id) && !registry.try_fetch(id).await {
                                 // What is processed becomes durable before a wait of unknown
                                 // length.
                                 if worker.flush(true).await.is_err() {

@@ -7,7 +7,9 @@
 //! (retrying with backoff, like a PostgreSQL outage) unless `schema_registry.max_outage_ms` is
 //! set, after which messages needing an uncached schema are dead-lettered as
 //! `registry_unavailable` until it answers again. An id the registry does not know (after a few
-//! retries, for a registry that lags behind a producer) is dead-lettered as `unknown_schema`.
+//! retries, for a registry that lags behind a producer) is dead-lettered as `unknown_schema`;
+//! for a while after such a verdict, further unknown ids are judged at the first answer, so
+//! made-up ids cannot each hold a partition through the retries.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -32,16 +34,31 @@ pub enum Lookup {
     Unavailable(String),
 }
 
-/// Negative answers are asked again after this long.
+/// An id the registry still did not know after retries is asked again after this long.
 const NEGATIVE_TTL: Duration = Duration::from_secs(60);
-/// An outage verdict holds this long before the registry is tried again.
-const UNAVAILABLE_TTL: Duration = Duration::from_secs(1);
+/// An outage verdict, or an unknown id judged without retries, holds this long before the
+/// registry is asked again.
+const BRIEF_TTL: Duration = Duration::from_secs(1);
+/// After an id was judged unknown (its retries spent), further unknown ids are judged at their
+/// first answer for this long: made-up schema ids cannot each hold a partition for the retries.
+const NOT_FOUND_QUIET: Duration = Duration::from_secs(10);
+
+impl Lookup {
+    /// An answer about no schema (an unknown id, an outage).
+    fn is_negative(&self) -> bool {
+        matches!(self, Lookup::Unknown | Lookup::Unavailable(_))
+    }
+}
 
 #[derive(Debug, Default)]
 struct Entries {
-    map: HashMap<u32, (Lookup, Instant)>,
-    /// Insertion order, for eviction.
+    /// Answer, when it was recorded, and how long a negative answer holds.
+    map: HashMap<u32, (Lookup, Instant, Duration)>,
+    /// Insertion order of the ids with a writer schema, for eviction.
     order: VecDeque<u32>,
+    /// Insertion order of the negative answers, evicted among themselves: a flood of made-up
+    /// ids never pushes out the schema real producers use.
+    negative: VecDeque<u32>,
 }
 
 /// Compiled writer schemas by id, at most `capacity` of them (the oldest evicted first).
@@ -72,22 +89,46 @@ impl SchemaCache {
         entries
             .map
             .get(&id)
-            .is_some_and(|(lookup, at)| match lookup {
-                Lookup::Plan(_) | Lookup::Incompatible(_) => true,
-                Lookup::Unknown => at.elapsed() < NEGATIVE_TTL,
-                Lookup::Unavailable(_) => at.elapsed() < UNAVAILABLE_TTL,
-            })
+            .is_some_and(|(lookup, at, ttl)| !lookup.is_negative() || at.elapsed() < *ttl)
     }
 
-    /// Records the answer for `id`.
+    /// Records the answer for `id` (a negative one holds for [`NEGATIVE_TTL`] when it is an
+    /// unknown id, [`BRIEF_TTL`] for an outage).
     pub fn insert(&self, id: u32, lookup: Lookup) {
-        let mut entries = self.lock();
-        if entries.map.insert(id, (lookup, Instant::now())).is_none() {
-            entries.order.push_back(id);
-            while entries.order.len() > self.capacity {
-                if let Some(old) = entries.order.pop_front() {
-                    entries.map.remove(&old);
-                }
+        let ttl = match lookup {
+            Lookup::Unknown => NEGATIVE_TTL,
+            _ => BRIEF_TTL,
+        };
+        self.insert_for(id, lookup, ttl);
+    }
+
+    /// Records the answer for `id`; a negative one holds for `ttl`.
+    fn insert_for(&self, id: u32, lookup: Lookup, ttl: Duration) {
+        let mut guard = self.lock();
+        let entries = &mut *guard;
+        let negative = lookup.is_negative();
+        let before = entries.map.insert(id, (lookup, Instant::now(), ttl));
+        let was_negative = before.map(|(l, _, _)| l.is_negative());
+        if was_negative == Some(negative) {
+            return;
+        }
+        if let Some(was) = was_negative {
+            let queue = if was {
+                &mut entries.negative
+            } else {
+                &mut entries.order
+            };
+            queue.retain(|&q| q != id);
+        }
+        let queue = if negative {
+            &mut entries.negative
+        } else {
+            &mut entries.order
+        };
+        queue.push_back(id);
+        while queue.len() > self.capacity {
+            if let Some(old) = queue.pop_front() {
+                entries.map.remove(&old);
             }
         }
     }
@@ -107,7 +148,7 @@ impl SchemaCache {
     /// [`DecodeError::UnknownSchema`], [`DecodeError::SchemaIncompatible`] or
     /// [`DecodeError::RegistryUnavailable`].
     pub fn plan(&self, id: u32) -> Result<Arc<WriterPlan>, DecodeError> {
-        match self.lock().map.get(&id).map(|(l, _)| l.clone()) {
+        match self.lock().map.get(&id).map(|(l, _, _)| l.clone()) {
             Some(Lookup::Plan(plan)) => Ok(plan),
             Some(Lookup::Incompatible(why)) => Err(DecodeError::SchemaIncompatible(format!(
                 "writer schema {id}: {why}"
@@ -381,6 +422,8 @@ pub struct Registry {
     max_outage: Option<Duration>,
     /// Since when the registry has not answered (shared by every partition).
     outage_since: Mutex<Option<Instant>>,
+    /// Until when an unknown id is judged at its first answer (see [`NOT_FOUND_QUIET`]).
+    not_found_quiet_until: Mutex<Option<Instant>>,
 }
 
 /// A lookup was abandoned because the worker was asked to stop.
@@ -399,6 +442,7 @@ impl Registry {
             retry_max_backoff: Duration::from_millis(config.retry_max_backoff_ms),
             max_outage: config.max_outage_ms.map(Duration::from_millis),
             outage_since: Mutex::new(None),
+            not_found_quiet_until: Mutex::new(None),
         })
     }
 
@@ -421,6 +465,42 @@ impl Registry {
         self.outage_since
             .lock()
             .expect("outage lock is never poisoned: nothing panics holding it")
+    }
+
+    /// Whether a 404 is judged at once: an id was judged unknown after its retries less than
+    /// [`NOT_FOUND_QUIET`] ago.
+    fn not_found_is_final(&self) -> bool {
+        self.not_found_quiet_until
+            .lock()
+            .expect("quiet lock is never poisoned: nothing panics holding it")
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Asks the registry for `id` once, without waiting: true when the cache now answers for it
+    /// (a schema, a refusal, or an unknown id while unknown ids are judged at once); false when
+    /// the answer needs retries ([`Self::ensure`]: an outage, or an id the registry may not know
+    /// yet).
+    pub async fn try_fetch(&self, id: u32) -> bool {
+        if self.cache.has(id) {
+            return true;
+        }
+        match self.client.schema(id).await {
+            Ok(text) => {
+                *self.outage() = None;
+                self.cache.insert_schema(id, &text);
+                true
+            }
+            Err(FetchError::Refused(why)) => {
+                *self.outage() = None;
+                self.cache.insert(id, Lookup::Incompatible(why));
+                true
+            }
+            Err(FetchError::NotFound) if self.not_found_is_final() => {
+                self.cache.insert_for(id, Lookup::Unknown, BRIEF_TTL);
+                true
+            }
+            Err(FetchError::NotFound | FetchError::Unavailable(_)) => false,
+        }
     }
 
     /// Makes sure the cache answers for `id`: fetches it, retrying a registry that does not
@@ -447,9 +527,19 @@ impl Registry {
                     self.cache.insert_schema(id, &text);
                     break Ok(());
                 }
+                Err(FetchError::NotFound) if self.not_found_is_final() => {
+                    *self.outage() = None;
+                    self.cache.insert_for(id, Lookup::Unknown, BRIEF_TTL);
+                    break Ok(());
+                }
                 Err(FetchError::NotFound) if not_found < 3 => not_found += 1,
                 Err(FetchError::NotFound) => {
                     *self.outage() = None;
+                    *self
+                        .not_found_quiet_until
+                        .lock()
+                        .expect("quiet lock is never poisoned: nothing panics holding it") =
+                        Some(Instant::now() + NOT_FOUND_QUIET);
                     self.cache.insert(id, Lookup::Unknown);
                     break Ok(());
                 }
@@ -483,5 +573,111 @@ impl Registry {
         };
         waiting(None);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    const SCHEMA: &str = r#"{"type":"record","name":"E","fields":[{"name":"ts","type":"long"}]}"#;
+
+    /// A registry that knows schema 7 only; counts the requests it answers.
+    async fn stub_registry() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let served = Arc::new(AtomicUsize::new(0));
+        let count = served.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    loop {
+                        let Ok(n) = socket.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        request.extend_from_slice(&buf[..n]);
+                        while let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&request[..end]).to_string();
+                            request.drain(..end + 4);
+                            count.fetch_add(1, Ordering::SeqCst);
+                            let known = head.starts_with("GET /schemas/ids/7 ");
+                            let (status, body) = if known {
+                                (
+                                    "200 OK",
+                                    serde_json::json!({ "schema": SCHEMA }).to_string(),
+                                )
+                            } else {
+                                ("404 Not Found", r#"{"error_code":40403}"#.to_string())
+                            };
+                            let response = format!(
+                                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
+                            if socket.write_all(response.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (url, served)
+    }
+
+    #[test]
+    fn made_up_ids_never_evict_a_real_schema() {
+        let cache = SchemaCache::new(4);
+        cache.insert_schema(7, SCHEMA);
+        for id in 1_000..2_000 {
+            cache.insert(id, Lookup::Unknown);
+        }
+        assert!(cache.has(7));
+        assert!(!matches!(cache.lock().map[&7].0, Lookup::Unknown));
+        assert_eq!(cache.len(), 5, "4 negative answers and the schema");
+        // An id whose answer changes class moves to the other queue.
+        cache.insert_schema(1_999, SCHEMA);
+        for id in 3_000..3_010 {
+            cache.insert(id, Lookup::Unknown);
+        }
+        assert!(cache.has(7) && cache.has(1_999));
+    }
+
+    #[tokio::test]
+    async fn made_up_ids_cost_one_request_each_after_the_first_is_judged() {
+        let (url, served) = stub_registry().await;
+        let config = SchemaRegistryConfig {
+            url: Some(url.into()),
+            ..SchemaRegistryConfig::default()
+        };
+        let registry = Registry::new(&config).unwrap();
+        let stop = CancellationToken::new();
+        let mut waited = 0;
+        for id in 100..120 {
+            if !registry.try_fetch(id).await {
+                waited += 1;
+                registry.ensure(id, &stop, |_| {}).await.unwrap();
+            }
+            assert!(registry.has(id));
+            assert!(matches!(
+                registry.cache.plan(id),
+                Err(DecodeError::UnknownSchema(_))
+            ));
+        }
+        // The first unknown id is retried (a registry may lag behind a producer): one request,
+        // then four in `ensure`; the next 19 are judged at their first answer, no wait.
+        assert_eq!(waited, 1);
+        assert_eq!(served.load(Ordering::SeqCst), 5 + 19);
+        // The schema producers use is still fetched and served.
+        assert!(registry.try_fetch(7).await);
+        assert!(registry.cache.plan(7).is_ok());
     }
 }
