@@ -19,6 +19,10 @@ enum Engine {
     Ncs(Box<Ncs>),
 }
 
+/// The largest feature magnitude the `ncs-v8` engine takes: its f32 arithmetic keeps a sum of
+/// 1,024 squared differences of such numbers finite.
+const V8_MAX_ABS_FEATURE: f64 = 1e15;
+
 /// An event waiting for its assignment (during `ncs`'s warm-up).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Waiting {
@@ -131,6 +135,18 @@ impl ClusteringStage {
             return Err(DecodeError::InvalidField {
                 field: "features",
                 problem: "required when clustering is enabled".into(),
+            });
+        }
+        if self.config.algorithm == Algorithm::NcsV8
+            && event.features.iter().any(|x| x.abs() > V8_MAX_ABS_FEATURE)
+        {
+            // The reference computes in f32: a square beyond f32's range is infinite, and the
+            // distance statistics it feeds stay NaN for the next hundred points.
+            return Err(DecodeError::InvalidField {
+                field: "features",
+                problem: format!(
+                    "beyond ±{V8_MAX_ABS_FEATURE:e}, which the ncs-v8 engine's 32-bit arithmetic cannot square"
+                ),
             });
         }
         let engine = self

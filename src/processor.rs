@@ -867,6 +867,59 @@ mod tests {
     }
 
     #[test]
+    fn the_v8_engine_refuses_features_its_f32_arithmetic_cannot_square() {
+        use crate::config::Algorithm;
+        // Accepted, a 1e30 feature squares to infinity in the reference's f32 arithmetic, and
+        // the distance statistics it feeds turn NaN: no point is an outlier for a hundred more.
+        let config = ProcessingConfig {
+            clustering: ClusteringConfig {
+                algorithm: Algorithm::NcsV8,
+                ..ClusteringConfig::default()
+            },
+            windows: vec![],
+            ..ProcessingConfig::default()
+        };
+        let mut p = Processor::new(&config, 1 << 20, 0);
+        let mut out = Vec::new();
+        let feed = |p: &mut Processor, out: &mut Vec<Emitted>, features: &str, o: i64| {
+            let text = format!(r#"{{"ts":{o},"features":{features}}}"#);
+            let record = Record {
+                payload: Some(text.as_bytes()),
+                key: None,
+                timestamp_ms: Some(o),
+                offset: o,
+            };
+            p.process(record, out).map(|_| ())
+        };
+        let near = |o: i64| format!("[{}, 1.0]", (o % 7) as f64 * 0.1);
+        for o in 0..50 {
+            feed(&mut p, &mut out, &near(o), o).unwrap();
+        }
+        let err = feed(&mut p, &mut out, "[1e30, 1.0]", 50).unwrap_err();
+        assert_eq!(err.kind(), "invalid_field");
+        assert!(err.to_string().contains("ncs-v8"), "{err}");
+        out.clear();
+        for o in 52..60 {
+            feed(&mut p, &mut out, &near(o), o).unwrap();
+        }
+        // Scoring still works right after: a far point is an outlier with a finite score.
+        feed(&mut p, &mut out, "[1e6, 1.0]", 60).unwrap();
+        let scores: Vec<f64> = out
+            .iter()
+            .filter_map(|e| match &e.output {
+                crate::output::Output::Outlier(o) => Some(o.outlier_score),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            !scores.is_empty() && scores.iter().all(|s| s.is_finite()),
+            "{scores:?}"
+        );
+        // The largest magnitude taken.
+        feed(&mut p, &mut out, "[1e15, 1.0]", 61).unwrap();
+    }
+
+    #[test]
     fn dimension_is_fixed_by_the_first_event() {
         let mut p = Processor::new(&config(), 1 << 20, 0);
         let mut out = Vec::new();
