@@ -124,15 +124,11 @@ impl ClusteringStage {
     ///
     /// # Errors
     /// [`DecodeError::InvalidField`] when the event has no features.
-    pub fn apply(
-        &mut self,
-        event: &Event,
-        offset: i64,
-        partition: i32,
-        out: &mut Vec<Emitted>,
-    ) -> Result<(), DecodeError> {
+    /// Why this stage refuses `event`, if it does; checked before anything of the event is
+    /// applied (its dimension, stream time, windows).
+    pub fn refusal(&self, event: &Event) -> Option<DecodeError> {
         if event.features.is_empty() {
-            return Err(DecodeError::InvalidField {
+            return Some(DecodeError::InvalidField {
                 field: "features",
                 problem: "required when clustering is enabled".into(),
             });
@@ -142,12 +138,26 @@ impl ClusteringStage {
         {
             // The reference computes in f32: a square beyond f32's range is infinite, and the
             // distance statistics it feeds stay NaN for the next hundred points.
-            return Err(DecodeError::InvalidField {
+            return Some(DecodeError::InvalidField {
                 field: "features",
                 problem: format!(
                     "beyond ±{V8_MAX_ABS_FEATURE:e}, which the ncs-v8 engine's 32-bit arithmetic cannot square"
                 ),
             });
+        }
+        None
+    }
+
+    /// Clusters `event` (which [`Self::refusal`] admits).
+    pub fn apply(
+        &mut self,
+        event: &Event,
+        offset: i64,
+        partition: i32,
+        out: &mut Vec<Emitted>,
+    ) -> Result<(), DecodeError> {
+        if let Some(refused) = self.refusal(event) {
+            return Err(refused);
         }
         let engine = self
             .engine

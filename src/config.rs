@@ -370,8 +370,9 @@ pub const MAX_WINDOW_MS: u64 = 3_155_760_000_000;
 /// events' metadata in memory and in the checkpoint.
 pub const MAX_METADATA_BYTES: usize = 256 * 1024;
 
-/// The most the clustering warm-up may hold of events waiting to be placed.
-const MAX_WARMUP_BYTES: u128 = 256 << 20;
+/// The most the clustering warm-up may hold of events waiting to be placed (with the windows'
+/// [`MAX_CHECKPOINT_BYTES`], under the 1 GB PostgreSQL holds in one value).
+const MAX_WARMUP_BYTES: u128 = 128 << 20;
 
 /// The most windows one event may join (a hopping window's `size_ms / slide_ms`).
 pub const MAX_WINDOWS_PER_EVENT: u64 = 10_000;
@@ -1405,7 +1406,9 @@ impl Config {
         }
         // `ncs` holds its warm-up events (id, key, features, metadata) until it has placed
         // them, in memory and in every checkpoint meanwhile.
-        let held = (cl.ncs_params().warmup_points as u128)
+        let warming = cl.enabled && cl.algorithm == Algorithm::Ncs;
+        let held = (warming as u128)
+            * (cl.ncs_params().warmup_points as u128)
             * (self.processing.max_metadata_bytes as u128
                 + 2 * self.processing.max_key_bytes as u128
                 + 8 * 1_024
@@ -2121,7 +2124,13 @@ mod tests {
         c.processing.clustering.warmup_points = Some(100_000);
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("may hold 2551 MiB of events"), "{err}");
-        c.processing.clustering.warmup_points = Some(5_000);
+        c.processing.clustering.algorithm = Algorithm::NcsV8;
+        c.validate().unwrap();
+        c.processing.clustering.algorithm = Algorithm::Ncs;
+        c.processing.clustering.enabled = false;
+        c.validate().unwrap();
+        c.processing.clustering.enabled = true;
+        c.processing.clustering.warmup_points = Some(4_000);
         c.validate().unwrap();
         c.processing.max_metadata_bytes = MAX_METADATA_BYTES + 1;
         assert!(c.validate().is_err());

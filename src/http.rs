@@ -161,14 +161,113 @@ pub async fn serve(
         .with_state(state);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "HTTP endpoints listening");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    serve_bounded(listener, app, shutdown).await;
+    Ok(())
+}
+
+/// Connections served at once; more are closed at accept. Prometheus, probes and an operator's
+/// curl need a handful.
+const MAX_CONNECTIONS: usize = 64;
+/// A request's headers must arrive within this (a client trickling them holds a connection).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection, keep-alive included, lives at most this long.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// Serves `app` on `listener` until `shutdown`, with bounded connections: a slow or idle client
+/// cannot hold file descriptors and memory the Kafka and PostgreSQL clients need (axum's own
+/// `serve` sets no header timeout and no connection limit).
+async fn serve_bounded(listener: TcpListener, app: Router, shutdown: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) => {
+                    // Out of file descriptors, mostly: back off rather than spin.
+                    tracing::warn!(error = %err, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = &mut connection => {}
+                _ = tokio::time::sleep(CONNECTION_LIFETIME) => {}
+                _ = shutdown.cancelled() => {
+                    // The request in flight is answered; then the connection closes.
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, connection).await;
+                }
+            }
+            drop(slot);
+        });
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    async fn bounded_server() -> (SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route("/health", get(|| async { "ok" }));
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve_bounded(listener, app, shutdown.clone()));
+        (addr, shutdown)
+    }
+
+    async fn get_health(addr: SocketAddr) -> String {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        let _ = c.read_to_string(&mut answer).await;
+        answer
+    }
+
+    #[tokio::test]
+    async fn idle_and_excess_connections_cannot_hold_the_endpoints() {
+        let (addr, shutdown) = bounded_server().await;
+        assert!(get_health(addr).await.ends_with("ok"));
+        // Fill every slot with clients that send nothing.
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // One more is closed at once, unanswered.
+        let answer = get_health(addr).await;
+        assert!(answer.is_empty(), "{answer}");
+        // The silent clients are cut off after the header timeout, and room comes back.
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(
+            HEADER_READ_TIMEOUT + Duration::from_secs(10),
+            idle[0].read(&mut buf),
+        )
+        .await
+        .expect("the server closes a silent connection");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        drop(idle);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(get_health(addr).await.ends_with("ok"));
+        shutdown.cancel();
+    }
 
     #[test]
     fn health_and_readiness_follow_the_partitions() {

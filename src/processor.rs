@@ -415,21 +415,22 @@ impl Processor {
                 });
             }
         }
+        // An event clustering refuses (no features, or features its engine cannot take) moves
+        // nothing: not the dimension, not stream time.
+        if let Some(refused) = self.clustering.as_ref().and_then(|c| c.refusal(event)) {
+            self.counters.rejected += 1;
+            return Err(refused);
+        }
         // At the cap, an event that would add one more window (open, or kept closed for late
-        // updates) first moves stream time to its own (closing what that closes: a full partition must not stop its windows from
-        // ever closing), then is refused if there is still no room, before its clustering or
-        // aggregation changes anything. An event clustering will refuse for want of features
-        // is left to that refusal (it moves nothing, at the cap or not).
-        let clusterable = self.clustering.is_none() || !event.features.is_empty();
-        let open: usize = self.windows.iter().map(Windower::held_windows).sum();
-        if clusterable
-            && open >= self.max_open_windows
-            && self.windows.iter().any(|w| w.would_add(event))
-        {
+        // updates) first moves stream time to its own (closing what that closes: a full
+        // partition must not stop its windows from ever closing), then is refused if there is
+        // still no room, before its clustering or aggregation changes anything.
+        let open = self.held_windows();
+        if open >= self.max_open_windows && self.windows.iter().any(|w| w.would_add(event)) {
             for w in &mut self.windows {
                 w.advance(event.ts_ms, offset, self.partition, self.wall_ms, out);
             }
-            let open: usize = self.windows.iter().map(Windower::held_windows).sum();
+            let open = self.held_windows();
             if open >= self.max_open_windows && self.windows.iter().any(|w| w.would_add(event)) {
                 self.counters.rejected += 1;
                 return Err(DecodeError::StateLimit {
@@ -548,6 +549,12 @@ impl Processor {
             .iter()
             .map(Windower::state_size)
             .fold((0, 0), |(k, o), (k2, o2)| (k.max(k2), o + o2))
+    }
+
+    /// (key, window) pairs held over all windows (open, or kept closed for late updates): what
+    /// `processing.max_open_windows` caps.
+    pub fn held_windows(&self) -> usize {
+        self.windows.iter().map(Windower::held_windows).sum()
     }
 
     /// The clustering status now, when clustering is on.
@@ -898,6 +905,11 @@ mod tests {
         let err = feed(&mut p, &mut out, "[1e30, 1.0]", 50).unwrap_err();
         assert_eq!(err.kind(), "invalid_field");
         assert!(err.to_string().contains("ncs-v8"), "{err}");
+        // Refused before it moved anything: as a partition's first event it fixes no dimension.
+        let mut fresh = Processor::new(&config, 1 << 20, 1);
+        let mut ignored = Vec::new();
+        feed(&mut fresh, &mut ignored, "[1e30, 1.0, 2.0]", 0).unwrap_err();
+        feed(&mut fresh, &mut ignored, "[1.0, 2.0]", 1).unwrap();
         out.clear();
         for o in 52..60 {
             feed(&mut p, &mut out, &near(o), o).unwrap();

@@ -609,7 +609,12 @@ impl PartitionWorker {
                         if let (Some(id), Some(registry)) = (decoder.schema_id(msg.payload()), &registry) {
                             // One request first; only an answer that needs retries (an outage,
                             // an id the registry may not know yet) makes the partition wait.
-                            if !registry.has(id) && !registry.try_fetch(id).await {
+                            let answered = registry.has(id) || tokio::select! {
+                                answered = registry.try_fetch(id) => answered,
+                                // The message stays unprocessed, as in a wait below.
+                                _ = stop.cancelled() => break 'run,
+                            };
+                            if !answered {
                                 // What is processed becomes durable before a wait of unknown
                                 // length.
                                 if worker.flush(true).await.is_err() {

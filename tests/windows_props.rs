@@ -176,6 +176,12 @@ fn run(spec: &WindowConfig, events: &[Ev], batch: usize) -> Vec<(usize, WindowAg
         if i % batch == batch - 1 {
             w.end_batch(i as i64, 0, &mut out);
         }
+        // The cap's running count is the state's: open windows, and those kept closed.
+        let snapshot = w.snapshot();
+        let held = snapshot.open.len()
+            + snapshot.closed.len()
+            + snapshot.sliding.map_or(0, |s| s.open.len());
+        assert_eq!(w.held_windows(), held, "after event {i}");
         tagged.extend(out.drain(..).map(|o| (i, unwrap(o))));
     }
     w.close_all(events.len() as i64, 0, &mut out);
@@ -256,9 +262,11 @@ proptest! {
         let mut tagged = Vec::new();
         for (i, e) in events.iter().enumerate() {
             if i == cut {
+                let held = w.held_windows();
                 let snap = serde_json::to_vec(&w.snapshot()).unwrap();
                 w = Windower::new(spec.clone());
                 w.restore(serde_json::from_slice(&snap).unwrap());
+                prop_assert_eq!(w.held_windows(), held);
             }
             w.apply(&event(e), i as i64, 0, None, &mut out);
             if i % batch == batch - 1 {

@@ -1,5 +1,6 @@
 //! Tumbling and hopping windows: a fixed grid of `[n·slide, n·slide + size)` windows.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
 use super::{next_revision, Aggregate, IdleClock, Late, Slot, WindowerDelta, WindowerState};
@@ -19,6 +20,10 @@ pub struct FixedWindower {
     open: BTreeMap<i64, HashMap<String, Slot>>,
     /// Closed windows kept for late updates (`late = "update"`), by start, then key.
     closed: BTreeMap<i64, HashMap<String, Slot>>,
+    /// Slots in `open` and in `closed`, kept as they change: the cap is checked per event,
+    /// and a day of one-second windows kept for late updates is 86,400 starts to count.
+    open_slots: usize,
+    closed_slots: usize,
     /// Open windows changed in the current batch (may hold stale entries).
     dirty: Vec<(i64, String)>,
     /// Whether changes are listed for deltas (the worker's processors; not offline runs, which
@@ -69,6 +74,8 @@ impl FixedWindower {
             stream_time: i64::MIN,
             open: BTreeMap::new(),
             closed: BTreeMap::new(),
+            open_slots: 0,
+            closed_slots: 0,
             dirty: Vec::new(),
             track: false,
             unsaved_open: Vec::new(),
@@ -90,11 +97,7 @@ impl FixedWindower {
     /// (key, window) pairs held: open, and closed ones kept for late updates (`late =
     /// "update"`), cheaply (one length per window start).
     pub fn held_windows(&self) -> usize {
-        self.open
-            .values()
-            .chain(self.closed.values())
-            .map(HashMap::len)
-            .sum()
+        self.open_slots + self.closed_slots
     }
 
     /// Whether `event` would add a (key, window) pair to the state: open one, or (late, under
@@ -117,10 +120,9 @@ impl FixedWindower {
 
     /// Keys with an open window, and open (key, window) pairs.
     pub fn state_size(&self) -> (usize, usize) {
-        let open: usize = self.open.values().map(HashMap::len).sum();
         let keys: std::collections::HashSet<&String> =
             self.open.values().flat_map(HashMap::keys).collect();
-        (keys.len(), open)
+        (keys.len(), self.open_slots)
     }
 
     /// Events late for this window and not admitted.
@@ -171,12 +173,13 @@ impl FixedWindower {
         let ts = event.ts_ms;
         for start in self.starts_of(ts) {
             if self.closes_at(start) > self.stream_time {
-                let slot = self
-                    .open
-                    .entry(start)
-                    .or_default()
-                    .entry(event.key.clone())
-                    .or_default();
+                let slot = match self.open.entry(start).or_default().entry(event.key.clone()) {
+                    Entry::Occupied(slot) => slot.into_mut(),
+                    Entry::Vacant(vacant) => {
+                        self.open_slots += 1;
+                        vacant.insert(Slot::default())
+                    }
+                };
                 slot.agg.add(event.value);
                 if self.track && !slot.unsaved {
                     slot.unsaved = true;
@@ -241,10 +244,15 @@ impl FixedWindower {
                         source_offset: offset,
                         output: Output::WindowAggregate(agg),
                     });
-                    self.closed
+                    if self
+                        .closed
                         .entry(start)
                         .or_default()
-                        .insert(event.key.clone(), slot);
+                        .insert(event.key.clone(), slot)
+                        .is_none()
+                    {
+                        self.closed_slots += 1;
+                    }
                 }
                 _ => self.late_dropped += 1,
             }
@@ -322,6 +330,7 @@ impl FixedWindower {
                 break;
             }
             let keys = self.open.remove(&start).unwrap_or_default();
+            self.open_slots -= keys.len();
             if self.track {
                 self.open_removed.push(start);
             }
@@ -364,14 +373,19 @@ impl FixedWindower {
             }
             if keep {
                 // Merged: a restore under a shorter grace may hold this start closed already.
-                self.closed.entry(start).or_default().extend(kept);
+                let keys = self.closed.entry(start).or_default();
+                let before = keys.len();
+                keys.extend(kept);
+                self.closed_slots += keys.len() - before;
             }
         }
         while let Some((&start, _)) = self.closed.first_key_value() {
             if self.purges_at(start) > time {
                 break;
             }
-            self.closed.remove(&start);
+            if let Some(keys) = self.closed.remove(&start) {
+                self.closed_slots -= keys.len();
+            }
             if self.track {
                 self.closed_removed.push(start);
             }
@@ -449,12 +463,7 @@ impl FixedWindower {
     /// changed late, counts twice; never more than the slots there are) and slots in all, for
     /// an estimate of the next delta's share of the state without taking it.
     pub fn changed_slots(&self) -> (usize, usize) {
-        let total = self
-            .open
-            .values()
-            .chain(self.closed.values())
-            .map(HashMap::len)
-            .sum::<usize>();
+        let total = self.open_slots + self.closed_slots;
         let listed = self.unsaved_open.len() + self.unsaved_closed.len();
         (listed.min(total), total)
     }
@@ -480,10 +489,14 @@ impl FixedWindower {
     /// Applies a delta taken by [`FixedWindower::take_delta`] after the state restored so far.
     pub fn apply_delta(&mut self, delta: WindowerDelta) {
         for start in delta.open_removed {
-            self.open.remove(&start);
+            if let Some(keys) = self.open.remove(&start) {
+                self.open_slots -= keys.len();
+            }
         }
         for start in delta.closed_removed {
-            self.closed.remove(&start);
+            if let Some(keys) = self.closed.remove(&start) {
+                self.closed_slots -= keys.len();
+            }
         }
         self.dirty
             .retain(|(start, _)| self.open.contains_key(start));
@@ -502,10 +515,26 @@ impl FixedWindower {
             if slot.changed && self.spec.emit != EmitMode::Final {
                 self.dirty.push((start, key.clone()));
             }
-            self.open.entry(start).or_default().insert(key, slot);
+            if self
+                .open
+                .entry(start)
+                .or_default()
+                .insert(key, slot)
+                .is_none()
+            {
+                self.open_slots += 1;
+            }
         }
         for (start, key, slot) in state.closed {
-            self.closed.entry(start).or_default().insert(key, slot);
+            if self
+                .closed
+                .entry(start)
+                .or_default()
+                .insert(key, slot)
+                .is_none()
+            {
+                self.closed_slots += 1;
+            }
         }
     }
 
@@ -529,6 +558,8 @@ impl FixedWindower {
     pub fn restore(&mut self, state: WindowerState) {
         self.open.clear();
         self.closed.clear();
+        self.open_slots = 0;
+        self.closed_slots = 0;
         self.dirty.clear();
         self.unsaved_open.clear();
         self.unsaved_closed.clear();
