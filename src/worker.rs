@@ -1090,6 +1090,14 @@ impl PartitionWorker {
                 if halt == Halt::Fenced {
                     metrics::counter!(tm::FENCED_BATCHES_TOTAL, "topic" => id.topic.clone())
                         .increment(1);
+                    // Until the group hands the partition over, it is paused here (the intake
+                    // sees the closed queue) and reported: /health fails after
+                    // `http.stall_timeout_ms` if no rebalance comes.
+                    ctx.progress.set_retrying(
+                        &id.topic,
+                        id.partition,
+                        Some("fenced: a newer owner holds the partition; waiting for the group to hand it over".into()),
+                    );
                 }
                 return Err(halt);
             }

@@ -341,6 +341,56 @@ async fn postgres_outage_pauses_then_resumes_exactly_mock() {
     assert_rows_eq(&stored_rows(&store).await, &expected_rows(&config, &all));
 }
 
+/// Another owner claims partition 0 behind the service's back (a newer epoch in
+/// `partition_owners`): its worker is fenced at its next commit, writes nothing, and the
+/// partition is reported as waiting for the group (so `/health` fails if no rebalance comes);
+/// partition 1 goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_partition_writes_nothing_and_is_reported() {
+    let broker = Broker::mock();
+    let (url, store) = fresh_db().await;
+    let config = config_for(&broker, 2, &url).await;
+    let first: Vec<Vec<Vec<u8>>> = (0..2).map(|p| stream(p, 1_000)).collect();
+    produce(&config.kafka.brokers, &config.kafka.input_topics[0], &first).await;
+    let (shutdown, progress, handle) = spawn_service(&config, &store);
+    wait_for_checkpoints(&store, &config.kafka.group_id, &[1_000, 1_000], WAIT).await;
+
+    sqlx::query("UPDATE partition_owners SET epoch = epoch + 1000 WHERE partition = 0")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let more: Vec<Vec<Vec<u8>>> = (0..2).map(|p| stream(p, 2_000).split_off(1_000)).collect();
+    produce(&config.kafka.brokers, &config.kafka.input_topics[0], &more).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let reported = loop {
+        let snapshot = progress.snapshot();
+        let fenced = snapshot.partitions.iter().find_map(|(name, p)| {
+            p.retrying
+                .as_deref()
+                .filter(|why| why.starts_with("fenced"))
+                .map(|why| format!("{name}: {why}"))
+        });
+        if let Some(fenced) = fenced {
+            break fenced;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no partition reported fenced"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(reported.contains("/0: fenced"), "{reported}");
+    let checkpoints = checkpoint_map(&store, &config.kafka.group_id).await;
+    assert_eq!(
+        checkpoints.get(&0),
+        Some(&1_000),
+        "the fenced worker wrote nothing"
+    );
+    wait_for_checkpoints(&store, &config.kafka.group_id, &[1_000, 2_000], WAIT).await;
+    shutdown.cancel();
+    handle.await.unwrap().unwrap();
+}
+
 /// PostgreSQL is down while the partitions are assigned: they are assigned paused, their workers
 /// claim them once PostgreSQL is back and have them positioned at the checkpoints (here far
 /// ahead of where the consumer group would start); nothing is processed twice.

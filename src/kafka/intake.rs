@@ -370,7 +370,16 @@ impl IntakeContext {
                 metrics::counter!(tm::PARTITION_PAUSES_TOTAL).increment(1);
                 held.insert(tp, VecDeque::from([delivery]));
             }
-            Err(TrySendError::Closed(_)) => {}
+            Err(TrySendError::Closed(_)) => {
+                // The worker stopped (fenced by a newer owner): fetching on only to drop would
+                // spin; the partition stays paused until it is assigned again (assignment
+                // resumes explicitly). Nothing of it was stored as consumed, so the owner
+                // re-reads this message.
+                warn!(topic = %tp.0, partition = tp.1, "the partition's worker has stopped; pausing it until the group reassigns it");
+                if let Err(err) = consumer.pause(&single(&tp)) {
+                    warn!(error = %err, "pause failed");
+                }
+            }
         }
     }
 
