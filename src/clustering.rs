@@ -120,10 +120,6 @@ impl ClusteringStage {
         self.lines.drain(..)
     }
 
-    /// Clusters `event`'s features; outputs go to `out`.
-    ///
-    /// # Errors
-    /// [`DecodeError::InvalidField`] when the event has no features.
     /// Why this stage refuses `event`, if it does; checked before anything of the event is
     /// applied (its dimension, stream time, windows).
     pub fn refusal(&self, event: &Event) -> Option<DecodeError> {
@@ -148,7 +144,10 @@ impl ClusteringStage {
         None
     }
 
-    /// Clusters `event` (which [`Self::refusal`] admits).
+    /// Clusters `event`'s features; outputs go to `out`.
+    ///
+    /// # Errors
+    /// What [`Self::refusal`] says of `event`.
     pub fn apply(
         &mut self,
         event: &Event,

@@ -95,7 +95,7 @@ impl FixedWindower {
     }
 
     /// (key, window) pairs held: open, and closed ones kept for late updates (`late =
-    /// "update"`), cheaply (one length per window start).
+    /// "update"`); a running count.
     pub fn held_windows(&self) -> usize {
         self.open_slots + self.closed_slots
     }

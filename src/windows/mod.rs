@@ -23,12 +23,6 @@
 pub mod fixed;
 pub mod sliding;
 
-/// The next emission count of a window: saturates at `i32::MAX` (PostgreSQL's `integer`
-/// `revision`), so billions of late updates of one window neither wrap nor get refused.
-fn next_revision(n: u32) -> u32 {
-    n.saturating_add(1).min(i32::MAX as u32)
-}
-
 use serde::{Deserialize, Serialize};
 
 use crate::config::{LatePolicy, WindowConfig, WindowKind};
@@ -37,6 +31,12 @@ use crate::output::Emitted;
 
 pub use fixed::FixedWindower;
 pub use sliding::{KeySnapshot, SlidingState, SlidingWindower};
+
+/// The next emission count of a window: saturates at `i32::MAX` (PostgreSQL's `integer`
+/// `revision`), so billions of late updates of one window neither wrap nor get refused.
+fn next_revision(n: u32) -> u32 {
+    n.saturating_add(1).min(i32::MAX as u32)
+}
 
 /// Running aggregate of one (window, key): count plus Welford mean/variance, min, max.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
