@@ -575,6 +575,23 @@ mod tests {
     use super::*;
     use crate::config::{ClusteringConfig, WindowConfig};
 
+    /// Processes the JSON event `text` at `offset`, its Kafka timestamp `ts`.
+    fn process_json(
+        p: &mut Processor,
+        out: &mut Vec<Emitted>,
+        text: &str,
+        ts: i64,
+        offset: i64,
+    ) -> Result<(), DecodeError> {
+        let record = Record {
+            payload: Some(text.as_bytes()),
+            key: None,
+            timestamp_ms: Some(ts),
+            offset,
+        };
+        p.process(record, out).map(|_| ())
+    }
+
     fn config() -> ProcessingConfig {
         ProcessingConfig {
             dimension: None,
@@ -780,13 +797,7 @@ mod tests {
         for i in 0..19 {
             let x = (i % 5) as f64 * 0.01;
             let text = format!(r#"{{"ts":{i},"features":[{x},0.5],"metadata":{meta}}}"#);
-            let record = Record {
-                payload: Some(text.as_bytes()),
-                key: None,
-                timestamp_ms: Some(i),
-                offset: i,
-            };
-            p.process(record, &mut out).unwrap();
+            process_json(&mut p, &mut out, &text, i, i).unwrap();
         }
         let snapshot = p.snapshot();
         assert!(
@@ -796,14 +807,8 @@ mod tests {
         );
         let mut restored = Processor::restore(&config(), 1 << 20, 0, &snapshot).unwrap();
         let far = r#"{"ts":19,"features":[900,-900],"metadata":{"far":true}}"#;
-        let record = Record {
-            payload: Some(far.as_bytes()),
-            key: None,
-            timestamp_ms: Some(19),
-            offset: 19,
-        };
         out.clear();
-        restored.process(record, &mut out).unwrap();
+        process_json(&mut restored, &mut out, far, 19, 19).unwrap();
         let outliers: Vec<_> = out
             .iter()
             .filter_map(|e| match &e.output {
@@ -848,13 +853,7 @@ mod tests {
             let x = if i % 3 != 0 { 0.0 } else { gap } + unit.sample(&mut rng);
             let y: f64 = unit.sample(&mut rng);
             let text = format!(r#"{{"ts":{i},"features":[{x},{y}]}}"#);
-            let record = Record {
-                payload: Some(text.as_bytes()),
-                key: None,
-                timestamp_ms: Some(i),
-                offset: i,
-            };
-            p.process(record, &mut out).unwrap();
+            process_json(&mut p, &mut out, &text, i, i).unwrap();
         }
         let mut gone = std::collections::BTreeSet::new();
         let mut evicted = 0;
@@ -889,14 +888,13 @@ mod tests {
         let mut p = Processor::new(&config, 1 << 20, 0);
         let mut out = Vec::new();
         let feed = |p: &mut Processor, out: &mut Vec<Emitted>, features: &str, o: i64| {
-            let text = format!(r#"{{"ts":{o},"features":{features}}}"#);
-            let record = Record {
-                payload: Some(text.as_bytes()),
-                key: None,
-                timestamp_ms: Some(o),
-                offset: o,
-            };
-            p.process(record, out).map(|_| ())
+            process_json(
+                p,
+                out,
+                &format!(r#"{{"ts":{o},"features":{features}}}"#),
+                o,
+                o,
+            )
         };
         let near = |o: i64| format!("[{}, 1.0]", (o % 7) as f64 * 0.1);
         for o in 0..50 {
@@ -1035,13 +1033,7 @@ mod tests {
         let mut out = Vec::new();
         let mut feed = |p: &mut Processor, key: &str, ts: i64, o: i64| {
             let text = format!(r#"{{"key":"{key}","ts":{ts},"value":1}}"#);
-            let record = Record {
-                payload: Some(text.as_bytes()),
-                key: None,
-                timestamp_ms: Some(ts),
-                offset: o,
-            };
-            p.process(record, &mut out).map(|_| ())
+            process_json(p, &mut out, &text, ts, o)
         };
         feed(&mut p, "k0", 100, 0).unwrap();
         // [0, 10) closed long ago: the first late key is kept for updates (2 held now).
@@ -1078,13 +1070,7 @@ mod tests {
         let mut out = Vec::new();
         let mut feed = |p: &mut Processor, key: &str, ts: i64, o: i64| {
             let text = format!(r#"{{"key":"{key}","ts":{ts},"value":1}}"#);
-            let record = Record {
-                payload: Some(text.as_bytes()),
-                key: None,
-                timestamp_ms: Some(ts),
-                offset: o,
-            };
-            p.process(record, &mut out).map(|_| ())
+            process_json(p, &mut out, &text, ts, o)
         };
         for (o, key) in ["a", "b", "c"].iter().enumerate() {
             feed(&mut p, key, 1, o as i64).unwrap();
