@@ -1336,7 +1336,8 @@ impl Sink {
             let timeout = Duration::from_millis(self.ctx.config.postgres.commit_timeout_ms);
             let result = match tokio::time::timeout(timeout, self.ctx.store.commit(&rows)).await {
                 Ok(result) => result,
-                // Dropping the transaction rolls it back (the connection is closed).
+                // The store closes a connection cut mid-transaction (never back in the pool
+                // out of step); the server rolls the transaction back.
                 Err(_) => Err(StoreError::TimedOut),
             };
             match result {
