@@ -18,6 +18,50 @@ pub struct Emitted {
     pub seq: u32,
 }
 
+impl Emitted {
+    /// Memory this output holds: its own size and its heap data (the metadata's parsed tree
+    /// estimated from its shape). What bounds the outputs a worker holds for Kafka and for
+    /// PostgreSQL besides their count.
+    pub fn memory_bytes(&self) -> usize {
+        const F64: usize = std::mem::size_of::<f64>();
+        std::mem::size_of::<Self>()
+            + match &self.output {
+                Output::WindowAggregate(w) => w.key.len(),
+                Output::ClusterUpdate(c) => c.event.len() + c.centroid.len() * F64,
+                Output::DriftDetection(d) => {
+                    d.severity.len()
+                        + d.detector.len()
+                        + d.recommendation.len()
+                        + d.affected_clusters.len() * F64
+                }
+                Output::Outlier(o) => {
+                    o.key.len()
+                        + o.id.as_ref().map_or(0, String::len)
+                        + o.reason.len()
+                        + o.features.len() * F64
+                        + o.metadata.as_ref().map_or(0, json_bytes)
+                }
+                Output::AlgorithmStatus(s) => s.algorithm.len(),
+            }
+    }
+}
+
+/// Heap bytes of a parsed JSON value, about (its nesting is bounded by the decoder).
+fn json_bytes(value: &serde_json::Value) -> usize {
+    use serde_json::Value;
+    const NODE: usize = std::mem::size_of::<Value>();
+    match value {
+        Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+        Value::String(s) => s.len(),
+        Value::Array(items) => items.iter().map(|v| NODE + json_bytes(v)).sum(),
+        // A map entry: the key, the value and about a node's worth of tree.
+        Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| k.len() + 2 * NODE + json_bytes(v))
+            .sum(),
+    }
+}
+
 /// Every output message kind; serialised with its `type` tag.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

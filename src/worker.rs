@@ -1,7 +1,8 @@
 //! The partition worker: sole owner of one partition's processor and pending batch.
 //!
 //! It restores the checkpoint, processes messages from its bounded queue, and flushes a batch
-//! when it holds `batch_rows` output rows or its oldest event has waited `linger_ms`. A flush is
+//! when it holds `batch_rows` output rows, [`FLUSH_BYTES`] of outputs and dead letters, or its
+//! oldest event has waited `linger_ms`. A flush is
 //! two stages in batch order. First the batch's outputs and dead letters go to Kafka and every
 //! ack is awaited: the outputs are visible from here. Then the batch joins those waiting for
 //! PostgreSQL, and one transaction writes all of them with the checkpoint taken after the last
@@ -15,8 +16,8 @@
 //! One transaction is in flight at a time, while the worker goes on processing and delivering
 //! the next batches; they coalesce into the next transaction, which starts no sooner than
 //! `postgres.commit_interval_ms` after the previous one started. PostgreSQL trails Kafka by at
-//! most [`MAX_WAITING_BATCHES`] batches' worth of rows: past that the worker waits for the
-//! transaction in flight and starts the next at once. A stop
+//! most [`MAX_WAITING_BATCHES`] batches' worth of rows or [`MAX_WAITING_BYTES`]: past that the
+//! worker waits for the transaction in flight and starts the next at once. A stop
 //! request flushes what was processed, waits for PostgreSQL and returns; unprocessed queued
 //! messages are left for the next owner, who starts at the checkpoint.
 
@@ -110,6 +111,16 @@ impl Fatal {
 /// owner produce twice, in rows rather than flushes: a `linger_ms` flush of a few rows counts
 /// for what it holds.
 pub const MAX_WAITING_BATCHES: usize = 8;
+
+/// Memory of outputs and dead letters (payloads included) that flushes a batch whatever its
+/// row count: a flood of megabyte-sized invalid messages would otherwise gather `batch_rows`
+/// copies (10 GB in the `throughput` profile) before its flush.
+pub const FLUSH_BYTES: usize = 16 << 20;
+
+/// Memory of delivered outputs that may wait for PostgreSQL besides the transaction in flight;
+/// past it, as past [`MAX_WAITING_BATCHES`], the worker waits for the transaction. A delivered
+/// dead letter holds no payload any more.
+pub const MAX_WAITING_BYTES: usize = 64 << 20;
 
 /// Deltas written after one base at most; the next checkpoint is full. Bounds what a restore
 /// reads and applies besides the byte rule (deltas stop when they sum to the base's size).
@@ -207,11 +218,51 @@ struct Pending {
     next_offset: Option<i64>,
     /// When the first message of this batch was taken.
     since: Option<Instant>,
+    /// Memory held by the outputs and dead letters counted so far ([`Pending::account`]).
+    bytes: usize,
+    /// How many outputs and dead letters `bytes` counts.
+    counted: (usize, usize),
 }
 
 impl Pending {
     fn rows(&self) -> usize {
         self.outputs.len() + self.dead.len()
+    }
+
+    /// Adds what was pushed since the last call to `bytes`.
+    fn account(&mut self) {
+        let (outputs, dead) = self.counted;
+        self.bytes += self
+            .outputs
+            .iter()
+            .skip(outputs)
+            .map(Emitted::memory_bytes)
+            .sum::<usize>()
+            + self
+                .dead
+                .iter()
+                .skip(dead)
+                .map(DeadLetter::memory_bytes)
+                .sum::<usize>();
+        self.counted = (self.outputs.len(), self.dead.len());
+    }
+
+    /// Whether the batch is to be flushed for its size: `batch_rows` rows, or
+    /// [`FLUSH_BYTES`] of memory.
+    fn full(&mut self, batch_rows: usize) -> bool {
+        self.account();
+        self.rows() >= batch_rows || self.bytes >= FLUSH_BYTES
+    }
+
+    /// Acknowledged by Kafka: the dead letters let their contents go (only their kinds are
+    /// counted from here on); the outputs wait for PostgreSQL.
+    fn delivered(&mut self) {
+        for dead in &mut self.dead {
+            dead.forget_content();
+        }
+        self.bytes = 0;
+        self.counted = (0, 0);
+        self.account();
     }
 
     fn is_empty(&self) -> bool {
@@ -227,7 +278,10 @@ impl Pending {
     }
 
     /// Appends a later batch (it was taken after everything here).
-    fn absorb(&mut self, later: Pending) {
+    fn absorb(&mut self, mut later: Pending) {
+        self.account();
+        later.account();
+        self.bytes += later.bytes;
         self.outputs.extend(later.outputs);
         self.dead.extend(later.dead);
         self.events += later.events;
@@ -235,7 +289,21 @@ impl Pending {
         self.timestamps.extend(later.timestamps);
         self.next_offset = later.next_offset.or(self.next_offset);
         self.since = self.since.or(later.since);
+        self.counted = (self.outputs.len(), self.dead.len());
     }
+
+    /// What it holds, measured against the bounds of what may wait for PostgreSQL: rows or
+    /// messages (the larger), and bytes.
+    fn held(&mut self) -> (usize, usize) {
+        self.account();
+        (self.rows().max(self.consumed as usize), self.bytes)
+    }
+}
+
+/// Whether `held` (rows or messages, bytes) passes the bounds of what may wait for PostgreSQL:
+/// [`MAX_WAITING_BATCHES`] batches' worth of rows or messages, or [`MAX_WAITING_BYTES`].
+fn too_much_waits((rows, bytes): (usize, usize), batch_rows: usize) -> bool {
+    rows > MAX_WAITING_BATCHES * batch_rows || bytes > MAX_WAITING_BYTES
 }
 
 /// How a worker got its partition.
@@ -631,7 +699,7 @@ impl PartitionWorker {
                             }
                         }
                         worker.take(&msg);
-                        if worker.pending.rows() >= worker.batch_rows {
+                        if worker.pending.full(worker.batch_rows) {
                             if worker.flush(false).await.is_err() {
                                 return worker.abandon().await;
                             }
@@ -864,9 +932,8 @@ impl PartitionWorker {
             let handle = self.in_flight.take().expect("checked above");
             self.settle(handle.await)?;
         }
-        let held = self.waiting.rows().max(self.waiting.consumed as usize)
-            + self.pending.rows().max(self.pending.consumed as usize);
-        let urgent = held > MAX_WAITING_BATCHES * self.batch_rows;
+        let ((rows, bytes), (more_rows, more_bytes)) = (self.waiting.held(), self.pending.held());
+        let urgent = too_much_waits((rows + more_rows, bytes + more_bytes), self.batch_rows);
         let early = self.commit_due().is_some_and(|due| Instant::now() < due);
         let mut batch = std::mem::take(&mut self.pending);
         let checkpoint = (self.in_flight.is_none() && (urgent || !early)).then(|| {
@@ -947,6 +1014,7 @@ impl PartitionWorker {
                 .record((now - ts).max(0) as f64 / 1e3);
         }
         batch.since = None;
+        batch.delivered();
         self.waiting.absorb(batch);
     }
 
@@ -959,8 +1027,7 @@ impl PartitionWorker {
         durable: bool,
     ) -> Result<(), Halt> {
         loop {
-            let held = self.waiting.rows().max(self.waiting.consumed as usize);
-            let urgent = durable || held > MAX_WAITING_BATCHES * self.batch_rows;
+            let urgent = durable || too_much_waits(self.waiting.held(), self.batch_rows);
             if let Some(handle) = &self.in_flight {
                 if !urgent && !handle.is_finished() {
                     return Ok(());
@@ -1482,5 +1549,97 @@ impl Backoff {
     pub async fn wait(&mut self) {
         tokio::time::sleep(self.next).await;
         self.next = (self.next * 2).min(self.max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid(offset: i64, bytes: usize) -> DeadLetter {
+        DeadLetter::new(
+            Some(b"key".to_vec()),
+            Some(vec![b'x'; bytes]),
+            "not_json",
+            "not JSON".into(),
+            offset,
+        )
+    }
+
+    /// A flood of megabyte-sized invalid messages flushes by memory, long before `batch_rows`
+    /// of them (10,000 in the `throughput` profile: 10 GB).
+    #[test]
+    fn a_batch_of_large_dead_letters_is_full_by_memory() {
+        let mut batch = Pending::default();
+        let mut taken = 0;
+        while !batch.full(10_000) {
+            batch.dead.push(invalid(taken, 1 << 20));
+            taken += 1;
+        }
+        assert_eq!(taken, 16, "16 MiB of payloads");
+        assert!(batch.bytes >= FLUSH_BYTES);
+    }
+
+    /// Once Kafka has them, dead letters wait for PostgreSQL without their payloads, and what
+    /// waits is bounded by memory as well as by rows.
+    #[test]
+    fn delivered_dead_letters_let_their_payloads_go() {
+        let mut waiting = Pending::default();
+        for round in 0..20 {
+            let mut batch = Pending::default();
+            for i in 0..16 {
+                batch.dead.push(invalid(round * 16 + i, 1 << 20));
+            }
+            batch.consumed = 16;
+            assert!(batch.full(10_000));
+            batch.delivered();
+            assert!(batch
+                .dead
+                .iter()
+                .all(|d| d.payload.is_none() && d.key.is_none()));
+            waiting.absorb(batch);
+        }
+        let (rows, bytes) = waiting.held();
+        assert_eq!(rows, 320);
+        assert!(
+            bytes < 64 * 1024,
+            "{bytes} bytes held for 320 delivered dead letters"
+        );
+        assert!(!too_much_waits((rows, bytes), 10_000));
+        assert_eq!(
+            waiting.dead.iter().filter(|d| d.kind == "not_json").count(),
+            320
+        );
+    }
+
+    #[test]
+    fn what_waits_is_bounded_by_rows_and_by_memory() {
+        assert!(!too_much_waits((8 * 500, MAX_WAITING_BYTES), 500));
+        assert!(too_much_waits((8 * 500 + 1, 0), 500));
+        assert!(too_much_waits((1, MAX_WAITING_BYTES + 1), 500));
+        // Outputs count with their heap data: an outlier with a large metadata tree.
+        let metadata: serde_json::Value = serde_json::from_str(&format!(
+            r#"{{"note":"{}","tags":[1,2,3]}}"#,
+            "y".repeat(10_000)
+        ))
+        .unwrap();
+        let mut batch = Pending::default();
+        batch.outputs.push(Emitted {
+            source_offset: 0,
+            seq: 0,
+            output: crate::output::Output::Outlier(crate::output::OutlierRecord {
+                partition: 0,
+                offset: 0,
+                id: None,
+                key: "k".into(),
+                ts: 0,
+                features: vec![0.0; 1_000],
+                outlier_score: 0.9,
+                reason: "score".into(),
+                metadata: Some(metadata),
+            }),
+        });
+        let (_, bytes) = batch.held();
+        assert!(bytes > 18_000, "{bytes}");
     }
 }

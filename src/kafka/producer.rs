@@ -67,6 +67,23 @@ impl DeadLetter {
         }
     }
 
+    /// Memory it holds: its own size, the key, the payload and the reason.
+    pub fn memory_bytes(&self) -> usize {
+        std::mem::size_of::<Self>()
+            + self.key.as_ref().map_or(0, Vec::len)
+            + self.payload.as_ref().map_or(0, Vec::len)
+            + self.reason.len()
+    }
+
+    /// Delivered: only its kind and offset are used from here on (counted when its batch is
+    /// durable); the payload, up to a megabyte or more, is let go rather than held until
+    /// PostgreSQL commits the batch.
+    pub fn forget_content(&mut self) {
+        self.key = None;
+        self.payload = None;
+        self.reason = String::new();
+    }
+
     /// A smaller version for a broker that refused this one for its size or shape, or `None`
     /// when nothing is left to cut: first the payload cut to [`TRUNCATED_PAYLOAD_BYTES`] and the
     /// key to [`TRUNCATED_KEY_BYTES`], then a stub without payload and key (the headers keep the
