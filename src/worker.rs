@@ -1269,6 +1269,11 @@ impl Sink {
     /// Produces `which` until every one is acknowledged. Retriable failures back off; a message
     /// Kafka refuses for good is diverted (a dead letter truncated, an output dead-lettered); a
     /// destination that refuses everything is retried with the partition reported as stalled.
+    ///
+    /// A refusal for size or shape is judged on the message alone: the broker refuses a whole
+    /// batch when it passes the topic's `max.message.bytes` (a topic limit under the producer's
+    /// `batch.size`), and librdkafka fails every message in it with "too large". Such messages
+    /// are sent again one at a time, each awaited, and only one refused alone is diverted.
     async fn deliver(
         &self,
         batch: &mut Pending,
@@ -1279,6 +1284,8 @@ impl Sink {
         let mut backoff = Backoff::new(self.ctx.config.postgres.retry_max_backoff_ms);
         let mut retried = false;
         let started = Instant::now();
+        // Refused in company: to be sent alone, after the rest.
+        let mut alone = std::collections::VecDeque::new();
         loop {
             let report = self
                 .ctx
@@ -1291,16 +1298,7 @@ impl Sink {
                     &which,
                 )
                 .await;
-            if report.is_complete() {
-                if retried {
-                    self.ctx
-                        .progress
-                        .set_retrying(&topic, self.id.partition, None);
-                }
-                metrics::histogram!(tm::DELIVERY_SECONDS, "topic" => topic)
-                    .record(started.elapsed().as_secs_f64());
-                return Ok(());
-            }
+            let sent_alone = which.len() == 1;
             which.clear();
             let mut wait = None;
             for (m, err) in report.failed {
@@ -1311,6 +1309,7 @@ impl Sink {
                         ));
                         return Err(Halt::Fatal);
                     }
+                    (FailureClass::Message, m) if !sent_alone => alone.push_back(m),
                     (FailureClass::Message, MessageRef::DeadLetter(i)) => {
                         let dead = &batch.dead[i];
                         match dead.shrink() {
@@ -1318,7 +1317,7 @@ impl Sink {
                                 warn!(offset = dead.offset, error = %err, "dead letter refused by Kafka; sending it smaller");
                                 metrics::counter!(tm::PRODUCE_DIVERTED_TOTAL, "topic" => topic.clone(), "reason" => "dead_letter_truncated").increment(1);
                                 batch.dead[i] = smaller;
-                                which.push(m);
+                                alone.push_back(m);
                             }
                             None => {
                                 // Even a stub (reason and source coordinates only) is refused:
@@ -1375,7 +1374,21 @@ impl Sink {
                     _ = backoff.wait() => {}
                 }
             }
+            if which.is_empty() {
+                match alone.pop_front() {
+                    Some(m) => which.push(m),
+                    None => break,
+                }
+            }
         }
+        if retried {
+            self.ctx
+                .progress
+                .set_retrying(&topic, self.id.partition, None);
+        }
+        metrics::histogram!(tm::DELIVERY_SECONDS, "topic" => topic)
+            .record(started.elapsed().as_secs_f64());
+        Ok(())
     }
 
     /// Commits the batch and its checkpoint; rows PostgreSQL refuses are dead-lettered first

@@ -475,3 +475,66 @@ async fn gauntlet_every_poison_is_dead_lettered_and_nothing_stops_the_service() 
         assert_eq!(lag, Some(0));
     }
 }
+
+/// The broker refuses a whole batch for the topic's `max.message.bytes` (here the dead-letter
+/// topic's 500,000 bytes under the `latency` profile's 1,000,000-byte `batch.size`), and
+/// librdkafka fails every message in it with "too large". Each is judged alone: 10 kB dead
+/// letters arrive whole, none cut or reduced to a stub for the company it was sent in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_that_fit_alone_are_not_cut_for_their_batch() {
+    let Some(kafka) = KafkaCluster::start_or_skip(1) else {
+        return;
+    };
+    let brokers = kafka.bootstrap();
+    let (url, store) = fresh_db().await;
+    let (mut config, _) = service_config(&brokers, &url);
+    // Whole flushes of 200 dead letters: about 2 MB for the dead-letter topic at once.
+    config.kafka.partition_queue_capacity = 4_096;
+    config.kafka.partition_queue_bytes = 8 << 20;
+    config.postgres.batch_rows = Some(200);
+    config.postgres.linger_ms = Some(500);
+    config.validate().unwrap();
+    let input = config.kafka.input_topics[0].clone();
+    create_topic_with(&brokers, &input, 1, "2000000").await;
+    create_topic_with(&brokers, &config.kafka.topics.dlq, 1, "500000").await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("neurostream.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+
+    let ts = now_ms() - 60_000;
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let messages: Vec<(Msg, Option<&'static str>)> = (0..400)
+        .map(|_| {
+            // Not JSON, and incompressible.
+            let payload: Vec<u8> = (0..10_000)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    b'!' + (x % 90) as u8
+                })
+                .collect();
+            let msg = Msg {
+                payload: Some(payload),
+                key: Some(b"k".to_vec()),
+                ts,
+            };
+            (msg, Some("not_json"))
+        })
+        .collect();
+    send(&brokers, &input, std::slice::from_ref(&messages)).await;
+    let mut service = spawn_run(&path, "warn,librdkafka=off");
+    wait_for_checkpoints(&store, &config.kafka.group_id, &[400], WAIT).await;
+    service.kill().unwrap();
+    service.wait().unwrap();
+    let dead = dead_letters(&brokers, &config.kafka.topics.dlq);
+    assert_eq!(dead.len(), 400);
+    for ((_, offset), (kind, size, truncated)) in &dead {
+        assert_eq!(kind, "not_json");
+        assert_eq!(
+            (*size, truncated),
+            (10_000, &None),
+            "dead letter at offset {offset}"
+        );
+    }
+}
