@@ -55,7 +55,8 @@ pub async fn open_postgres(config: &Config, wait: Duration) -> Result<PgStore, A
         .postgres
         .connect_options()
         .map_err(AppError::PostgresSettings)?;
-    let store = PgStore::connect_lazy_with(options.clone(), config.postgres.pool_max);
+    let store = PgStore::connect_lazy_with(options.clone(), config.postgres.pool_max)
+        .with_commit_timeout(Duration::from_millis(config.postgres.commit_timeout_ms));
     if config.postgres.migrate_on_start {
         let started = std::time::Instant::now();
         loop {

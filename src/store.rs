@@ -313,6 +313,9 @@ pub struct PgStore {
     pool: PgPool,
     /// Commits left before the window fast path is tried again (0: try it).
     fast_path: Arc<AtomicU32>,
+    /// The longest a batch's transaction may take, and any statement of a batch or of the
+    /// search for refused rows (`postgres.commit_timeout_ms`).
+    commit_timeout: Duration,
 }
 
 const WINDOW_COLUMNS: &str = "source_topic, partition, window_kind, size_ms, slide_ms, key, \
@@ -388,7 +391,16 @@ impl PgStore {
         Self {
             pool,
             fast_path: Arc::new(AtomicU32::new(0)),
+            commit_timeout: Duration::from_secs(60),
         }
+    }
+
+    /// The longest a batch's transaction may take before it is abandoned and retried
+    /// ([`StoreError::TimedOut`]), and any one statement on the server (60 s unless set).
+    #[must_use]
+    pub fn with_commit_timeout(mut self, timeout: Duration) -> Self {
+        self.commit_timeout = timeout;
+        self
     }
 
     /// The pool, for queries of the caller's own (demo report, tests).
@@ -462,7 +474,13 @@ impl PgStore {
     /// (only when `fast`), the transaction rolled back.
     async fn try_commit(&self, batch: &Batch<'_>, fast: bool) -> Result<Option<u64>, StoreError> {
         let mut lease = Lease::acquire(&self.pool).await?;
-        let attempt = commit_on(lease.conn(), batch, fast).await;
+        let attempt = commit_on(lease.conn(), batch, fast, self.commit_timeout);
+        let Ok(attempt) = tokio::time::timeout(self.commit_timeout, attempt).await else {
+            // The lease goes unreleased: its connection closes, and the server rolls the
+            // transaction back once its statement ends (at the latest after the statement
+            // timeout set in the transaction).
+            return Err(StoreError::TimedOut);
+        };
         // Back to the pool before the row search, which takes a connection of its own (with
         // `pool_max = 1` it would wait for this one for ever).
         lease.release();
@@ -476,16 +494,17 @@ impl PgStore {
 
     /// Names the rows PostgreSQL refuses, in a transaction that is rolled back: the batch is
     /// halved under savepoints, and every half that fails is halved again down to single
-    /// rows. A batch of n rows with r refused ones takes about 2 r log2(n) attempts and 3 n
-    /// rows written in all, where trying each row alone took n attempts of 6 round trips
-    /// (minutes for the 10,000-row batches of the `throughput` profile, longer than
-    /// `postgres.commit_timeout_ms`).
+    /// rows. A batch of n rows with r refused ones takes about 2 r log2(n / r) + 2 r
+    /// attempts (2 n - 2 when every row is refused), where trying each row alone took n
+    /// attempts of 6 round trips each (minutes for the 10,000-row batches of the
+    /// `throughput` profile). The search has no deadline of its own: each of its statements
+    /// has the commit timeout, so it ends, and `/health` reports a partition that waits on it.
     async fn find_rejected(&self, batch: &Batch<'_>) -> StoreError {
         let mut lease = match Lease::acquire(&self.pool).await {
             Ok(lease) => lease,
             Err(err) => return err.into(),
         };
-        let attempt = bisect_refused(lease.conn(), batch).await;
+        let attempt = bisect_refused(lease.conn(), batch, self.commit_timeout).await;
         lease.release();
         match attempt {
             Ok(rejected) if !rejected.is_empty() => StoreError::Rejected(rejected),
@@ -561,9 +580,10 @@ async fn commit_on(
     conn: &mut PgConnection,
     batch: &Batch<'_>,
     fast: bool,
+    statement_timeout: Duration,
 ) -> Result<u64, NotCommitted> {
     let mut tx = conn.begin().await?;
-    fence(&mut tx, batch).await?;
+    fence(&mut tx, batch, statement_timeout).await?;
     let rows = match write_outputs(&mut tx, &batch.id.topic, batch.outputs, fast).await {
         Ok(rows) => rows,
         Err(err) if fast && is_unique_violation(&err) => {
@@ -582,9 +602,10 @@ async fn commit_on(
 async fn bisect_refused(
     conn: &mut PgConnection,
     batch: &Batch<'_>,
+    statement_timeout: Duration,
 ) -> Result<Vec<RejectedRow>, StoreError> {
     let mut tx = conn.begin().await?;
-    fence(&mut tx, batch).await?;
+    fence(&mut tx, batch, statement_timeout).await?;
     let mut rejected = Vec::new();
     // Parts to try, the last pushed first (so in order); the whole batch failed already.
     let mut parts = Vec::new();
@@ -630,23 +651,28 @@ fn push_halves(parts: &mut Vec<(usize, usize)>, start: usize, end: usize) {
     }
 }
 
-/// Locks the partition's owner row for the transaction and checks the writer still owns it.
+/// Locks the partition's owner row for the transaction and checks the writer still owns it;
+/// the transaction's later statements get `statement_timeout` on the server (in the same
+/// round trip), so a transaction whose client gave up and closed the connection does not
+/// hold the owner row's lock for longer than that.
 async fn fence(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     batch: &Batch<'_>,
+    statement_timeout: Duration,
 ) -> Result<(), StoreError> {
-    let current: Option<(Epoch,)> = sqlx::query_as(
+    let current: Option<(Epoch, String)> = sqlx::query_as(
         "-- fencing: lock the owner row; only the current owner may commit
-         SELECT epoch FROM partition_owners
+         SELECT epoch, set_config('statement_timeout', $4, true) FROM partition_owners
          WHERE group_id = $1 AND source_topic = $2 AND partition = $3
          FOR UPDATE",
     )
     .bind(&batch.id.group_id)
     .bind(&batch.id.topic)
     .bind(batch.id.partition)
+    .bind(statement_timeout.as_millis().max(1).to_string())
     .fetch_optional(&mut **tx)
     .await?;
-    let current = current.map_or(0, |(e,)| e);
+    let current = current.map_or(0, |(e, _)| e);
     if current == batch.epoch {
         Ok(())
     } else {

@@ -1272,8 +1272,12 @@ impl Sink {
     ///
     /// A refusal for size or shape is judged on the message alone: the broker refuses a whole
     /// batch when it passes the topic's `max.message.bytes` (a topic limit under the producer's
-    /// `batch.size`), and librdkafka fails every message in it with "too large". Such messages
-    /// are sent again one at a time, each awaited, and only one refused alone is diverted.
+    /// `batch.size`), and librdkafka fails every message in it with "too large". Messages
+    /// refused in company are sent again in halves, one half at a time and each awaited, halved
+    /// again while refused: only a message refused alone is diverted. A flush of n messages
+    /// into a topic that takes b of them per batch costs about n / b + 2 log2(n / b) requests.
+    /// The halves go after the rest of the flush: a consumer orders a window's outputs by
+    /// revision, not by arrival.
     async fn deliver(
         &self,
         batch: &mut Pending,
@@ -1284,8 +1288,8 @@ impl Sink {
         let mut backoff = Backoff::new(self.ctx.config.postgres.retry_max_backoff_ms);
         let mut retried = false;
         let started = Instant::now();
-        // Refused in company: to be sent alone, after the rest.
-        let mut alone = std::collections::VecDeque::new();
+        // Groups refused in company, halved: each sent on its own after the rest.
+        let mut smaller: std::collections::VecDeque<Vec<MessageRef>> = Default::default();
         loop {
             let report = self
                 .ctx
@@ -1298,8 +1302,9 @@ impl Sink {
                     &which,
                 )
                 .await;
-            let sent_alone = which.len() == 1;
+            let in_company = which.len() > 1;
             which.clear();
+            let mut refused_in_company = Vec::new();
             let mut wait = None;
             for (m, err) in report.failed {
                 match (classify(&err), m) {
@@ -1309,7 +1314,7 @@ impl Sink {
                         ));
                         return Err(Halt::Fatal);
                     }
-                    (FailureClass::Message, m) if !sent_alone => alone.push_back(m),
+                    (FailureClass::Message, m) if in_company => refused_in_company.push(m),
                     (FailureClass::Message, MessageRef::DeadLetter(i)) => {
                         let dead = &batch.dead[i];
                         match dead.shrink() {
@@ -1317,7 +1322,7 @@ impl Sink {
                                 warn!(offset = dead.offset, error = %err, "dead letter refused by Kafka; sending it smaller");
                                 metrics::counter!(tm::PRODUCE_DIVERTED_TOTAL, "topic" => topic.clone(), "reason" => "dead_letter_truncated").increment(1);
                                 batch.dead[i] = smaller;
-                                alone.push_back(m);
+                                which.push(m);
                             }
                             None => {
                                 // Even a stub (reason and source coordinates only) is refused:
@@ -1374,9 +1379,17 @@ impl Sink {
                     _ = backoff.wait() => {}
                 }
             }
+            if refused_in_company.len() > 1 {
+                let second = refused_in_company.split_off(refused_in_company.len() / 2);
+                smaller.push_front(second);
+            }
+            if !refused_in_company.is_empty() {
+                smaller.push_front(refused_in_company);
+            }
             if which.is_empty() {
-                match alone.pop_front() {
-                    Some(m) => which.push(m),
+                match smaller.pop_front() {
+                    Some(_) if stop.is_cancelled() => return Err(Halt::Stopped),
+                    Some(group) => which = group,
                     None => break,
                 }
             }
@@ -1413,13 +1426,9 @@ impl Sink {
                 self.id.partition,
                 Some("committing the batch to PostgreSQL".into()),
             );
-            let timeout = Duration::from_millis(self.ctx.config.postgres.commit_timeout_ms);
-            let result = match tokio::time::timeout(timeout, self.ctx.store.commit(&rows)).await {
-                Ok(result) => result,
-                // The store closes a connection cut mid-transaction (never back in the pool
-                // out of step); the server rolls the transaction back.
-                Err(_) => Err(StoreError::TimedOut),
-            };
+            // A transaction past `postgres.commit_timeout_ms` is abandoned by the store
+            // (`StoreError::TimedOut`, retried).
+            let result = self.ctx.store.commit(&rows).await;
             match result {
                 Ok(rows) => {
                     let elapsed = started.elapsed();

@@ -352,14 +352,17 @@ async fn refused_rows_are_found_in_a_large_batch_on_a_single_connection() {
     assert_eq!(indices, bad, "{rejected:?}");
 }
 
-/// A commit cut while PostgreSQL is still inside its COPY (the worker's commit timeout): the
-/// connection is not handed out again out of step with the protocol. Before, the next commit
-/// on it read the previous statement's reply and saw no owner row: "fenced", for good.
+/// A commit cut while PostgreSQL is still inside its COPY (the commit timeout, or a caller
+/// giving up): the connection is not handed out again out of step with the protocol. Before,
+/// the next commit on it read the previous statement's reply and saw no owner row: "fenced",
+/// for good.
 #[tokio::test]
 async fn a_commit_cut_inside_its_copy_does_not_poison_the_pool() {
     let (url, admin) = fresh_db().await;
     // One connection: the commit after the cut gets the same pool slot.
-    let pg = PgStore::connect_lazy(&url, 1).unwrap();
+    let pg = PgStore::connect_lazy(&url, 1)
+        .unwrap()
+        .with_commit_timeout(Duration::from_millis(400));
     let store = Store::Postgres(pg.clone());
     let id = id();
     let (epoch, _) = store.claim(&id).await.unwrap();
@@ -379,9 +382,16 @@ async fn a_commit_cut_inside_its_copy_does_not_poison_the_pool() {
         outputs: &outputs,
         checkpoint: &checkpoint,
     };
-    let cut = tokio::time::timeout(Duration::from_millis(500), store.commit(&batch)).await;
+    // Cut by the caller, then by the store's own timeout.
+    let cut = tokio::time::timeout(Duration::from_millis(200), store.commit(&batch)).await;
     assert!(cut.is_err(), "the COPY stalls for 2 s: {cut:?}");
-    // Waits for the cut transaction to end (its lock on the table).
+    // (The server's own statement timeout may answer first: retryable all the same.)
+    let timed_out = store.commit(&batch).await;
+    assert!(
+        matches!(&timed_out, Err(e) if e.is_retryable()),
+        "{timed_out:?}"
+    );
+    // Waits for the cut transactions to end (their locks on the table).
     sqlx::query("DROP TRIGGER stall ON window_aggregates")
         .execute(admin.pool())
         .await
