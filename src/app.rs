@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::kafka::intake::{Intake, Shared};
@@ -102,7 +102,23 @@ pub async fn run(
     let codecs = crate::avro::Codecs::start(&config)
         .await
         .map_err(AppError::Registry)?;
-    let mut producer = OutputProducer::new(&config)?;
+    let mut settings = config.producer_settings();
+    let limit = if config.kafka.fit_batch_to_topics {
+        crate::kafka::smallest_message_limit(&config).await
+    } else {
+        None
+    };
+    if let Some((topic, limit)) = limit {
+        if let Some(was) = crate::kafka::producer::cap_batch_size(&mut settings, &topic, limit) {
+            warn!(
+                topic,
+                max_message_bytes = limit,
+                batch_size = was,
+                "the producer's batch.size is above a topic's max.message.bytes; lowered to it (set kafka.batch_size_bytes to at most that)"
+            );
+        }
+    }
+    let mut producer = OutputProducer::with_settings(&config, &settings)?;
     if let Some(encoder) = &codecs.output {
         producer = producer.with_avro(encoder.clone());
     }

@@ -90,6 +90,11 @@ pub struct KafkaConfig {
     /// Create missing output topics at start-up (input topics must exist). When false, a
     /// missing output topic is a start-up error naming it.
     pub create_topics: bool,
+    /// Read the output and dead-letter topics' `max.message.bytes` at start-up (DescribeConfigs,
+    /// 2 s at most) and lower the producer's `batch.size` to the smallest: the broker refuses a
+    /// whole batch over a topic's limit. Off: no request (brokers that refuse DescribeConfigs,
+    /// librdkafka's mock cluster, which does not serve it).
+    pub fit_batch_to_topics: bool,
     /// Partitions of the output topics the service creates; unset: the broker's default.
     pub topic_partitions: Option<i32>,
     /// Replication factor of the output topics the service creates; unset: the broker's default.
@@ -170,6 +175,7 @@ impl Default for KafkaConfig {
             partition_queue_bytes: 64 << 20,
             max_event_bytes: 1 << 20,
             create_topics: true,
+            fit_batch_to_topics: true,
             topic_partitions: None,
             topic_replication_factor: None,
             linger_ms: None,

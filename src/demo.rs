@@ -69,6 +69,8 @@ pub async fn run(opts: DemoOptions) -> anyhow::Result<DemoReport> {
     let mut config = Config::default();
     config.kafka.brokers = brokers.clone();
     config.kafka.group_id = "neurostream-demo".into();
+    // The mock cluster does not serve DescribeConfigs (start-up would wait 2 s for nothing).
+    config.kafka.fit_batch_to_topics = false;
     config.kafka.input_topics = vec![INPUT_TOPIC.into()];
     config.profile = opts.profile;
     config.http.address = None;

@@ -20,7 +20,9 @@ use common::*;
 use neurostream::config::{Config, WindowConfig};
 use neurostream::output::Output;
 use neurostream::processor::{Processor, Record};
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::message::{Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -477,9 +479,11 @@ async fn gauntlet_every_poison_is_dead_lettered_and_nothing_stops_the_service() 
 }
 
 /// The broker refuses a whole batch for the topic's `max.message.bytes` (here the dead-letter
-/// topic's 500,000 bytes under the `latency` profile's 1,000,000-byte `batch.size`), and
-/// librdkafka fails every message in it with "too large". Each is judged alone: 10 kB dead
-/// letters arrive whole, none cut or reduced to a stub for the company it was sent in.
+/// topic's, lowered to 500,000 bytes after start-up, under the `latency` profile's
+/// 1,000,000-byte `batch.size`; at start-up the service lowers its `batch.size` to the
+/// smallest limit it sees), and librdkafka fails every message in it with "too large". Each
+/// is judged alone: 10 kB dead letters arrive whole, none cut or reduced to a stub for the
+/// company it was sent in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_that_fit_alone_are_not_cut_for_their_batch() {
     let Some(kafka) = KafkaCluster::start_or_skip(1) else {
@@ -496,12 +500,36 @@ async fn dead_letters_that_fit_alone_are_not_cut_for_their_batch() {
     config.validate().unwrap();
     let input = config.kafka.input_topics[0].clone();
     create_topic_with(&brokers, &input, 1, "2000000").await;
-    create_topic_with(&brokers, &config.kafka.topics.dlq, 1, "500000").await;
+    create_topic_with(&brokers, &config.kafka.topics.dlq, 1, "2000000").await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("neurostream.toml");
     std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
 
     let ts = now_ms() - 60_000;
+    // Started with every topic taking 2,000,000-byte batches (the output topics are created
+    // with the broker's default, 1,048,588), then the dead-letter topic's limit goes down.
+    let mut service = spawn_run(&path, "warn,librdkafka=off");
+    send(&brokers, &input, &[vec![(valid(0, 0, ts), None)]]).await;
+    wait_for_checkpoints(&store, &config.kafka.group_id, &[1], WAIT).await;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let lower = AlterConfig::new(ResourceSpecifier::Topic(&config.kafka.topics.dlq))
+        .set("max.message.bytes", "500000");
+    for r in admin
+        .alter_configs([&lower], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    assert_eq!(
+        neurostream::kafka::smallest_message_limit(&config).await,
+        Some((config.kafka.topics.dlq.clone(), 500_000)),
+        "what a start-up now would cap batch.size at"
+    );
+
     let mut x = 0x2545_F491_4F6C_DD1Du64;
     let messages: Vec<(Msg, Option<&'static str>)> = (0..400)
         .map(|_| {
@@ -523,12 +551,16 @@ async fn dead_letters_that_fit_alone_are_not_cut_for_their_batch() {
         })
         .collect();
     send(&brokers, &input, std::slice::from_ref(&messages)).await;
-    let mut service = spawn_run(&path, "warn,librdkafka=off");
-    wait_for_checkpoints(&store, &config.kafka.group_id, &[400], WAIT).await;
+    wait_for_checkpoints(&store, &config.kafka.group_id, &[401], WAIT).await;
     service.kill().unwrap();
     service.wait().unwrap();
     let dead = dead_letters(&brokers, &config.kafka.topics.dlq);
     assert_eq!(dead.len(), 400);
+    assert_eq!(
+        dead.keys().next(),
+        Some(&(0, 1)),
+        "the valid event is not dead-lettered"
+    );
     for ((_, offset), (kind, size, truncated)) in &dead {
         assert_eq!(kind, "not_json");
         assert_eq!(

@@ -8,7 +8,10 @@ pub mod producer;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, NewTopic, OwnedResourceSpecifier, ResourceSpecifier,
+    TopicReplication,
+};
 use rdkafka::client::{Client, ClientContext, DefaultClientContext};
 use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::KafkaError;
@@ -119,6 +122,41 @@ pub async fn prepare_topics(config: &Config) -> Result<(), TopicError> {
     create_topics(&admin, &names, partitions, replication)
         .await
         .map_err(|(topic, code)| TopicError::CreateFailed { topic, code })
+}
+
+/// The smallest `max.message.bytes` among the output and dead-letter topics, with its topic;
+/// `None` when the brokers do not say (no DescribeConfigs permission, no answer in 2 s).
+pub async fn smallest_message_limit(config: &Config) -> Option<(String, u64)> {
+    let admin: AdminClient<CheckContext> =
+        ClientSetting::to_client_config(&config.producer_settings())
+            .create_with_context(CheckContext::default())
+            .ok()?;
+    let topics: Vec<ResourceSpecifier<'_>> = config
+        .kafka
+        .topics
+        .all()
+        .into_iter()
+        .map(ResourceSpecifier::Topic)
+        .collect();
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(2)));
+    let described = match admin.describe_configs(&topics, &opts).await {
+        Ok(described) => described,
+        Err(err) => {
+            tracing::debug!(error = %err, "the topics' max.message.bytes are unknown");
+            return None;
+        }
+    };
+    described
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter_map(|resource| {
+            let OwnedResourceSpecifier::Topic(topic) = &resource.specifier else {
+                return None;
+            };
+            let limit = resource.get("max.message.bytes")?.value.as_deref()?;
+            Some((topic.clone(), limit.parse().ok()?))
+        })
+        .min_by_key(|(_, limit)| *limit)
 }
 
 /// How long start-up waits for a broker to answer before giving up.

@@ -178,6 +178,31 @@ pub enum FailureClass {
     Destination,
 }
 
+/// librdkafka's `batch.size` when nothing sets it.
+const LIBRDKAFKA_BATCH_SIZE: u64 = 1_000_000;
+
+/// Lowers `batch.size` in `settings` to `limit`, the smallest `max.message.bytes` of the topics
+/// written (`topic`'s), when it is larger: the broker refuses a whole batch over a topic's
+/// limit and librdkafka fails every message in it, which the delivery then has to split up.
+/// Returns the `batch.size` it replaced.
+pub fn cap_batch_size(settings: &mut Vec<ClientSetting>, topic: &str, limit: u64) -> Option<u64> {
+    let current = settings
+        .iter()
+        .find(|s| s.key == "batch.size")
+        .and_then(|s| s.value.parse().ok())
+        .unwrap_or(LIBRDKAFKA_BATCH_SIZE);
+    if current <= limit {
+        return None;
+    }
+    settings.retain(|s| s.key != "batch.size");
+    settings.push(ClientSetting {
+        key: "batch.size".into(),
+        value: limit.max(1).to_string(),
+        source: format!("max.message.bytes of topic {topic}"),
+    });
+    Some(current)
+}
+
 /// Classifies a producer error.
 pub fn classify(err: &KafkaError) -> FailureClass {
     use RDKafkaErrorCode as C;
@@ -238,7 +263,15 @@ impl OutputProducer {
     /// # Errors
     /// [`KafkaError`] when librdkafka rejects a property.
     pub fn new(config: &Config) -> Result<Self, KafkaError> {
-        let producer = ClientSetting::to_client_config(&config.producer_settings())
+        Self::with_settings(config, &config.producer_settings())
+    }
+
+    /// Creates the producer from `settings` (the configuration's, adjusted).
+    ///
+    /// # Errors
+    /// [`KafkaError`] when librdkafka rejects a property.
+    pub fn with_settings(config: &Config, settings: &[ClientSetting]) -> Result<Self, KafkaError> {
+        let producer = ClientSetting::to_client_config(settings)
             .create_with_context(QuietContext::default())?;
         Ok(Self {
             producer,
@@ -472,6 +505,29 @@ impl InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batch_size_is_capped_at_the_smallest_topic_limit() {
+        let mut config = Config::default();
+        config.profile = crate::config::Profile::Throughput;
+        let mut settings = config.producer_settings();
+        let batch_size = |s: &[ClientSetting]| {
+            let found: Vec<_> = s.iter().filter(|s| s.key == "batch.size").collect();
+            assert_eq!(found.len(), 1, "{s:?}");
+            found[0].value.clone()
+        };
+        assert_eq!(batch_size(&settings), "1000000");
+        assert_eq!(cap_batch_size(&mut settings, "dlq", 2_000_000), None);
+        assert_eq!(
+            cap_batch_size(&mut settings, "dlq", 500_000),
+            Some(1_000_000)
+        );
+        assert_eq!(batch_size(&settings), "500000");
+        // librdkafka's own default counts when nothing sets it.
+        let mut bare = vec![];
+        assert_eq!(cap_batch_size(&mut bare, "t", 100_000), Some(1_000_000));
+        assert_eq!(batch_size(&bare), "100000");
+    }
 
     #[test]
     fn a_refused_dead_letter_shrinks_to_a_stub_then_gives_up() {

@@ -112,7 +112,9 @@ impl Broker {
 
 /// A service configuration for `broker` with unique topic and group names, its topics created.
 pub async fn config_for(broker: &Broker, partitions: i32, db_url: &str) -> Config {
-    let c = base_config(&broker.brokers(), db_url);
+    let mut c = base_config(&broker.brokers(), db_url);
+    // The mock cluster does not serve DescribeConfigs.
+    c.kafka.fit_batch_to_topics = matches!(broker, Broker::Kafka(_));
     broker
         .create_topic(&c.kafka.input_topics[0], partitions)
         .await;
