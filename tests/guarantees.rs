@@ -243,6 +243,14 @@ fn service_config(brokers: &str, db_url: &str) -> (Config, u16) {
     (c, port)
 }
 
+/// `config` written as the service's TOML file, in a directory that lives as long as the guard.
+fn config_file(config: &Config) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("neurostream.toml");
+    std::fs::write(&path, toml::to_string(config).unwrap()).unwrap();
+    (dir, path)
+}
+
 fn http_get(port: u16, path: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
@@ -354,9 +362,7 @@ async fn gauntlet_every_poison_is_dead_lettered_and_nothing_stops_the_service() 
     create_topic_with(&brokers, &input, 2, "2000000").await;
     // The dead-letter topic refuses messages over 500,000 bytes: the service must truncate.
     create_topic_with(&brokers, &config.kafka.topics.dlq, 1, "500000").await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("neurostream.toml");
-    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let (_dir, path) = config_file(&config);
 
     let base = now_ms() - 3_600_000;
     let first: Vec<_> = (0..2)
@@ -501,9 +507,7 @@ async fn dead_letters_that_fit_alone_are_not_cut_for_their_batch() {
     let input = config.kafka.input_topics[0].clone();
     create_topic_with(&brokers, &input, 1, "2000000").await;
     create_topic_with(&brokers, &config.kafka.topics.dlq, 1, "2000000").await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("neurostream.toml");
-    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    let (_dir, path) = config_file(&config);
 
     let ts = now_ms() - 60_000;
     // Started with every topic taking 2,000,000-byte batches (the output topics are created
