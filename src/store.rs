@@ -519,7 +519,7 @@ impl PgStore {
 
 /// A pooled connection that goes back to the pool only when the work on it ran to its end.
 ///
-/// A future dropped mid-statement (the worker's commit timeout, a stopping worker) can leave
+/// A future dropped mid-statement (the commit timeout, a caller that gives up) can leave
 /// the connection's protocol out of step: sqlx 0.8 does not count the ReadyForQuery of a COPY
 /// cut inside its `finish`, its ping on return passes, and every later statement on that
 /// connection would read the reply of the one before (a fence check then sees no owner row
