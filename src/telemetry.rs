@@ -156,6 +156,8 @@ catalogue! {
     FENCED_BATCHES_TOTAL = "neurostream_fenced_batches_total", Counter, ["topic"], "Batches rolled back because the partition has a newer owner";
     /// Messages Kafka refused for good and that were diverted.
     PRODUCE_DIVERTED_TOTAL = "neurostream_produce_diverted_total", Counter, ["topic", "reason"], "Messages Kafka refused for good, diverted (dead_letter_truncated, output_dead_lettered, dead_letter_lost)";
+    /// Messages re-sent in smaller groups after Kafka refused their batch as too large.
+    PRODUCE_RESENT_IN_HALVES_TOTAL = "neurostream_produce_resent_in_halves_total", Counter, ["topic"], "Messages re-sent in halves after Kafka refused their batch as too large (a topic's max.message.bytes below the producer's batch.size)";
 }
 
 /// Registers descriptions for every metric and the label-free and fixed-label series at zero
@@ -228,6 +230,7 @@ pub fn register_topic(topic: &str) {
         SINK_REJECTED_ROWS_TOTAL,
         OFFSET_DUPLICATES_TOTAL,
         OFFSETS_SKIPPED_TOTAL,
+        PRODUCE_RESENT_IN_HALVES_TOTAL,
         FENCED_BATCHES_TOTAL,
     ] {
         metrics::counter!(name, "topic" => t.clone()).absolute(0);

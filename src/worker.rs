@@ -1290,6 +1290,7 @@ impl Sink {
         let started = Instant::now();
         // Groups refused in company, halved: each sent on its own after the rest.
         let mut smaller: std::collections::VecDeque<Vec<MessageRef>> = Default::default();
+        let mut halving = false;
         loop {
             let report = self
                 .ctx
@@ -1378,6 +1379,17 @@ impl Sink {
                     _ = stop.cancelled() => return Err(Halt::Stopped),
                     _ = backoff.wait() => {}
                 }
+            }
+            if !refused_in_company.is_empty() {
+                if !halving {
+                    halving = true;
+                    warn!(
+                        messages = refused_in_company.len(),
+                        "Kafka refused a batch as too large; re-sending its messages in halves (a topic's max.message.bytes is below the producer's batch.size)"
+                    );
+                }
+                metrics::counter!(tm::PRODUCE_RESENT_IN_HALVES_TOTAL, "topic" => topic.clone())
+                    .increment(refused_in_company.len() as u64);
             }
             if refused_in_company.len() > 1 {
                 let second = refused_in_company.split_off(refused_in_company.len() / 2);

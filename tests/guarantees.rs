@@ -497,7 +497,7 @@ async fn dead_letters_that_fit_alone_are_not_cut_for_their_batch() {
     };
     let brokers = kafka.bootstrap();
     let (url, store) = fresh_db().await;
-    let (mut config, _) = service_config(&brokers, &url);
+    let (mut config, port) = service_config(&brokers, &url);
     // Whole flushes of 200 dead letters: about 2 MB for the dead-letter topic at once.
     config.kafka.partition_queue_capacity = 4_096;
     config.kafka.partition_queue_bytes = 8 << 20;
@@ -556,6 +556,14 @@ async fn dead_letters_that_fit_alone_are_not_cut_for_their_batch() {
         .collect();
     send(&brokers, &input, std::slice::from_ref(&messages)).await;
     wait_for_checkpoints(&store, &config.kafka.group_id, &[401], WAIT).await;
+    let (_, metrics) = http_get(port, "/metrics");
+    let resent: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("neurostream_produce_resent_in_halves_total{"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no re-send counter in {metrics}"));
+    // Whatever went in batches under the limit was not refused; the rest was re-sent.
+    assert!(resent > 0, "the halving ran");
     service.kill().unwrap();
     service.wait().unwrap();
     let dead = dead_letters(&brokers, &config.kafka.topics.dlq);
