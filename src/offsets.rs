@@ -19,7 +19,7 @@
 use std::sync::Weak;
 
 use rdkafka::consumer::{CommitMode, Consumer};
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, warn};
 
@@ -27,10 +27,89 @@ use tracing::{debug, warn};
 #[derive(Debug)]
 pub enum Delivery {
     /// The next fetched message.
-    Message(OwnedMessage),
+    Message(Inbound),
     /// The partition was positioned as the worker asked: every message before this marker was
     /// fetched before and is dropped; messages after it start at the requested offset.
     Positioned,
+}
+
+/// A fetched message as a worker needs it: its key and payload, offset and timestamp.
+///
+/// The topic and partition are the worker's own, and input headers are not read, so neither is
+/// copied: key and payload share one allocation (`OwnedMessage` makes three or four, and
+/// validates the topic name as UTF-8, for every message).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbound {
+    /// The key's bytes, then the payload's.
+    bytes: Box<[u8]>,
+    /// The key's length; `None` when the message has no key.
+    key_len: Option<usize>,
+    /// Whether the message has a payload (a tombstone has none).
+    has_payload: bool,
+    offset: i64,
+    timestamp_ms: Option<i64>,
+}
+
+impl Inbound {
+    /// Fixed bytes counted per queued message besides its key and payload.
+    const OVERHEAD: usize = 128;
+
+    /// A message with these parts.
+    pub fn new(
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        offset: i64,
+        timestamp_ms: Option<i64>,
+    ) -> Self {
+        let (k, p) = (key.unwrap_or_default(), payload.unwrap_or_default());
+        let mut bytes = Vec::with_capacity(k.len() + p.len());
+        bytes.extend_from_slice(k);
+        bytes.extend_from_slice(p);
+        Self {
+            bytes: bytes.into_boxed_slice(),
+            key_len: key.map(<[u8]>::len),
+            has_payload: payload.is_some(),
+            offset,
+            timestamp_ms,
+        }
+    }
+
+    /// Copies what a worker needs out of a message the consumer fetched.
+    pub fn from_message(msg: &impl Message) -> Self {
+        Self::new(
+            msg.key(),
+            msg.payload(),
+            msg.offset(),
+            msg.timestamp().to_millis(),
+        )
+    }
+
+    /// The key, if the message has one.
+    pub fn key(&self) -> Option<&[u8]> {
+        self.key_len.map(|n| &self.bytes[..n])
+    }
+
+    /// The payload, if the message has one.
+    pub fn payload(&self) -> Option<&[u8]> {
+        self.has_payload
+            .then(|| &self.bytes[self.key_len.unwrap_or(0)..])
+    }
+
+    /// The message's offset in its partition.
+    pub fn offset(&self) -> i64 {
+        self.offset
+    }
+
+    /// The message's timestamp (create or log-append time) in ms since the epoch, if it has one.
+    pub fn timestamp_ms(&self) -> Option<i64> {
+        self.timestamp_ms
+    }
+
+    /// The bytes it holds, as counted against `kafka.partition_queue_bytes`: key, payload, and
+    /// a fixed 128 bytes for the message itself.
+    pub fn queued_size(&self) -> usize {
+        Self::OVERHEAD + self.bytes.len()
+    }
 }
 
 /// The consumer operations the offset rules need; the consumer implements it (so this module
@@ -201,6 +280,30 @@ impl Cursor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_inbound_message_keeps_key_and_payload_apart_in_one_allocation() {
+        let m = Inbound::new(Some(b"k1"), Some(b"{\"v\":1}"), 7, Some(1_700_000_000_000));
+        assert_eq!(m.key(), Some(&b"k1"[..]));
+        assert_eq!(m.payload(), Some(&b"{\"v\":1}"[..]));
+        assert_eq!((m.offset(), m.timestamp_ms()), (7, Some(1_700_000_000_000)));
+        assert_eq!(m.queued_size(), 128 + 2 + 7);
+        // No key and an empty key differ, as do no payload (a tombstone) and an empty one.
+        let none = Inbound::new(None, None, 0, None);
+        assert_eq!((none.key(), none.payload()), (None, None));
+        let empty = Inbound::new(Some(b""), Some(b""), 0, None);
+        assert_eq!(
+            (empty.key(), empty.payload()),
+            (Some(&b""[..]), Some(&b""[..]))
+        );
+        let tombstone = Inbound::new(Some(b"k"), None, 0, None);
+        assert_eq!(
+            (tombstone.key(), tombstone.payload()),
+            (Some(&b"k"[..]), None)
+        );
+        let unkeyed = Inbound::new(None, Some(b"p"), 0, None);
+        assert_eq!((unkeyed.key(), unkeyed.payload()), (None, Some(&b"p"[..])));
+    }
 
     #[test]
     fn the_cursor_takes_each_offset_once_and_reports_gaps() {

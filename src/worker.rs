@@ -24,7 +24,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::message::{Message, OwnedMessage};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +31,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::kafka::producer::{classify, DeadLetter, FailureClass, MessageRef, OutputProducer};
-use crate::offsets::{Cursor, Delivery, Offsets, Take};
+use crate::offsets::{Cursor, Delivery, Inbound, Offsets, Take};
 use crate::output::Emitted;
 use crate::processor::{Processor, Record, StateCopy};
 use crate::store::{Batch, Checkpoint, Epoch, PartitionId, Store, StoreError};
@@ -59,18 +58,6 @@ pub struct WorkerContext {
     /// (and pauses the partition past `kafka.partition_queue_bytes`), the worker subtracts
     /// what it receives.
     pub queued_bytes: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-/// The bytes a queued message holds, as counted against `kafka.partition_queue_bytes`:
-/// payload, key, headers, and a fixed 128 bytes for the message itself.
-pub fn queued_size(msg: &OwnedMessage) -> usize {
-    use rdkafka::message::Headers as _;
-    let headers = msg.headers().map_or(0, |h| {
-        h.iter()
-            .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len))
-            .sum()
-    });
-    128 + msg.payload().map_or(0, <[u8]>::len) + msg.key().map_or(0, <[u8]>::len) + headers
 }
 
 /// A fatal condition any task can raise to stop the service with a message.
@@ -670,7 +657,7 @@ impl PartitionWorker {
                             .sink
                             .ctx
                             .queued_bytes
-                            .fetch_sub(queued_size(&msg), std::sync::atomic::Ordering::Relaxed);
+                            .fetch_sub(msg.queued_size(), std::sync::atomic::Ordering::Relaxed);
                         // An Avro message's writer schema is fetched first (retrying while the
                         // registry is away); a stop meanwhile leaves the message, and the rest
                         // of the chunk, unprocessed.
@@ -757,7 +744,7 @@ impl PartitionWorker {
         }
     }
 
-    fn take(&mut self, msg: &OwnedMessage) {
+    fn take(&mut self, msg: &Inbound) {
         let offset = msg.offset();
         let topic = &self.sink.id.topic;
         let verdict = self.cursor.take(offset);
@@ -793,7 +780,7 @@ impl PartitionWorker {
         let record = Record {
             payload: msg.payload(),
             key: msg.key(),
-            timestamp_ms: msg.timestamp().to_millis(),
+            timestamp_ms: msg.timestamp_ms(),
             offset,
         };
         let late_before = self.processor.late_dropped();

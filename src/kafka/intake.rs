@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::Message;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc::{self, error::TrySendError};
@@ -26,7 +26,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use crate::config::{ClientSetting, Config};
 use crate::kafka::client_log::ClientLog;
 use crate::kafka::producer::OutputProducer;
-use crate::offsets::{self, Delivery, OffsetStore, Offsets};
+use crate::offsets::{self, Delivery, Inbound, OffsetStore, Offsets};
 use crate::store::{Checkpoint, Epoch, PartitionId, Store};
 use crate::telemetry::{self as tm, Progress};
 use crate::worker::{Fatal, PartitionWorker, Start, WorkerContext};
@@ -349,8 +349,8 @@ impl IntakeContext {
 
     /// Hands a message to its worker, or holds it and pauses the partition when the worker's
     /// queue is full.
-    fn dispatch(&self, consumer: &IntakeConsumer, msg: OwnedMessage) {
-        let tp = (msg.topic().to_string(), msg.partition());
+    fn dispatch(&self, consumer: &IntakeConsumer, topic: &str, partition: i32, msg: Inbound) {
+        let tp = (topic.to_string(), partition);
         let mut held = self.lock_held();
         if let Some(queue) = held.get_mut(&tp) {
             queue.push_back(Delivery::Message(msg));
@@ -392,7 +392,7 @@ impl IntakeContext {
         delivery: Delivery,
     ) -> Result<(), TrySendError<Delivery>> {
         let size = match &delivery {
-            Delivery::Message(msg) => crate::worker::queued_size(msg),
+            Delivery::Message(msg) => msg.queued_size(),
             Delivery::Positioned => 0,
         };
         let queued = worker.queued_bytes.load(Ordering::Relaxed);
@@ -512,16 +512,26 @@ impl Intake {
 fn poll_loop(consumer: Arc<IntakeConsumer>, stop: CancellationToken) {
     let ctx = consumer.context();
     ctx.shared.progress.set_running(true);
+    // After a message, the next poll does not wait: the fetched backlog is handed over without
+    // librdkafka's clock reads for a timeout (one in four per message).
+    let mut busy = false;
     while !stop.is_cancelled() {
         ctx.serve_start_requests(&consumer);
         let holding = ctx.release_held(&consumer);
-        let timeout = if holding {
+        let timeout = if busy {
+            Duration::ZERO
+        } else if holding {
             Duration::from_millis(5)
         } else {
             Duration::from_millis(100)
         };
+        busy = false;
         match consumer.poll(timeout) {
-            Some(Ok(msg)) => ctx.dispatch(&consumer, msg.detach()),
+            Some(Ok(msg)) => {
+                busy = true;
+                let inbound = Inbound::from_message(&msg);
+                ctx.dispatch(&consumer, msg.topic(), msg.partition(), inbound);
+            }
             Some(Err(err)) => {
                 if let Some(held) = ctx.log.admit(&format!("consumer:{err}")) {
                     warn!(error = %err, held_back = held, "consumer error");
