@@ -3,7 +3,7 @@
 
     python3 benches/e2e/run.py [--events 500000] [--dimension 8] [--keys 100] [--partitions 2]
         [--rate 10000] [--latency-seconds 30] [--systems neurostream,bare,kstreams,quix]
-        [--profiles throughput,balanced,latency] [--out docs/bench]
+        [--profiles throughput,balanced,latency] [--rounds 1] [--out docs/bench]
 
 Everything runs on this machine, through real processes: one Apache Kafka 4.3.1 broker (KRaft,
 the Maven Central jars of `.ci/install-kafka.sh`, 1 GB heap) and one private PostgreSQL 15
@@ -46,6 +46,11 @@ Throughput phase (per system; neurostream once per profile). Measured the same w
     Ratio = events/s over the bare consumer's. neurostream's /metrics at the end of each run
     (sink transactions, their mean time, backpressure pauses, checkpoint bytes) are reported.
     The output counts are checked against the closed windows computed from the data set.
+    With --rounds R the phase runs R times over the same data set (fresh groups, databases and
+    output topics each round; neurostream's profiles in rotated order, so none always runs
+    first), and each row is its system's median run by events/s (the upper one of two middles
+    when R is even), with every round's rate listed beside it: one phase on the 0.05 ms data
+    lasts about 4 s, and single runs of one build spread by +-15 % on this 2-core machine.
 
 Latency phase (per neurostream profile): a fresh input topic, the service started and ready
 (/ready 200), then `neurostream produce --rate R` for --latency-seconds (latency profile
@@ -68,8 +73,9 @@ copied into the work dir at the start, so a rebuild of target/release during the
 mix binaries; their build time, hash and the git state are recorded. --keep keeps the work dir
 (every child's log; latency-<profile>.tsv: each measured event's send time and latencies;
 ns-tp-<profile>-progress.tsv: the throughput phase's 20 ms samples of CPU and durable events;
-<name>-metrics.txt: the service's /metrics at the end of each run). Failures of one system are reported as "failed: reason" and the others
-still run. The load average, the whole machine's busy cores (/proc/stat) and any cargo process
+<name>-metrics.txt: the service's /metrics at the end of each run; the throughput phase's files
+of round 2 and on end in -r2 and so on). Failures of one system are reported as "failed: reason"
+and the others still run. The load average, the whole machine's busy cores (/proc/stat) and any cargo process
 seen during each measurement are recorded: on a 2-core machine anything else running (a build,
 a test) changes every number here.
 """
@@ -677,6 +683,7 @@ class ThroughputResult:
     own_cores: Optional[float] = None  # the system's CPU over the span, in cores
     machine_busy_cores: Optional[float] = None  # the whole machine's (everything: broker, PG, others)
     observed_events_per_s: Optional[float] = None
+    rounds: list = dataclasses.field(default_factory=list)  # events/s of every round, in order
     outputs: dict = dataclasses.field(default_factory=dict)
     internals: dict = dataclasses.field(default_factory=dict)  # neurostream's /metrics at the end
     cargo_overlap: bool = False
@@ -737,6 +744,7 @@ class Context:
     pg: Postgres
     run_id: str
     input_topic: str = ""
+    suffix: str = ""  # of the throughput phase's file names: "-r2" in the second round
 
 
 def neurostream_config(ctx: Context, path: Path, *, profile: str, group: str, input_topic: str,
@@ -999,7 +1007,7 @@ def finish_result(res: ThroughputResult, sampler: Sampler, n: int, t1: float, tn
 
 def run_throughput_neurostream(ctx: Context, profile: str) -> ThroughputResult:
     a, res = ctx.args, ThroughputResult("neurostream", profile, load_before=load_average())
-    name = f"ns-tp-{profile}"
+    name = f"ns-tp-{profile}{ctx.suffix}"
     prefix = f"bench-{ctx.run_id}-{name}"
     db = ctx.pg.create_database(f"bench_{ctx.run_id}_{profile}")
     port = free_ports(1)[0]
@@ -1073,7 +1081,7 @@ def run_throughput_self_reporting(ctx: Context, system: str, argv: list[str], gr
     repartition topics (`<prefix>...-repartition`): the window step runs downstream of them, and
     the N-th input record is only done when the last repartitioned record is."""
     a, res = ctx.args, ThroughputResult(system, load_before=load_average())
-    logfile = ctx.root / f"{system}.log"
+    logfile = ctx.root / f"{system}{ctx.suffix}.log"
     proc = CHILDREN.spawn(system, argv, logfile, env=env)
 
     def progress() -> int:
@@ -1163,7 +1171,7 @@ def run_throughput_quix(ctx: Context) -> ThroughputResult:
     group = f"bench-{ctx.run_id}-quix"
     output = f"{group}-output"
     ctx.kafka.create_topics([output], ctx.args.partitions)
-    state = ctx.root / "quix-state"
+    state = ctx.root / f"quix-state{ctx.suffix}"
     argv = [str(VENV / "bin" / "python"), str(QUIX_JOB), "--brokers", ctx.kafka.bootstrap,
             "--input", ctx.input_topic, "--output", output, "--group", group,
             "--state-dir", str(state), "--expected", str(ctx.args.events)]
@@ -1458,17 +1466,24 @@ def write_report(out: Path, command: str, params: dict, machine: dict, dataset: 
          f"count/sum/mean/min/max of `value`; latency at {params['rate']:,} events/s for "
          f"{params['latency_seconds']} s (first {WARMUP_S:.0f} s dropped). One Apache Kafka 4.3.1 broker "
          "(KRaft, 1 GB heap) and PostgreSQL 15 (fsync on) on the same machine.", "",
-         "## Throughput (same broker, same input topic, own consumer group each)", "",
-         "| system / profile | events/s | ratio to bare | CPU-s per M events | peak RSS MB | cores used: own / whole machine | basis | cross-check events/s (group progress, 50 ms polls) |",
-         "|---|---:|---:|---:|---:|---:|---|---:|"]
+         "## Throughput (same broker, same input topic, own consumer group each)", ""]
+    rounds = max((len(r.rounds) for r in tp), default=0) > 1
+    if rounds:
+        L += [f"Each row is the median of {params.get('rounds', 1)} rounds by events/s (see "
+              "--rounds in the docstring); its other columns are that run's. Every round's rate "
+              "is in the last column, in the order the rounds ran.", ""]
+    L += ["| system / profile | events/s | ratio to bare | CPU-s per M events | peak RSS MB | cores used: own / whole machine | basis | cross-check events/s (group progress, 50 ms polls) |"
+          + (" events/s of each round |" if rounds else ""),
+          "|---|---:|---:|---:|---:|---:|---|---:|" + ("---|" if rounds else "")]
     for r in tp:
+        each = " " + ", ".join(fmt(v) for v in r.rounds) + " |" if rounds else ""
         if r.status != "ok":
-            L.append(f"| {r.label} | {cell(r.status)} | | | | | | |")
+            L.append(f"| {r.label} | {cell(r.status)} | | | | | | |" + (" |" if rounds else ""))
             continue
         L.append(f"| {r.label} | {fmt(r.events_per_s)} | {fmt(r.ratio_to_bare, '.2f')} | "
                  f"{fmt(r.cpu_s_per_m, '.1f')} | {fmt(r.peak_rss_mb, '.0f')} | "
                  f"{fmt(r.own_cores, '.2f')} / {fmt(r.machine_busy_cores, '.2f')} | {r.basis} | "
-                 f"{fmt(r.observed_events_per_s)} |")
+                 f"{fmt(r.observed_events_per_s)} |" + each)
     L += ["", "Events/s = (N - 1) / (t_N - t_1): t_1 = the first input record consumed, t_N = the N-th "
           "record done (neurostream: its outputs acknowledged by Kafka and committed to PostgreSQL "
           "with the checkpoint, from `/status`; the bare consumer and Quix: their own report of the "
@@ -1617,6 +1632,8 @@ def parse_args() -> argparse.Namespace:
                    help="linger.ms of the latency phase's producer (the same for the floor)")
     p.add_argument("--systems", default="neurostream,bare,kstreams,quix")
     p.add_argument("--profiles", default="throughput,balanced,latency")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the throughput phase this many times; each row is the median run")
     p.add_argument("--out", default="docs/bench")
     p.add_argument("--rebuild", action="store_true", help="run cargo build even when the binaries exist")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs)")
@@ -1677,6 +1694,52 @@ def report_only(out: Path) -> int:
     return 0
 
 
+def throughput_round(ctx: Context, systems: list[str], profiles: list[str]) -> list[ThroughputResult]:
+    """One pass of the throughput phase over every system (neurostream once per profile)."""
+    tp: list[ThroughputResult] = []
+    if "bare" in systems:
+        log("  bare consumer")
+        guarded(tp, lambda s: ThroughputResult("bare", status=s), lambda: run_throughput_bare(ctx))
+    if "neurostream" in systems:
+        for prof in profiles:
+            log(f"  neurostream ({prof})")
+            guarded(tp, lambda s, prof=prof: ThroughputResult("neurostream", prof, status=s),
+                    lambda prof=prof: run_throughput_neurostream(ctx, prof))
+    if "kstreams" in systems:
+        log("  Kafka Streams")
+        guarded(tp, lambda s: ThroughputResult("kstreams", status=s), lambda: run_throughput_kstreams(ctx))
+    if "quix" in systems:
+        log("  Quix Streams")
+        guarded(tp, lambda s: ThroughputResult("quix", status=s), lambda: run_throughput_quix(ctx))
+    for r in tp:
+        log(f"    {r.label}: {r.status} {fmt(r.events_per_s)} events/s")
+    return tp
+
+
+def median_runs(runs: list[ThroughputResult]) -> list[ThroughputResult]:
+    """Per system (and profile): the median run by events/s among those that finished, with
+    every finished round's rate in `rounds`; a system none of whose rounds finished keeps its
+    first failure. Systems in the order of their first run."""
+    labels: list[str] = []
+    for r in runs:
+        if r.label not in labels:
+            labels.append(r.label)
+    picked = []
+    for label in labels:
+        mine = [r for r in runs if r.label == label]
+        ok = [r for r in mine if r.status == "ok" and r.events_per_s]
+        if not ok:
+            picked.append(mine[0])
+            continue
+        median = sorted(ok, key=lambda r: r.events_per_s)[len(ok) // 2]
+        median.rounds = [r.events_per_s for r in ok]
+        if len(ok) < len(mine):
+            median.notes.append(f"{len(mine) - len(ok)} of {len(mine)} rounds failed: "
+                                + "; ".join(r.status for r in mine if r not in ok))
+        picked.append(median)
+    return picked
+
+
 def main() -> int:
     args = parse_args()
     ensure_venv()
@@ -1705,6 +1768,7 @@ def main() -> int:
     tp: list[ThroughputResult] = []
     lat: list[LatencyResult] = []
     dataset: dict = {}
+    runs: list[ThroughputResult] = []  # every round's
     failed = False
     try:
         broker.start()
@@ -1715,20 +1779,15 @@ def main() -> int:
         dataset = make_data_set(ctx)
 
         log("throughput phase")
-        if "bare" in systems:
-            log("  bare consumer")
-            guarded(tp, lambda s: ThroughputResult("bare", status=s), lambda: run_throughput_bare(ctx))
-        if "neurostream" in systems:
-            for prof in profiles:
-                log(f"  neurostream ({prof})")
-                guarded(tp, lambda s, prof=prof: ThroughputResult("neurostream", prof, status=s),
-                        lambda prof=prof: run_throughput_neurostream(ctx, prof))
-        if "kstreams" in systems:
-            log("  Kafka Streams")
-            guarded(tp, lambda s: ThroughputResult("kstreams", status=s), lambda: run_throughput_kstreams(ctx))
-        if "quix" in systems:
-            log("  Quix Streams")
-            guarded(tp, lambda s: ThroughputResult("quix", status=s), lambda: run_throughput_quix(ctx))
+        base_id = ctx.run_id
+        for rnd in range(args.rounds):
+            if args.rounds > 1:
+                ctx.run_id = f"{base_id}r{rnd + 1}"
+                ctx.suffix = f"-r{rnd + 1}" if rnd else ""
+                log(f"  round {rnd + 1} of {args.rounds}")
+            runs += throughput_round(ctx, systems, profiles[rnd % len(profiles):] + profiles[:rnd % len(profiles)])
+        ctx.run_id, ctx.suffix = base_id, ""
+        tp = median_runs(runs)
         for r in tp:
             log(f"  {r.label}: {r.status} {fmt(r.events_per_s)} events/s, "
                 f"{fmt(r.cpu_s_per_m, '.1f')} CPU-s/M, {fmt(r.peak_rss_mb, '.0f')} MB")
@@ -1751,9 +1810,11 @@ def main() -> int:
         pg.stop()
         broker.stop()
         CHILDREN.kill_all()
+        if runs and not tp:  # the phase was cut short: what it measured
+            tp = median_runs(runs)
         env.update(load_after=load_average(), cargo_after=cargo_running())
         params = {k: getattr(args, k) for k in ("events", "dimension", "keys", "partitions", "step_ms", "rate",
-                                                  "latency_seconds", "systems", "profiles")}
+                                                  "latency_seconds", "systems", "profiles", "rounds")}
         params["step_ms"] = params["step_ms"] or 5.0
         if tp or lat:
             write_report(out, command, params, machine_info(), dataset, tp, lat, env)
