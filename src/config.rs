@@ -296,9 +296,18 @@ impl Profile {
             // Compression none vs lz4 (2026-12-04, broker on loopback, 3 alternating runs each):
             // 224–236 k at 3.8–3.9 CPU-s per M events vs 224–230 k at 4.2–4.3: the same rate.
             // lz4 stays: on a real network and broker disk the outputs' bytes are what it saves.
+            //
+            // fetch.min.bytes 1 MiB → 256 KiB (2026-12-08, 3 rounds each, throughput against
+            // balanced in the same runs): a fetch of one partition returns at most
+            // `max.partition.fetch.bytes` (1 MiB), whole batches, so a little less; below the
+            // minimum, the broker held it for the whole 500 ms. While backpressure paused one of
+            // two partitions, the other was fed a fetch every 500 ms and its worker idled (17 %
+            // of worker time against balanced's 8 %): 0.05 ms data 499–515 k against balanced's
+            // 571–607 k events/s; with 256 KiB 572–624 k against 551–623 k, and on the 5 ms data
+            // 141–147 k against 138–141 k.
             Profile::Throughput => ProfileSettings {
                 fetch_wait_max_ms: 500,
-                fetch_min_bytes: 1 << 20,
+                fetch_min_bytes: 256 << 10,
                 linger_ms: 10,
                 batch_size_bytes: 1_000_000,
                 max_in_flight: 5,
