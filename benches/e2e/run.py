@@ -683,7 +683,7 @@ class ThroughputResult:
     own_cores: Optional[float] = None  # the system's CPU over the span, in cores
     machine_busy_cores: Optional[float] = None  # the whole machine's (everything: broker, PG, others)
     observed_events_per_s: Optional[float] = None
-    rounds: list = dataclasses.field(default_factory=list)  # events/s of every round, in order
+    rounds: list = dataclasses.field(default_factory=list)  # events/s of every round (None: failed)
     outputs: dict = dataclasses.field(default_factory=dict)
     internals: dict = dataclasses.field(default_factory=dict)  # neurostream's /metrics at the end
     cargo_overlap: bool = False
@@ -1468,6 +1468,7 @@ def write_report(out: Path, command: str, params: dict, machine: dict, dataset: 
          "(KRaft, 1 GB heap) and PostgreSQL 15 (fsync on) on the same machine.", "",
          "## Throughput (same broker, same input topic, own consumer group each)", ""]
     rounds = max((len(r.rounds) for r in tp), default=0) > 1
+    profiles = [r for r in tp if r.system == "neurostream" and len(r.rounds) > 1]
     if rounds:
         L += [f"Each row is the median of {params.get('rounds', 1)} rounds by events/s (see "
               "--rounds in the docstring); its other columns are that run's. Every round's rate "
@@ -1484,6 +1485,18 @@ def write_report(out: Path, command: str, params: dict, machine: dict, dataset: 
                  f"{fmt(r.cpu_s_per_m, '.1f')} | {fmt(r.peak_rss_mb, '.0f')} | "
                  f"{fmt(r.own_cores, '.2f')} / {fmt(r.machine_busy_cores, '.2f')} | {r.basis} | "
                  f"{fmt(r.observed_events_per_s)} |" + each)
+    if len(profiles) > 1:
+        # Profiles of one round ran minutes apart at most: their ratio cancels the machine's
+        # slow and fast spells that a median over rounds keeps.
+        pairs = []
+        for a, b in zip(profiles, profiles[1:]):
+            ratios = [x / y if x and y else None for x, y in zip(a.rounds, b.rounds)]
+            wins = sum(1 for q in ratios if q is not None and q > 1)
+            pairs.append(f"{a.profile} / {b.profile} = " + ", ".join(fmt(q, ".2f") for q in ratios)
+                         + f" ({wins} of {len(ratios)} rounds above 1)")
+        L += ["", "neurostream's profiles compared within each round (they ran back to back, so a "
+              "ratio cancels the machine's slow and fast spells that the medians keep): "
+              + "; ".join(pairs) + "."]
     L += ["", "Events/s = (N - 1) / (t_N - t_1): t_1 = the first input record consumed, t_N = the N-th "
           "record done (neurostream: its outputs acknowledged by Kafka and committed to PostgreSQL "
           "with the checkpoint, from `/status`; the bare consumer and Quix: their own report of the "
@@ -1732,7 +1745,7 @@ def median_runs(runs: list[ThroughputResult]) -> list[ThroughputResult]:
             picked.append(mine[0])
             continue
         median = sorted(ok, key=lambda r: r.events_per_s)[len(ok) // 2]
-        median.rounds = [r.events_per_s for r in ok]
+        median.rounds = [r.events_per_s if r in ok else None for r in mine]
         if len(ok) < len(mine):
             median.notes.append(f"{len(mine) - len(ok)} of {len(mine)} rounds failed: "
                                 + "; ".join(r.status for r in mine if r not in ok))

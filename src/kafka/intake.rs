@@ -485,6 +485,9 @@ impl Intake {
             start_requests: Mutex::new(Vec::new()),
             log: ClientLog::default(),
         };
+        if let Some(warning) = config.fetch_size_warning() {
+            warn!("{warning}");
+        }
         let consumer: IntakeConsumer = ClientSetting::to_client_config(&config.consumer_settings())
             .create_with_context(context)?;
         let consumer = Arc::new(consumer);
