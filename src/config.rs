@@ -1621,11 +1621,11 @@ impl Config {
     }
 
     /// A warning when the consumer's `fetch.min.bytes` is at or above what a fetch of one
-    /// partition returns (whole batches up to `max.partition.fetch.bytes`, 1 MiB unless set,
-    /// so a little less): whenever only one partition
-    /// is fetched (one assigned, or the others paused by backpressure) the broker then holds
-    /// every fetch for the whole `fetch.wait.max.ms` (measured: the throughput profile's 1 MiB
-    /// minimum cost it 15 % of its rate on a two-partition backlog).
+    /// partition returns (whole batches up to `max.partition.fetch.bytes`, 1 MiB unless set, so
+    /// a little less): whenever only one partition is fetched (one assigned, or the others
+    /// paused by backpressure) the broker then holds every fetch for the whole
+    /// `fetch.wait.max.ms` (measured: the throughput profile's 1 MiB minimum cost it 15 % of its
+    /// rate on a two-partition backlog).
     pub fn fetch_size_warning(&self) -> Option<String> {
         let settings = self.consumer_settings();
         let value = |names: &[&str]| {
